@@ -1,0 +1,321 @@
+"""Normal mode: poll until no work is left, run the jobs, report, exit (for cron).
+
+One pass of the loop:
+
+1. deliver every pending report (they survive crashes in the spool);
+2. poll, naming the jobs held and running; spool each job, then acknowledge
+   the batch -- duplicates too, so the server's lease is satisfied;
+3. apply the poll's reconcile list (cancelled, expired, unknown);
+4. run the runnable jobs one by one, in spool order, with heartbeats
+   (``poll`` with limit 0) every ``heartbeat_interval`` while each runs.
+
+The run ends with 0 once a poll brings nothing new, nothing is runnable and
+every report is delivered; with 1 when reports stay undelivered after
+``report_retry_for`` seconds (they wait on disk for the next run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+
+from scire_client import enroll, lock, runner
+from scire_client.config import ClientConfig
+from scire_client.exceptions import ServerFault, SpoolError, TransportError
+from scire_client.spool import RECEIVED, STARTED, Entry, Spool
+from scire_client.transport import PollAnswer, Reconcile, ServerTransport
+from scire_server import documents
+from scire_server.documents import JobDocument, StatusReport
+from scire_server.exceptions import InvalidDocument
+
+log = logging.getLogger(__name__)
+
+REPORT_BACKOFF_START = 0.5  # seconds before the first retry of an undelivered report
+REPORT_BACKOFF_MAX = 10.0  # seconds; the delay doubles up to this
+EXPIRED_REASON = "expired before it started"
+UNKNOWN_REASON = "unknown to the server"
+
+
+def run(config: ClientConfig) -> int:
+    """``scire-client run``: enroll if needed, recover the spool, work until done."""
+    with lock.hold(config.lock_file):
+        enroll.ensure_enrolled(config)
+        transport = ServerTransport(config)
+        try:
+            return Agent(config, transport, Spool(config.spool_dir)).run()
+        finally:
+            transport.close()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Agent:
+    def __init__(
+        self,
+        config: ClientConfig,
+        transport: ServerTransport,
+        spool: Spool,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.spool = spool
+        self._sleep = sleep
+        self._clock = clock
+        self._last_contact = float("-inf")
+
+    def run(self) -> int:
+        self.spool.recover(self.config.kill_grace)
+        purged = self.spool.purge(self.config.spool_retention)
+        if purged:
+            log.info("spool: purged %d old tombstones", purged)
+        while True:
+            if not self.deliver_reports():
+                return 1
+            added = self._handle(self._poll(self.config.poll_batch))
+            runnable = self.spool.runnable()
+            if not added and not runnable:
+                return 0 if self.deliver_reports() else 1
+            for entry in runnable:
+                if not self._run(entry):
+                    return 1
+
+    # Talking to the server.
+
+    def _poll(self, limit: int) -> PollAnswer:
+        answer = self.transport.poll(self.spool.held_ids(), self.spool.running_ids(), limit)
+        self._last_contact = self._clock()
+        return answer
+
+    def _handle(self, answer: PollAnswer) -> int:
+        """Spool and acknowledge the delivered jobs, apply the reconcile list.
+        Returns how many jobs were new to the spool."""
+        deliveries: list[tuple[int, str]] = []
+        added = 0
+        for xml in answer.jobs:
+            try:
+                doc = documents.parse_job(xml)
+            except InvalidDocument as exc:
+                # Not acknowledged: the lease runs out and the server sends it again.
+                log.error("a job document from the server was refused: %s", exc)
+                continue
+            try:
+                new = self.spool.add(xml, doc)
+            except (OSError, SpoolError) as exc:
+                log.error(
+                    "job %s (%s): cannot spool it, not acknowledging: %s", doc.job_id, doc.name, exc
+                )
+                continue
+            if new:
+                added += 1
+                self._transition(
+                    doc.job_id, doc.name, "sent", RECEIVED, f"delivery {doc.delivery_id}"
+                )
+            else:
+                log.info(
+                    "job %s (%s) on %s: duplicate delivery %s, acknowledged again, not run",
+                    doc.job_id,
+                    doc.name,
+                    self.config.name,
+                    doc.delivery_id,
+                )
+            deliveries.append((doc.job_id, doc.delivery_id))
+        if deliveries:
+            acknowledged = set(self.transport.acknowledge(deliveries))
+            for job_id, delivery in deliveries:
+                if job_id not in acknowledged:
+                    log.warning(
+                        "job %s: the server did not acknowledge delivery %s", job_id, delivery
+                    )
+        for item in answer.reconcile:
+            self._reconcile(item)
+        return added
+
+    def _reconcile(self, item: Reconcile) -> None:
+        entry = self.spool.get(item.job_id)
+        if entry is None:
+            log.debug("job %s: reconcile %s for a job not in the spool", item.job_id, item.action)
+            return
+        if item.action == "unknown":
+            if self.spool.drop(entry.job_id, UNKNOWN_REASON):
+                self._transition(entry.job_id, entry.name, RECEIVED, "dropped", UNKNOWN_REASON)
+            elif entry.state == STARTED:
+                # Its report will tell; killing work on a possibly stale view would be worse.
+                log.warning(
+                    "job %s (%s): running but unknown to the server", entry.job_id, entry.name
+                )
+            return
+        reason = runner.CANCELLED_REASON if item.action == "cancelled" else EXPIRED_REASON
+        if entry.state == RECEIVED:
+            report = StatusReport(
+                job_id=entry.job_id,
+                delivery_id=entry.delivery_id,
+                state="cancelled",
+                finished=_now(),
+                reason=reason,
+            )
+            if self.spool.drop(entry.job_id, reason, documents.render_status(report)):
+                self._transition(entry.job_id, entry.name, RECEIVED, "cancelled", reason)
+        elif entry.state == STARTED and item.action == "cancelled":
+            self.spool.request_cancel(entry.job_id, reason)
+            log.info("job %s (%s): cancelled by the server while running", entry.job_id, entry.name)
+
+    def _heartbeat(self) -> None:
+        """Poll with limit 0: the server learns we live, we learn of cancellations."""
+        try:
+            self._handle(self._poll(0))
+        except (TransportError, ServerFault) as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    def deliver_reports(self) -> bool:
+        """Send every pending report; retry with backoff for ``report_retry_for``
+        seconds. True when none is left."""
+        start = self._clock()
+        delay = REPORT_BACKOFF_START
+        while True:
+            pending = self.spool.pending_reports()
+            if not pending:
+                return True
+            if self._send_reports(pending):
+                continue
+            left = len(self.spool.pending_reports())
+            if self._clock() - start + delay > self.config.report_retry_for:
+                log.error("%d report(s) undelivered; they stay in the spool for the next run", left)
+                return False
+            log.warning("%d report(s) undelivered; retrying in %.1f s", left, delay)
+            self._sleep(delay)
+            delay = min(delay * 2, REPORT_BACKOFF_MAX)
+
+    def _send_reports(self, pending: list[tuple[int, str]]) -> bool:
+        """One attempt at each report; False when the server could not take them."""
+        for job_id, status_xml in pending:
+            entry = self.spool.get(job_id)
+            name = entry.name if entry is not None else ""
+            try:
+                answer = self.transport.report(status_xml)
+            except TransportError as exc:
+                log.warning("job %s (%s): report not delivered: %s", job_id, name, exc)
+                return False  # no server answers: the others would fail the same way
+            except ServerFault as exc:
+                if not exc.permanent:
+                    log.warning("job %s (%s): report not taken now: %s", job_id, name, exc)
+                    return False
+                # Retrying cannot help; keeping it would block every later run.
+                log.error("job %s (%s): report refused, dropping it: %s", job_id, name, exc)
+                self.spool.mark_reported(job_id)
+                continue
+            self.spool.mark_reported(job_id)
+            log.info(
+                "job %s (%s) on %s: %s reported (%s)",
+                job_id,
+                name,
+                self.config.name,
+                answer.state,
+                answer.result,
+            )
+        return True
+
+    # Running.
+
+    def _run(self, entry: Entry) -> bool:
+        """Run one spooled job and deliver its report; False when reports stay undelivered."""
+        if self._clock() - self._last_contact >= self.config.heartbeat_interval:
+            self._heartbeat()
+        if not self._still_runnable(entry.job_id):
+            return True
+        try:
+            doc = self.spool.job(entry.job_id)
+        except SpoolError as exc:
+            log.error("job %s (%s): %s", entry.job_id, entry.name, exc)
+            self._fail_unrunnable(entry, str(exc))
+            return self.deliver_reports()
+        if not self._send_running(doc, entry) and not self._still_runnable(entry.job_id):
+            return True
+        self._transition(doc.job_id, doc.name, RECEIVED, "running")
+        report = runner.run_job(
+            doc,
+            entry.path,
+            delivery_id=entry.delivery_id,
+            kill_grace=self.config.kill_grace,
+            tick_interval=self.config.heartbeat_interval,
+            on_started=lambda pgid: self.spool.mark_started(doc.job_id, pgid),
+            on_tick=lambda: self._tick(doc.job_id),
+        )
+        if report.state == "cancelled":
+            reason = self.spool.cancel_reason(doc.job_id) or report.reason
+            report = dataclasses.replace(report, reason=reason)
+        self.spool.mark_finished(doc.job_id, documents.render_status(report))
+        self._transition(doc.job_id, doc.name, "running", report.state, _summary(report))
+        return self.deliver_reports()
+
+    def _still_runnable(self, job_id: int) -> bool:
+        current = self.spool.get(job_id)
+        if current is None or current.state != RECEIVED:
+            return False
+        if self.spool.cancel_reason(job_id) is not None:
+            return False
+        return True
+
+    def _send_running(self, doc: JobDocument, entry: Entry) -> bool:
+        """Best effort; False when the server refused it (then reconcile is re-checked)."""
+        report = StatusReport(
+            job_id=doc.job_id, delivery_id=entry.delivery_id, state="running", started=_now()
+        )
+        try:
+            self.transport.report(documents.render_status(report))
+        except TransportError as exc:
+            log.warning("job %s (%s): running report not delivered: %s", doc.job_id, doc.name, exc)
+        except ServerFault as exc:
+            log.warning("job %s (%s): running report refused: %s", doc.job_id, doc.name, exc)
+            if exc.permanent:
+                self._heartbeat()  # a refusal often means a cancellation we have not heard of
+                return False
+        return True
+
+    def _tick(self, job_id: int) -> bool:
+        self._heartbeat()
+        return self.spool.cancel_reason(job_id) is not None
+
+    def _fail_unrunnable(self, entry: Entry, reason: str) -> None:
+        report = StatusReport(
+            job_id=entry.job_id,
+            delivery_id=entry.delivery_id,
+            state="failed",
+            finished=_now(),
+            reason=reason,
+        )
+        self.spool.drop(entry.job_id, reason, documents.render_status(report))
+        self._transition(entry.job_id, entry.name, RECEIVED, "failed", reason)
+
+    def _transition(self, job_id: int, name: str, old: str, new: str, detail: str = "") -> None:
+        suffix = f" ({detail})" if detail else ""
+        log.info(
+            "job %s (%s) on %s: %s -> %s%s",
+            job_id,
+            name,
+            self.config.name,
+            old,
+            new,
+            suffix,
+            extra={"job_id": job_id, "from_state": old, "to_state": new},
+        )
+
+
+def _summary(report: StatusReport) -> str:
+    parts = []
+    if report.exit_code is not None:
+        parts.append(f"exit {report.exit_code}")
+    if report.started is not None and report.finished is not None:
+        parts.append(f"{(report.finished - report.started).total_seconds():.1f} s")
+    if report.reason:
+        parts.append(report.reason)
+    if report.truncated:
+        parts.append("output truncated")
+    return ", ".join(parts)

@@ -1,0 +1,177 @@
+"""Typed configuration of ``scire-client``: one object, read from the ``[client]``
+section of an INI file, then overridden by command-line flags.
+
+Defaults are the constants below; every value is checked once, in ``check()``,
+so the rest of the agent can trust it.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import math
+import re
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from scire_client.exceptions import ConfigError
+
+SECTION = "client"
+POLL_BATCH = 10  # jobs asked for per poll
+ENROLL_WAIT = 0.0  # seconds to wait for an administrator to accept the request
+HEARTBEAT_INTERVAL = 15.0  # seconds between heartbeat polls while a job runs
+REPORT_RETRY_FOR = 60.0  # seconds a run keeps retrying undeliverable reports
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+CONNECT_TIMEOUT = 10.0  # seconds per socket operation
+SPOOL_RETENTION = 7 * 24 * 3600.0  # seconds reported entries stay as dedupe tombstones
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def split_servers(raw: str) -> list[str]:
+    """``a, b c`` -> ``[a, b, c]``: commas and whitespace both separate."""
+    return [part for part in raw.replace(",", " ").split() if part]
+
+
+def normalize_fingerprint(raw: str) -> str:
+    """Accept ``AB:CD:...``, ``sha256:abcd...`` or plain hex; return lower-case hex."""
+    text = raw.strip().lower()
+    if text.startswith("sha256:"):
+        text = text[len("sha256:") :]
+    text = text.replace(":", "")
+    if not _HEX64.fullmatch(text):
+        raise ConfigError(f"ca_fingerprint {raw!r} is not a SHA-256 hex digest (64 hex digits)")
+    return text
+
+
+def _check_server(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    # TLS only: the design has no plaintext listener, and a typo must not downgrade.
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"server {url!r} is not an https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"server {url!r}: {exc}") from exc
+    return url
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    state_dir: Path
+    name: str = dataclasses.field(default_factory=socket.gethostname)
+    servers: list[str] = dataclasses.field(default_factory=list)  # ordered: failover
+    ca_file: Path | None = None  # default: state_dir/ca.pem
+    ca_fingerprint: str = ""  # SHA-256 of the CA's DER certificate, to check a fetched CA
+    enrollment_token: str = ""
+    poll_batch: int = POLL_BATCH
+    enroll_wait: float = ENROLL_WAIT
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    report_retry_for: float = REPORT_RETRY_FOR
+    kill_grace: float = KILL_GRACE
+    connect_timeout: float = CONNECT_TIMEOUT
+    spool_retention: float = SPOOL_RETENTION
+
+    @classmethod
+    def load(
+        cls, path: Path | None = None, *, require_servers: bool = True, **overrides: Any
+    ) -> ClientConfig:
+        """Read ``path`` (if given), apply the non-None ``overrides``, check the result."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_read_section(path))
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+        if not values.get("state_dir"):
+            raise ConfigError("state_dir is required (in [client] or --state-dir)")
+        converted = {key: _convert(fields[key], value) for key, value in values.items()}
+        config = cls(**converted)
+        config.check(require_servers=require_servers)
+        return config
+
+    def check(self, *, require_servers: bool = True) -> None:
+        self.state_dir = Path(self.state_dir).expanduser().absolute()
+        if self.ca_file is None:
+            self.ca_file = self.state_dir / "ca.pem"
+        self.ca_file = Path(self.ca_file).expanduser().absolute()
+        self.name = self.name.strip()
+        if not self.name or len(self.name) > 255 or any(c.isspace() for c in self.name):
+            raise ConfigError(f"name {self.name!r} must be 1-255 characters without spaces")
+        self.servers = [_check_server(url) for url in self.servers]
+        if require_servers and not self.servers:
+            raise ConfigError("no server configured (servers in [client] or --server URL)")
+        if self.ca_fingerprint:
+            self.ca_fingerprint = normalize_fingerprint(self.ca_fingerprint)
+        if self.poll_batch < 1:
+            raise ConfigError("poll_batch must be at least 1")
+        for name in ("heartbeat_interval", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be more than 0 seconds")
+        for name in ("enroll_wait", "report_retry_for", "kill_grace", "spool_retention"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+
+    # Files in state_dir; enroll.py writes them, transport.py reads them.
+    @property
+    def ca_path(self) -> Path:
+        assert self.ca_file is not None  # set by check()
+        return self.ca_file
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "key.pem"
+
+    @property
+    def csr_file(self) -> Path:
+        return self.state_dir / "csr.pem"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.state_dir / "cert.pem"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.state_dir / "lock"
+
+
+def _read_section(path: Path) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except configparser.Error as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    if not parser.has_section(SECTION):
+        return {}
+    return dict(parser.items(SECTION))
+
+
+def _convert(field: dataclasses.Field[Any], value: Any) -> Any:
+    """Strings from the INI file (or already-typed overrides) -> the field's type."""
+    kind = str(field.type)
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError("not finite")
+            return number
+        if kind in ("Path", "Path | None"):
+            return Path(value).expanduser()
+        if kind == "list[str]":
+            return split_servers(value) if isinstance(value, str) else list(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{field.name}: {value!r} is not a valid {kind}") from exc
+    return str(value)

@@ -1,0 +1,179 @@
+"""Typed configuration of ``scire-server`` and ``scire-admin``.
+
+Each program has one object, read from the ``[server]`` / ``[admin]`` section
+of an INI file, then overridden by command-line flags. Defaults are the
+constants below.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import socket
+from pathlib import Path
+from typing import Any
+
+from scire_server.exceptions import InvalidArgument
+
+LISTEN_HOST = "127.0.0.1"
+LISTEN_PORT = 8443
+MAX_THREADS = 16
+POLL_BATCH_MAX = 100
+POLL_INTERVAL = 60  # seconds, suggested to agents
+ACK_TIMEOUT = 60  # seconds a sent job waits for its acknowledgement
+LOST_AFTER = 300  # seconds a running job may go without a poll from its agent
+HEARTBEAT_INTERVAL = 5  # seconds between server heartbeats
+INSTANCE_STALE_AFTER = 30  # seconds after which a silent daemon counts as dead
+SWEEP_INTERVAL = 5  # seconds between lease/expiry/lost sweeps
+RETENTION_DAYS = 30
+RETENTION_INTERVAL = 3600  # seconds between retention purges
+SHUTDOWN_GRACE = 10  # seconds in-flight calls get on SIGTERM
+REQUEST_TIMEOUT = 30  # seconds a connection may idle or take for one request
+DEFAULT_TIMEOUT = 3600  # seconds a job may run
+DEFAULT_OUTPUT_LIMIT = 64 * 1024  # bytes of output kept per job and host
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_INTERPRETER = "/bin/sh"
+TOKEN_TTL = 24 * 3600  # seconds an enrollment token is valid
+
+
+def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind in ("Path", "Path | None"):
+            return Path(raw).expanduser()
+        if kind == "list[str]":
+            return [part for part in raw.replace(",", " ").split() if part]
+    except ValueError as exc:
+        raise InvalidArgument(f"{field.name}: {raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+def _load(cls: type[Any], path: Path | None, section: str, overrides: dict[str, Any]) -> Any:
+    values: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if path is not None:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                parser.read_file(fh)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read config file {path}: {exc.strerror}") from exc
+        except configparser.Error as exc:
+            raise InvalidArgument(f"config file {path}: {exc}") from exc
+        if parser.has_section(section):
+            for key, raw in parser.items(section):
+                if key not in fields:
+                    raise InvalidArgument(f"config file {path}: unknown key {key!r} in [{section}]")
+                values[key] = _convert(fields[key], raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = cls(**values)
+    except TypeError as exc:
+        raise InvalidArgument(f"configuration: {exc}") from exc
+    config.check()
+    return config
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    state_dir: Path = Path("/var/lib/scire")
+    database_url: str = ""  # default: SQLite file scire.db in state_dir
+    listen_host: str = LISTEN_HOST
+    listen_port: int = LISTEN_PORT
+    public_url: str = ""  # how agents and admins reach this daemon
+    alt_names: list[str] = dataclasses.field(default_factory=list)  # server certificate SANs
+    instance_key: str = ""  # default: hostname:port
+    max_threads: int = MAX_THREADS
+    poll_batch_max: int = POLL_BATCH_MAX
+    poll_interval: int = POLL_INTERVAL
+    ack_timeout: int = ACK_TIMEOUT
+    lost_after: int = LOST_AFTER
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    instance_stale_after: int = INSTANCE_STALE_AFTER
+    sweep_interval: int = SWEEP_INTERVAL
+    retention_days: int = RETENTION_DAYS
+    retention_interval: int = RETENTION_INTERVAL
+    shutdown_grace: int = SHUTDOWN_GRACE
+    request_timeout: int = REQUEST_TIMEOUT
+    default_timeout: int = DEFAULT_TIMEOUT
+    default_output_limit: int = DEFAULT_OUTPUT_LIMIT
+    default_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    default_interpreter: str = DEFAULT_INTERPRETER
+    token_ttl: int = TOKEN_TTL
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> ServerConfig:
+        config: ServerConfig = _load(cls, path, "server", overrides)
+        return config
+
+    def check(self) -> None:
+        self.state_dir = Path(self.state_dir).expanduser().absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.state_dir / 'scire.db'}"
+        if not self.instance_key:
+            self.instance_key = f"{socket.gethostname()}:{self.listen_port}"
+        if not self.public_url:
+            self.public_url = f"https://{self.listen_host}:{self.listen_port}/"
+        if not self.alt_names:
+            self.alt_names = sorted(
+                {"localhost", "127.0.0.1", socket.gethostname(), self.listen_host}
+            )
+        for name in (
+            "max_threads",
+            "poll_batch_max",
+            "ack_timeout",
+            "lost_after",
+            "heartbeat_interval",
+            "sweep_interval",
+            "default_timeout",
+            "default_output_limit",
+            "default_max_attempts",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be at least 1")
+        if not 0 <= self.listen_port <= 65535:
+            raise InvalidArgument(f"listen_port {self.listen_port} is out of range")
+        if self.instance_stale_after <= self.heartbeat_interval:
+            raise InvalidArgument("instance_stale_after must be longer than heartbeat_interval")
+
+    # Files of the PKI, all in state_dir.
+    @property
+    def ca_cert_file(self) -> Path:
+        return self.state_dir / "ca.pem"
+
+    @property
+    def ca_key_file(self) -> Path:
+        return self.state_dir / "ca.key"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.state_dir / "server.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "server.key"
+
+
+@dataclasses.dataclass
+class AdminConfig:
+    """``scire-admin``: which server to call and with which user bundle."""
+
+    server: str = f"https://{LISTEN_HOST}:{LISTEN_PORT}/"
+    bundle: Path | None = None  # a PEM file with the user's key, certificate and the CA
+    timeout: float = 60.0
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> AdminConfig:
+        config: AdminConfig = _load(cls, path, "admin", overrides)
+        return config
+
+    def check(self) -> None:
+        if self.bundle is not None:
+            self.bundle = Path(self.bundle).expanduser()

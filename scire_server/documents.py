@@ -1,0 +1,229 @@
+"""The XML documents of the wire: job files (server -> agent) and status reports
+(agent -> server), built and parsed here only, and checked against the XSDs in
+``schema/``.
+
+Both programs use this module. Parsing is hardened: no DTDs, no entities, no
+network, bounded size; a document either matches its schema or raises
+``InvalidDocument`` with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import importlib.resources
+import re
+from dataclasses import dataclass
+
+from lxml import etree
+
+from scire_server.exceptions import InvalidDocument
+
+JOB_NS = "urn:scire:job:1"
+STATUS_NS = "urn:scire:status:1"
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+STATUS_STATES = ("running", "succeeded", "failed", "timed_out", "cancelled")
+
+# Characters XML 1.0 cannot carry; job output is arbitrary bytes, so they are replaced.
+_NOT_XML_CHAR = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_safe(text: str) -> str:
+    return _NOT_XML_CHAR.sub("\ufffd", text)
+
+
+def format_time(value: dt.datetime) -> str:
+    """UTC, ISO 8601 with a Z. Naive datetimes are taken as UTC (the store keeps UTC)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="microseconds") + "Z"
+
+
+def parse_time(text: str) -> dt.datetime:
+    """The inverse of ``format_time``: a naive UTC datetime."""
+    value = dt.datetime.fromisoformat(text.strip())
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+@dataclass(frozen=True)
+class JobDocument:
+    job_id: int
+    delivery_id: str
+    attempt: int
+    name: str
+    owner: str
+    client: str
+    privilege: str
+    priority: int
+    timeout: int
+    output_limit: int
+    interpreter: str
+    created: dt.datetime
+    script: str
+    not_before: dt.datetime | None = None
+    expires: dt.datetime | None = None
+    rerun_on_agent_crash: bool = False
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    job_id: int
+    delivery_id: str
+    state: str
+    exit_code: int | None = None
+    started: dt.datetime | None = None
+    finished: dt.datetime | None = None
+    reason: str | None = None
+    output: str | None = None
+    truncated: bool = False
+
+
+@functools.cache
+def _schema(name: str) -> etree.XMLSchema:
+    source = importlib.resources.files("scire_schema").joinpath(name).read_bytes()
+    return etree.XMLSchema(etree.fromstring(source, _parser()))
+
+
+def _parser() -> etree.XMLParser:
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_blank_text=False,
+    )
+
+
+def _parse(text: str | bytes, schema_name: str) -> etree._Element:
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise InvalidDocument(f"document larger than {MAX_DOCUMENT_BYTES} bytes")
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise InvalidDocument("document type declarations and entities are not allowed")
+    try:
+        root = etree.fromstring(data, _parser())
+    except etree.XMLSyntaxError as exc:
+        raise InvalidDocument(f"malformed XML: {exc}") from exc
+    schema = _schema(schema_name)
+    if not schema.validate(root):
+        error = schema.error_log.last_error
+        raise InvalidDocument(
+            f"not valid against {schema_name}: line {error.line}: {error.message}"
+        )
+    return root
+
+
+def _sub(parent: etree._Element, ns: str, tag: str, text: str) -> etree._Element:
+    element = etree.SubElement(parent, f"{{{ns}}}{tag}")
+    element.text = text
+    return element
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def render_job(doc: JobDocument) -> str:
+    root = etree.Element(f"{{{JOB_NS}}}job", nsmap={None: JOB_NS})
+    root.set("id", str(doc.job_id))
+    root.set("delivery", doc.delivery_id)
+    root.set("attempt", str(doc.attempt))
+    for tag, value in (
+        ("name", doc.name),
+        ("owner", doc.owner),
+        ("client", doc.client),
+        ("privilege", doc.privilege),
+        ("priority", str(doc.priority)),
+        ("timeout", str(doc.timeout)),
+        ("outputLimit", str(doc.output_limit)),
+        ("interpreter", doc.interpreter),
+        ("created", format_time(doc.created)),
+    ):
+        _sub(root, JOB_NS, tag, value)
+    if doc.not_before is not None:
+        _sub(root, JOB_NS, "notBefore", format_time(doc.not_before))
+    if doc.expires is not None:
+        _sub(root, JOB_NS, "expires", format_time(doc.expires))
+    _sub(root, JOB_NS, "rerunOnAgentCrash", _bool(doc.rerun_on_agent_crash))
+    _sub(root, JOB_NS, "script", xml_safe(doc.script))
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8").decode("utf-8")
+
+
+def _text(root: etree._Element, ns: str, tag: str) -> str | None:
+    element = root.find(f"{{{ns}}}{tag}")
+    if element is None:
+        return None
+    return element.text or ""
+
+
+def parse_job(text: str | bytes) -> JobDocument:
+    root = _parse(text, "job.xsd")
+
+    def req(tag: str) -> str:
+        value = _text(root, JOB_NS, tag)
+        assert value is not None  # the schema requires it
+        return value
+
+    def opt_time(tag: str) -> dt.datetime | None:
+        value = _text(root, JOB_NS, tag)
+        return parse_time(value) if value else None
+
+    return JobDocument(
+        job_id=int(root.get("id")),
+        delivery_id=root.get("delivery"),
+        attempt=int(root.get("attempt")),
+        name=req("name"),
+        owner=req("owner"),
+        client=req("client"),
+        privilege=req("privilege"),
+        priority=int(req("priority")),
+        timeout=int(req("timeout")),
+        output_limit=int(req("outputLimit")),
+        interpreter=req("interpreter"),
+        created=parse_time(req("created")),
+        not_before=opt_time("notBefore"),
+        expires=opt_time("expires"),
+        rerun_on_agent_crash=req("rerunOnAgentCrash").strip() in ("true", "1"),
+        script=req("script"),
+    )
+
+
+def render_status(report: StatusReport) -> str:
+    root = etree.Element(f"{{{STATUS_NS}}}status", nsmap={None: STATUS_NS})
+    root.set("job", str(report.job_id))
+    root.set("delivery", report.delivery_id)
+    _sub(root, STATUS_NS, "state", report.state)
+    if report.exit_code is not None:
+        _sub(root, STATUS_NS, "exitCode", str(report.exit_code))
+    if report.started is not None:
+        _sub(root, STATUS_NS, "started", format_time(report.started))
+    if report.finished is not None:
+        _sub(root, STATUS_NS, "finished", format_time(report.finished))
+    if report.reason is not None:
+        _sub(root, STATUS_NS, "reason", xml_safe(report.reason)[:1000])
+    if report.output is not None:
+        output = _sub(root, STATUS_NS, "output", xml_safe(report.output))
+        output.set("truncated", _bool(report.truncated))
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8").decode("utf-8")
+
+
+def parse_status(text: str | bytes) -> StatusReport:
+    root = _parse(text, "status.xsd")
+    output = root.find(f"{{{STATUS_NS}}}output")
+    exit_code = _text(root, STATUS_NS, "exitCode")
+    started = _text(root, STATUS_NS, "started")
+    finished = _text(root, STATUS_NS, "finished")
+    return StatusReport(
+        job_id=int(root.get("job")),
+        delivery_id=root.get("delivery"),
+        state=(_text(root, STATUS_NS, "state") or "").strip(),
+        exit_code=int(exit_code) if exit_code is not None else None,
+        started=parse_time(started) if started else None,
+        finished=parse_time(finished) if finished else None,
+        reason=_text(root, STATUS_NS, "reason"),
+        output=(output.text or "") if output is not None else None,
+        truncated=output is not None and output.get("truncated") in ("true", "1"),
+    )

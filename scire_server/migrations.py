@@ -1,0 +1,44 @@
+"""Alembic, driven from code: the migrations live in ``schema/migrations``
+(installed as the ``scire_schema`` package), so no alembic.ini is needed."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from scire_server import store
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    location = importlib.resources.files("scire_schema").joinpath("migrations")
+    config.set_main_option("script_location", str(location))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    config = alembic_config(url)
+    engine = store.make_engine(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def current(url: str) -> tuple[str | None, str | None]:
+    """(the database's revision, the newest revision this code knows)."""
+    config = alembic_config(url)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    engine = store.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision(), head
+    finally:
+        engine.dispose()

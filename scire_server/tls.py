@@ -1,0 +1,56 @@
+"""The one place TLS contexts are made, and certificates turned into identities.
+
+Both programs use it: the server's listener, the agent's and the admin CLI's
+connections, and the daemon-mode agent's ``poll_now`` listener.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from scire_server import pki
+
+
+def server_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
+    """A listener context: TLS 1.2+, client certificates verified against the CA.
+
+    Certificates are optional at the TLS layer because enrollment (the caller
+    has none yet) goes over the same port; ``rpc.py`` refuses every other
+    method to a caller without one. A certificate from another CA fails the
+    handshake.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.load_verify_locations(cafile=str(ca_file))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_context(
+    ca_file: Path | None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    ca_data: str | None = None,
+) -> ssl.SSLContext:
+    """A caller context. Without ``ca_file`` or ``ca_data`` it trusts nothing and
+    checks nothing: only for fetching the CA, whose fingerprint the caller then
+    checks itself."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_data is not None:
+        ctx.load_verify_locations(cadata=ca_data)
+    elif ca_file is not None:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert_file is not None and key_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
+def peer_fingerprint(sock: ssl.SSLSocket) -> str | None:
+    der = sock.getpeercert(binary_form=True)
+    return pki.fingerprint(der) if der else None

@@ -1,0 +1,375 @@
+"""The agent end to end (enrollment, normal mode, failover, the CLI) against a small
+in-process XML-RPC server over real TLS that speaks the wire contract."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import xmlrpc.client
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from xmlrpc.server import SimpleXMLRPCServer
+
+import pytest
+
+from scire_client import cli, enroll
+from scire_client.config import ClientConfig
+from scire_client.exceptions import ConfigError, EnrollmentPending
+from scire_client.spool import Spool
+from scire_server import documents, pki, tls
+from scire_server.documents import JobDocument, StatusReport
+
+
+class FakeServer:
+    """The agent API of the contract, with knobs for the tests."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.ca_key, self.ca_cert = pki.create_ca()
+        key = pki.generate_key()
+        cert = pki.issue_certificate(
+            self.ca_key, self.ca_cert, key.public_key(), "server", pki.ROLE_SERVER, ["127.0.0.1"]
+        )
+        (tmp_path / "server").mkdir()
+        files = {name: tmp_path / "server" / f"{name}.pem" for name in ("ca", "cert", "key")}
+        files["ca"].write_bytes(pki.cert_to_pem(self.ca_cert))
+        files["cert"].write_bytes(pki.cert_to_pem(cert))
+        files["key"].write_bytes(pki.key_to_pem(key))
+        context = tls.server_context(files["cert"], files["key"], files["ca"])
+        self.enroll_status = "accepted"
+        self.jobs: list[str] = []
+        self.reconcile: list[dict[str, Any]] = []
+        self.cancel_running: set[int] = set()
+        self.report_fault: int | None = None
+        self.reports: list[StatusReport] = []
+        self.acks: list[dict[str, Any]] = []
+        self.polls: list[tuple[list[int], list[int], int]] = []
+        self.registrations: list[tuple[str, str, dict[str, str], str]] = []
+        self._rpc = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
+        self._rpc.socket = context.wrap_socket(self._rpc.socket, server_side=True)
+        methods = (
+            "ca_certificate",
+            "register",
+            "fetch_certificate",
+            "poll",
+            "acknowledge",
+            "report",
+        )
+        for method in methods:
+            self._rpc.register_function(getattr(self, method), f"agent.{method}")
+        self.url = f"https://127.0.0.1:{self._rpc.server_address[1]}/"
+        self._thread = threading.Thread(target=self._rpc.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._rpc.shutdown()
+        self._rpc.server_close()
+
+    @property
+    def ca_fingerprint(self) -> str:
+        return pki.fingerprint(self.ca_cert)
+
+    def ca_certificate(self) -> str:
+        return pki.cert_to_pem(self.ca_cert).decode()
+
+    def register(self, name: str, csr: str, facts: dict[str, str], token: str) -> dict[str, str]:
+        self.registrations.append((name, csr, facts, token))
+        return {"name": name, "status": "accepted" if token == "good" else self.enroll_status}
+
+    def fetch_certificate(self, name: str, csr: str) -> dict[str, str]:
+        token = self.registrations[-1][3] if self.registrations else ""
+        status = "accepted" if token == "good" else self.enroll_status
+        if status != "accepted":
+            return {"status": status, "certificate": ""}
+        cert = pki.sign_csr(self.ca_key, self.ca_cert, csr, name, pki.ROLE_CLIENT)
+        return {"status": "accepted", "certificate": pki.cert_to_pem(cert).decode()}
+
+    def poll(self, held: list[int], running: list[int], limit: int) -> dict[str, Any]:
+        self.polls.append((held, running, limit))
+        jobs, self.jobs = self.jobs[:limit], self.jobs[limit:]
+        reconcile, self.reconcile = self.reconcile, []
+        reconcile += [
+            {"job_id": i, "action": "cancelled"} for i in running if i in self.cancel_running
+        ]
+        return {"jobs": jobs, "reconcile": reconcile, "poll_interval": 60}
+
+    def acknowledge(self, deliveries: list[dict[str, Any]]) -> dict[str, list[int]]:
+        self.acks.extend(deliveries)
+        return {"acknowledged": [d["job_id"] for d in deliveries]}
+
+    def report(self, status_xml: str) -> dict[str, Any]:
+        if self.report_fault is not None:
+            raise xmlrpc.client.Fault(self.report_fault, "not now")
+        report = documents.parse_status(status_xml)
+        self.reports.append(report)
+        return {"job_id": report.job_id, "state": report.state, "result": "applied"}
+
+    def final_reports(self) -> list[tuple[int, str]]:
+        return [(r.job_id, r.state) for r in self.reports if r.state != "running"]
+
+
+def make_job(job_id: int, script: str, **changes: object) -> JobDocument:
+    values: dict[str, object] = {
+        "job_id": job_id,
+        "delivery_id": uuid.uuid4().hex,
+        "attempt": 1,
+        "name": f"job-{job_id}",
+        "owner": "alice",
+        "client": "web-17",
+        "privilege": "run",
+        "priority": 0,
+        "timeout": 30,
+        "output_limit": 4096,
+        "interpreter": "/bin/sh",
+        "created": dt.datetime(2024, 1, 1),
+        "script": script,
+    }
+    values.update(changes)
+    return JobDocument(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[FakeServer]:
+    fake = FakeServer(tmp_path)
+    yield fake
+    fake.close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"https://127.0.0.1:{port}/"
+
+
+def write_config(tmp_path: Path, server: FakeServer, **values: object) -> Path:
+    settings: dict[str, object] = {
+        "name": "web-17",
+        "servers": server.url,
+        "state_dir": tmp_path / "state",
+        "ca_fingerprint": server.ca_fingerprint,
+        "enrollment_token": "good",
+        "report_retry_for": 1,
+        "kill_grace": 1,
+        **values,
+    }
+    path = tmp_path / "client.ini"
+    lines = ["[client]", *(f"{key} = {value}" for key, value in settings.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(config: Path, *args: str) -> int:
+    return cli.main(["-c", str(config), *args])
+
+
+def test_enrollment_fetches_and_checks_the_ca(tmp_path: Path, server: FakeServer) -> None:
+    config = ClientConfig.load(write_config(tmp_path, server))
+    assert enroll.ensure_enrolled(config) is True
+    assert config.ca_path.read_bytes() == pki.cert_to_pem(server.ca_cert)
+    assert stat.S_IMODE(config.key_file.stat().st_mode) == 0o600
+    cert = pki.load_cert(config.cert_file.read_bytes())
+    cert.verify_directly_issued_by(server.ca_cert)
+    assert pki.common_name(cert) == "web-17"
+    [(name, _csr, facts, token)] = server.registrations
+    assert (name, token) == ("web-17", "good")
+    assert set(facts) == {"hostname", "os", "python", "machine"}
+    assert enroll.ensure_enrolled(config) is False
+
+
+def test_a_ca_with_another_fingerprint_is_refused(tmp_path: Path, server: FakeServer) -> None:
+    config = ClientConfig.load(write_config(tmp_path, server, ca_fingerprint="ab" * 32))
+    with pytest.raises(ConfigError, match="refusing it"):
+        enroll.ensure_enrolled(config)
+    assert not config.ca_path.exists()
+
+
+def test_no_ca_file_and_no_fingerprint(tmp_path: Path, server: FakeServer) -> None:
+    config = ClientConfig.load(write_config(tmp_path, server, ca_fingerprint=""))
+    with pytest.raises(ConfigError, match="no CA file and no ca_fingerprint"):
+        enroll.ensure_enrolled(config)
+
+
+def test_pending_then_accepted_reuses_the_request(tmp_path: Path, server: FakeServer) -> None:
+    server.enroll_status = "pending"
+    config = write_config(tmp_path, server, enrollment_token="")
+    assert run_cli(config, "enroll") == cli.EXIT_PENDING
+    with pytest.raises(EnrollmentPending, match="scire-admin client accept web-17"):
+        enroll.ensure_enrolled(ClientConfig.load(config, enroll_wait=0.1))
+    server.enroll_status = "accepted"
+    assert run_cli(config, "enroll") == cli.EXIT_OK
+    assert len({csr for _, csr, _, _ in server.registrations}) == 1
+    assert (tmp_path / "state" / "cert.pem").exists()
+
+
+def test_a_rejected_request(tmp_path: Path, server: FakeServer) -> None:
+    server.enroll_status = "rejected"
+    assert (
+        run_cli(write_config(tmp_path, server, enrollment_token=""), "enroll") == cli.EXIT_REFUSED
+    )
+
+
+def test_run_executes_by_priority_reports_and_never_reruns(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    trace = tmp_path / "trace"
+    low = make_job(1, f"echo low >> {trace}\n", priority=1)
+    high = make_job(2, f"echo high >> {trace}\nexit 4\n", priority=9)
+    server.jobs = [documents.render_job(low), documents.render_job(high)]
+    config = write_config(tmp_path, server)
+    assert run_cli(config) == cli.EXIT_OK
+    assert trace.read_text() == "high\nlow\n"
+    assert [(r.job_id, r.state) for r in server.reports] == [
+        (2, "running"),
+        (2, "failed"),
+        (1, "running"),
+        (1, "succeeded"),
+    ]
+    assert server.reports[1].exit_code == 4
+    assert {a["job_id"] for a in server.acks} == {1, 2}
+    # At least once on the wire: the same delivery again is acknowledged, not run.
+    server.jobs = [documents.render_job(low)]
+    server.reports.clear()
+    assert run_cli(config) == cli.EXIT_OK
+    assert trace.read_text() == "high\nlow\n"
+    assert server.reports == []
+    assert server.acks[-1] == {"job_id": 1, "delivery_id": low.delivery_id}
+
+
+def test_reconcile_cancels_a_held_job(tmp_path: Path, server: FakeServer) -> None:
+    trace = tmp_path / "trace"
+    job = make_job(5, f"echo ran > {trace}\n")
+    server.jobs = [documents.render_job(job)]
+    server.reconcile = [{"job_id": 5, "action": "cancelled"}]
+    assert run_cli(write_config(tmp_path, server)) == cli.EXIT_OK
+    assert not trace.exists()
+    [report] = server.reports
+    assert (report.state, report.reason) == ("cancelled", "cancelled by the server")
+
+
+def test_a_heartbeat_cancels_a_running_job(tmp_path: Path, server: FakeServer) -> None:
+    server.jobs = [documents.render_job(make_job(6, "sleep 30\n"))]
+    server.cancel_running = {6}
+    assert run_cli(write_config(tmp_path, server, heartbeat_interval=0.2)) == cli.EXIT_OK
+    assert server.final_reports() == [(6, "cancelled")]
+    assert ([], [6], 0) in server.polls
+
+
+def test_failover_to_the_second_server(tmp_path: Path, server: FakeServer) -> None:
+    server.jobs = [documents.render_job(make_job(7, "echo hi\n"))]
+    config = write_config(tmp_path, server, servers=f"{closed_port_url()}, {server.url}")
+    assert run_cli(config) == cli.EXIT_OK
+    assert server.final_reports() == [(7, "succeeded")]
+
+
+def test_undelivered_reports_wait_on_disk(tmp_path: Path, server: FakeServer) -> None:
+    trace = tmp_path / "trace"
+    server.jobs = [documents.render_job(make_job(8, f"echo ran >> {trace}\n"))]
+    server.report_fault = 10  # unavailable: retry
+    config = write_config(tmp_path, server, report_retry_for=0.6)
+    assert run_cli(config) == cli.EXIT_ERROR
+    spool = Spool(tmp_path / "state" / "spool")
+    assert [job_id for job_id, _ in spool.pending_reports()] == [8]
+    server.report_fault = None
+    assert run_cli(config) == cli.EXIT_OK
+    assert server.final_reports() == [(8, "succeeded")]
+    assert trace.read_text() == "ran\n"
+
+
+def test_a_permanent_fault_drops_the_report(tmp_path: Path, server: FakeServer) -> None:
+    server.jobs = [documents.render_job(make_job(9, "true\n"))]
+    server.report_fault = 6  # not held
+    assert run_cli(write_config(tmp_path, server)) == cli.EXIT_OK
+    assert Spool(tmp_path / "state" / "spool").pending_reports() == []
+
+
+def test_no_server_reachable(tmp_path: Path, server: FakeServer) -> None:
+    config = write_config(tmp_path, server)
+    assert run_cli(config, "enroll") == cli.EXIT_OK
+    config = write_config(tmp_path, server, servers=closed_port_url(), connect_timeout=1)
+    assert run_cli(config) == cli.EXIT_ERROR
+
+
+def test_an_untrusted_server_is_refused(tmp_path: Path, server: FakeServer) -> None:
+    config = write_config(tmp_path, server)
+    assert run_cli(config, "enroll") == cli.EXIT_OK
+    other_key, other_ca = pki.create_ca("Other CA")
+    (tmp_path / "state" / "ca.pem").write_bytes(pki.cert_to_pem(other_ca))
+    config = write_config(tmp_path, server, ca_fingerprint="")
+    assert run_cli(config) == cli.EXIT_ERROR
+
+
+def test_spool_command_and_usage_errors(
+    tmp_path: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.jobs = [documents.render_job(make_job(10, "true\n"))]
+    config = write_config(tmp_path, server)
+    assert run_cli(config) == cli.EXIT_OK
+    capsys.readouterr()
+    assert cli.main(["--state-dir", str(tmp_path / "state"), "spool"]) == cli.EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["JOB", "STATE", "CANCELLED", "NAME"]
+    assert out[1].split() == ["10", "reported", "job-10"]
+    assert cli.main(["spool"]) == cli.EXIT_USAGE  # no state_dir
+    assert cli.main(["--state-dir", str(tmp_path), "--server", "http://x/", "run"]) == 2
+    assert run_cli(write_config(tmp_path, server, poll_batch=0)) == cli.EXIT_USAGE
+    assert cli.main(["bogus"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "scire-client: error: poll_batch must be at least 1" in err
+
+
+def test_tls_errors_are_transport_errors() -> None:
+    # ssl errors are OSErrors: the mapping in transport.py relies on it.
+    assert issubclass(ssl.SSLError, OSError)
+
+
+def test_an_agent_killed_mid_job_finishes_it_on_restart(tmp_path: Path, server: FakeServer) -> None:
+    trace = tmp_path / "trace"
+    server.jobs = [documents.render_job(make_job(11, f"echo started\ntouch {trace}\nsleep 30\n"))]
+    config = write_config(tmp_path, server)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "scire_client.cli", "-c", str(config)], stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 10
+    while not trace.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    agent.kill()
+    agent.wait()
+    spool = Spool(tmp_path / "state" / "spool")
+    [entry] = spool.entries()
+    assert entry.state == "started" and entry.pgid is not None
+    os.killpg(entry.pgid, 0)  # the job outlived its agent, in its own session
+    assert run_cli(config) == cli.EXIT_OK
+    [report] = [r for r in server.reports if r.state != "running"]
+    assert (report.job_id, report.state, report.reason) == (11, "failed", "agent restarted")
+    assert report.output == "started\n"
+    assert not any(_alive(pid) for pid in _group_members(entry.pgid))
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(stat_file.parent.name))
+    return members
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie waits for init to reap it; it runs nothing

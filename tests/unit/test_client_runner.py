@@ -1,0 +1,191 @@
+"""The job runner on real processes: exit codes, timeouts, kills, output cap."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from scire_client import runner
+from scire_server.documents import JobDocument, StatusReport
+
+
+def make_job(script: str, **changes: object) -> JobDocument:
+    values: dict[str, object] = {
+        "job_id": 42,
+        "delivery_id": uuid.uuid4().hex,
+        "attempt": 1,
+        "name": "backup",
+        "owner": "alice",
+        "client": "web-17",
+        "privilege": "run",
+        "priority": 0,
+        "timeout": 60,
+        "output_limit": 64 * 1024,
+        "interpreter": "/bin/sh",
+        "created": dt.datetime(2024, 1, 1),
+        "script": script,
+    }
+    values.update(changes)
+    return JobDocument(**values)  # type: ignore[arg-type]
+
+
+def run(
+    tmp_path: Path,
+    doc: JobDocument,
+    *,
+    kill_grace: float = 2.0,
+    tick_interval: float = 10.0,
+    cancel_after: float | None = None,
+) -> StatusReport:
+    began = time.monotonic()
+
+    def on_tick() -> bool:
+        return cancel_after is not None and time.monotonic() - began >= cancel_after
+
+    return runner.run_job(
+        doc,
+        tmp_path,
+        delivery_id=doc.delivery_id,
+        kill_grace=kill_grace,
+        tick_interval=tick_interval,
+        on_started=lambda pgid: None,
+        on_tick=on_tick,
+    )
+
+
+def test_success_captures_stdout_and_stderr_in_order(tmp_path: Path) -> None:
+    script = 'echo "job $SCIRE_JOB_ID delivery $SCIRE_DELIVERY_ID"\necho oops >&2\necho done\n'
+    doc = make_job(script)
+    report = run(tmp_path, doc)
+    assert report.state == "succeeded"
+    assert report.exit_code == 0
+    assert report.output == f"job 42 delivery {doc.delivery_id}\noops\ndone\n"
+    assert report.truncated is False
+    assert report.job_id == 42 and report.delivery_id == doc.delivery_id
+    assert report.started is not None and report.finished is not None
+    assert report.started <= report.finished
+    assert (tmp_path / "script").read_text() == script
+
+
+def test_the_job_runs_in_its_entry_with_no_stdin(tmp_path: Path) -> None:
+    report = run(tmp_path, make_job("pwd\ncat\necho end\n"))
+    assert report.state == "succeeded"
+    assert report.output == f"{tmp_path}\nend\n"
+
+
+def test_failure_keeps_the_exit_code(tmp_path: Path) -> None:
+    report = run(tmp_path, make_job("echo failing\nexit 3\n"))
+    assert (report.state, report.exit_code, report.output) == ("failed", 3, "failing\n")
+
+
+def test_a_missing_interpreter_fails_with_127(tmp_path: Path) -> None:
+    report = run(tmp_path, make_job("echo hi\n", interpreter="/nonexistent/interpreter"))
+    assert (report.state, report.exit_code) == ("failed", 127)
+
+
+def test_another_interpreter(tmp_path: Path) -> None:
+    report = run(tmp_path, make_job("import sys\nprint(sys.argv[0])\n", interpreter=sys.executable))
+    assert report.state == "succeeded"
+    assert report.output == f"{tmp_path / 'script'}\n"
+
+
+def test_death_by_signal_is_128_plus_the_signal(tmp_path: Path) -> None:
+    report = run(tmp_path, make_job("kill -KILL $$\n"))
+    assert (report.state, report.exit_code) == ("failed", 137)
+    assert report.reason == "killed by signal 9 (SIGKILL)"
+
+
+def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
+    began = time.monotonic()
+    report = run(tmp_path, make_job("echo before\nsleep 30 &\nsleep 30\n", timeout=1))
+    assert time.monotonic() - began < 4
+    assert report.state == "timed_out"
+    assert report.reason == "timed out after 1 s"
+    assert report.output == "before\n"
+
+
+def test_a_job_ignoring_sigterm_gets_sigkill(tmp_path: Path) -> None:
+    began = time.monotonic()
+    report = run(tmp_path, make_job("trap '' TERM\nsleep 30\n", timeout=1), kill_grace=0.5)
+    elapsed = time.monotonic() - began
+    assert 1.4 <= elapsed < 4
+    assert report.state == "timed_out"
+    assert report.exit_code == 137
+
+
+def test_output_beyond_the_limit_is_cut(tmp_path: Path) -> None:
+    doc = make_job("i=0\nwhile [ $i -lt 100 ]; do echo 0123456789; i=$((i+1)); done\n")
+    report = run(tmp_path, JobDocument(**{**doc.__dict__, "output_limit": 25}))
+    assert report.state == "succeeded"
+    assert report.output == "0123456789\n0123456789\n012"
+    assert report.truncated is True
+    exact = run(tmp_path, JobDocument(**{**doc.__dict__, "output_limit": 1100}))
+    assert exact.truncated is False and len(exact.output or "") == 1100
+
+
+def test_output_that_is_not_utf8_is_replaced(tmp_path: Path) -> None:
+    report = run(tmp_path, make_job("printf 'a\\377b'\n"))
+    assert report.output == "a\ufffdb"
+
+
+def test_cancel_from_a_heartbeat_stops_the_job(tmp_path: Path) -> None:
+    began = time.monotonic()
+    report = run(tmp_path, make_job("sleep 30\n"), tick_interval=0.2, cancel_after=0.3)
+    assert time.monotonic() - began < 3
+    assert report.state == "cancelled"
+    assert report.reason == runner.CANCELLED_REASON
+
+
+def test_started_is_recorded_before_the_script_runs(tmp_path: Path) -> None:
+    seen: list[tuple[int, bool]] = []
+
+    def on_started(pgid: int) -> None:
+        time.sleep(0.2)  # were the script not gated, it would have run by now
+        seen.append((pgid, (tmp_path / "ran").exists()))
+
+    report = runner.run_job(
+        make_job("touch ran\necho $$\n"),
+        tmp_path,
+        delivery_id=uuid.uuid4().hex,
+        kill_grace=1,
+        tick_interval=10,
+        on_started=on_started,
+        on_tick=lambda: False,
+    )
+    assert report.state == "succeeded"
+    [(pgid, ran_early)] = seen
+    assert ran_early is False
+    assert report.output == f"{pgid}\n"  # the script is the process group leader
+
+
+def test_a_failing_on_started_never_runs_the_script(tmp_path: Path) -> None:
+    def on_started(pgid: int) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_with(tmp_path, make_job("touch ran\n"), on_started)
+    time.sleep(0.1)
+    assert not (tmp_path / "ran").exists()
+
+
+def run_with(tmp_path: Path, doc: JobDocument, on_started: object) -> StatusReport:
+    return runner.run_job(
+        doc,
+        tmp_path,
+        delivery_id=doc.delivery_id,
+        kill_grace=1,
+        tick_interval=10,
+        on_started=on_started,  # type: ignore[arg-type]
+        on_tick=lambda: False,
+    )
+
+
+def test_read_output_of_a_missing_file(tmp_path: Path) -> None:
+    assert runner.read_output(tmp_path / "none", 10) == ("", False)
+    assert os.path.exists(tmp_path)

@@ -1,0 +1,374 @@
+"""What each remote method does: argument checks, then the store or the PKI.
+
+``rpc.py`` decides who the caller is and whether the method is open to them;
+the methods here get that caller as their first argument and never trust an
+identity passed in the arguments.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+
+from scire_server import documents, pki
+from scire_server.config import ServerConfig
+from scire_server.exceptions import InvalidArgument, InvalidDocument, NotFound
+from scire_server.store import Caller, JobSpec, Store
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+PRIVILEGE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+MAX_SCRIPT_BYTES = 1024 * 1024
+MAX_OUTPUT_LIMIT = 10 * 1024 * 1024
+
+
+def check_name(value: Any, what: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InvalidArgument(
+            f"{what} {value!r} is not valid: use letters, digits, '.', '_' and '-' (at most 255)"
+        )
+    return value
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"{what} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _time(value: Any, what: str) -> dt.datetime | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be an ISO 8601 time")
+    try:
+        return documents.parse_time(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what}: {value!r} is not an ISO 8601 time") from exc
+
+
+def _ids(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise InvalidArgument(f"{what} must be a list of job ids")
+    if len(value) > 10_000:
+        raise InvalidArgument(f"{what} holds too many ids")
+    return value
+
+
+def plain(value: Any) -> Any:
+    """XML-RPC-safe values: times as ISO strings, ``None`` kept (allow_none)."""
+    if isinstance(value, dt.datetime):
+        return documents.format_time(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class Service:
+    """The remote methods. ``OPEN``, ``AGENT`` and ``ADMIN`` name who may call what."""
+
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.ca_cert = pki.load_cert(config.ca_cert_file.read_bytes())
+        self.ca_key = pki.load_key(config.ca_key_file.read_bytes())
+        self.ca_pem = pki.cert_to_pem(self.ca_cert).decode()
+
+    def methods(self) -> dict[str, tuple[str, Callable[..., Any]]]:
+        """Remote name -> (who may call it, the function)."""
+        table: dict[str, tuple[str, Callable[..., Any]]] = {
+            "agent.ca_certificate": ("open", self.ca_certificate),
+            "agent.register": ("open", self.register),
+            "agent.fetch_certificate": ("open", self.fetch_certificate),
+            "agent.poll": ("agent", self.poll),
+            "agent.acknowledge": ("agent", self.acknowledge),
+            "agent.report": ("agent", self.report),
+            "admin.whoami": ("user", self.whoami),
+            "admin.job_submit": ("user", self.job_submit),
+            "admin.job_list": ("user", self.job_list),
+            "admin.job_show": ("user", self.job_show),
+            "admin.job_cancel": ("user", self.job_cancel),
+            "admin.client_list": ("user", self.client_list),
+        }
+        for name in (
+            "client_show client_accept client_reject client_revoke client_delete client_token "
+            "group_create group_delete group_add group_remove group_list "
+            "user_add user_list user_revoke grant_add grant_remove grant_list audit server_list"
+        ).split():
+            table[f"admin.{name}"] = ("admin", getattr(self, name))
+        return table
+
+    # --- open: enrollment ----------------------------------------------------
+
+    def ca_certificate(self, _caller: None) -> str:
+        return self.ca_pem
+
+    def register(
+        self, _caller: None, name: Any, csr_pem: Any, facts: Any = None, token: Any = ""
+    ) -> dict[str, Any]:
+        name = check_name(name, "client name")
+        if not isinstance(csr_pem, str):
+            raise InvalidArgument("csr_pem must be a PEM string")
+        csr = pki.load_csr(csr_pem)
+        if pki.common_name(csr) != name:
+            raise InvalidArgument(
+                f"the request's common name {pki.common_name(csr)!r} is not {name!r}"
+            )
+        facts = facts if isinstance(facts, dict) else {}
+        facts = {str(k)[:64]: str(v)[:255] for k, v in list(facts.items())[:50]}
+        digest = token_hash(token) if isinstance(token, str) and token else None
+        status, token_ok = self.store.register_client(name, csr_pem, facts, digest)
+        if token_ok:
+            self._sign_client(name, csr_pem, "token")
+            status = "accepted"
+        log.info("client %s: enrollment request, status %s", name, status)
+        return {"name": name, "status": status}
+
+    def _sign_client(self, name: str, csr_pem: str, actor: str) -> None:
+        cert = pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, pki.ROLE_CLIENT)
+        self.store.decide_client(
+            name, "accepted", actor, pki.cert_to_pem(cert).decode(), pki.fingerprint(cert)
+        )
+
+    def fetch_certificate(self, _caller: None, name: Any, csr_pem: Any) -> dict[str, Any]:
+        name = check_name(name, "client name")
+        row = self.store.client_enrollment(name)
+        # Only the holder of the request learns its answer.
+        if row["csr_pem"] != csr_pem:
+            raise NotFound(f"no enrollment request for {name} with this key")
+        accepted = row["status"] == "accepted"
+        return {"status": row["status"], "certificate": row["cert_pem"] if accepted else ""}
+
+    # --- agent ----------------------------------------------------------------
+
+    def poll(self, caller: Caller, held: Any = None, running: Any = None, limit: Any = 10) -> dict[str, Any]:
+        held_ids = _ids(held or [], "held")
+        running_ids = _ids(running or [], "running")
+        limit = _int(limit, "limit", 0, self.config.poll_batch_max)
+        result = self.store.poll(caller, held_ids, running_ids, limit, self.config.ack_timeout)
+        return {
+            "jobs": [d.xml for d in result.deliveries],
+            "reconcile": result.reconcile,
+            "poll_interval": self.config.poll_interval,
+        }
+
+    def acknowledge(self, caller: Caller, deliveries: Any) -> dict[str, Any]:
+        if not isinstance(deliveries, list):
+            raise InvalidArgument("deliveries must be a list of {job_id, delivery_id}")
+        pairs = []
+        for item in deliveries:
+            if not isinstance(item, dict) or not isinstance(item.get("delivery_id"), str):
+                raise InvalidArgument("each delivery needs job_id and delivery_id")
+            pairs.append((_int(item.get("job_id"), "job_id", 1, 2**31 - 1), item["delivery_id"]))
+        return {"acknowledged": self.store.acknowledge(caller, pairs)}
+
+    def report(self, caller: Caller, status_xml: Any) -> dict[str, Any]:
+        if not isinstance(status_xml, str):
+            raise InvalidDocument("the status report must be an XML string")
+        report = documents.parse_status(status_xml)
+        result = self.store.report(caller, report)
+        return {"job_id": report.job_id, "state": report.state, "result": result}
+
+    # --- admin: jobs ------------------------------------------------------------
+
+    def whoami(self, caller: Caller) -> dict[str, Any]:
+        return {"name": caller.name, "is_admin": caller.is_admin}
+
+    def job_submit(self, caller: Caller, spec: Any) -> dict[str, Any]:
+        if not isinstance(spec, dict):
+            raise InvalidArgument("job_submit takes one struct")
+        script = spec.get("script")
+        if not isinstance(script, str) or not script.strip():
+            raise InvalidArgument("the job needs a script")
+        if len(script.encode("utf-8")) > MAX_SCRIPT_BYTES:
+            raise InvalidArgument(f"the script is larger than {MAX_SCRIPT_BYTES} bytes")
+        hosts = [check_name(h, "client") for h in spec.get("hosts") or []]
+        groups = [check_name(g, "client group") for g in spec.get("groups") or []]
+        if not hosts and not groups:
+            raise InvalidArgument("the job needs at least one host or group")
+        privilege = spec.get("privilege") or "run"
+        if not isinstance(privilege, str) or not PRIVILEGE_RE.match(privilege) or privilege == "*":
+            raise InvalidArgument(f"privilege {privilege!r} is not valid")
+        interpreter = spec.get("interpreter") or self.config.default_interpreter
+        if not isinstance(interpreter, str) or not interpreter.startswith("/"):
+            raise InvalidArgument("the interpreter must be an absolute path")
+        not_before = _time(spec.get("not_before"), "not_before")
+        expires = _time(spec.get("expires"), "expires")
+        if not_before and expires and expires <= not_before:
+            raise InvalidArgument("expires must be after not_before")
+        c = self.config
+        job = JobSpec(
+            name=check_name(spec.get("name") or "job", "job name"),
+            script=script,
+            interpreter=interpreter,
+            privilege=privilege,
+            priority=_int(spec.get("priority", 0), "priority", -1000, 1000),
+            timeout=_int(spec.get("timeout") or c.default_timeout, "timeout", 1, 7 * 86400),
+            output_limit=_int(
+                spec.get("output_limit") or c.default_output_limit, "output_limit", 1,
+                MAX_OUTPUT_LIMIT,
+            ),
+            max_attempts=_int(
+                spec.get("max_attempts") or c.default_max_attempts, "max_attempts", 1, 100
+            ),
+            not_before=not_before,
+            expires_at=expires,
+            rerun_on_agent_crash=bool(spec.get("rerun_on_agent_crash", False)),
+        )
+        result = self.store.submit_job(caller, job, hosts, groups)
+        return {"job_id": result.job_id, "accepted": result.accepted, "refused": result.refused}
+
+    def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
+        rows = self.store.jobs(caller, _int(limit, "limit", 1, 10_000), state or None)
+        return plain(rows)  # type: ignore[no-any-return]
+
+    def job_show(self, caller: Caller, job_id: Any) -> dict[str, Any]:
+        return plain(self.store.job_detail(caller, _int(job_id, "job id", 1, 2**31 - 1)))  # type: ignore[no-any-return]
+
+    def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
+        count = self.store.cancel_job(caller, _int(job_id, "job id", 1, 2**31 - 1))
+        return {"job_id": job_id, "cancelled": count}
+
+    # --- admin: clients -----------------------------------------------------------
+
+    def client_list(self, caller: Caller) -> list[dict[str, Any]]:
+        return plain(self.store.clients())  # type: ignore[no-any-return]
+
+    def client_show(self, caller: Caller, name: Any) -> dict[str, Any]:
+        return plain(self.store.client_detail(check_name(name)))  # type: ignore[no-any-return]
+
+    def client_accept(self, caller: Caller, name: Any) -> dict[str, Any]:
+        row = self.store.client_enrollment(check_name(name))
+        if row["status"] == "accepted":
+            return {"name": name, "status": "accepted"}
+        if row["status"] != "pending":
+            raise InvalidArgument(f"client {name} is {row['status']}, not pending")
+        self._sign_client(name, row["csr_pem"], f"user:{caller.name}")
+        return {"name": name, "status": "accepted"}
+
+    def client_reject(self, caller: Caller, name: Any) -> dict[str, Any]:
+        self.store.decide_client(check_name(name), "rejected", f"user:{caller.name}")
+        return {"name": name, "status": "rejected"}
+
+    def client_revoke(self, caller: Caller, name: Any) -> dict[str, Any]:
+        self.store.decide_client(check_name(name), "revoked", f"user:{caller.name}")
+        return {"name": name, "status": "revoked"}
+
+    def client_delete(self, caller: Caller, name: Any) -> dict[str, Any]:
+        self.store.delete_client(check_name(name), f"user:{caller.name}")
+        return {"name": name, "status": "deleted"}
+
+    def client_token(self, caller: Caller, uses: Any = 1, ttl: Any = 0) -> dict[str, Any]:
+        uses = _int(uses, "uses", 1, 100_000)
+        ttl = _int(ttl or self.config.token_ttl, "ttl", 60, 365 * 86400)
+        token = secrets.token_urlsafe(24)
+        expires = self.store.add_token(token_hash(token), ttl, uses, f"user:{caller.name}")
+        return plain(  # type: ignore[no-any-return]
+            {
+                "token": token,
+                "uses": uses,
+                "expires": expires,
+                "ca_fingerprint": pki.fingerprint(self.ca_cert),
+            }
+        )
+
+    # --- admin: groups, users, grants ------------------------------------------------
+
+    @staticmethod
+    def _kind(kind: Any) -> str:
+        if kind not in ("client", "user"):
+            raise InvalidArgument("group kind must be 'client' or 'user'")
+        return str(kind)
+
+    def group_create(self, caller: Caller, kind: Any, name: Any) -> dict[str, Any]:
+        self.store.create_group(self._kind(kind), check_name(name, "group"), f"user:{caller.name}")
+        return {"kind": kind, "name": name}
+
+    def group_delete(self, caller: Caller, kind: Any, name: Any) -> dict[str, Any]:
+        self.store.delete_group(self._kind(kind), check_name(name, "group"), f"user:{caller.name}")
+        return {"kind": kind, "name": name}
+
+    def _member(self, caller: Caller, kind: Any, group: Any, member: Any, add: bool) -> dict[str, Any]:
+        if not isinstance(member, str):
+            raise InvalidArgument("member must be a name, or @group for a nested client group")
+        is_group = member.startswith("@")
+        self.store.change_member(
+            self._kind(kind), check_name(group, "group"),
+            check_name(member[1:] if is_group else member, "member"), is_group, add,
+            f"user:{caller.name}",
+        )
+        return {"kind": kind, "group": group, "member": member}
+
+    def group_add(self, caller: Caller, kind: Any, group: Any, member: Any) -> dict[str, Any]:
+        return self._member(caller, kind, group, member, True)
+
+    def group_remove(self, caller: Caller, kind: Any, group: Any, member: Any) -> dict[str, Any]:
+        return self._member(caller, kind, group, member, False)
+
+    def group_list(self, caller: Caller, kind: Any) -> list[dict[str, Any]]:
+        return self.store.groups(self._kind(kind))
+
+    def user_add(self, caller: Caller, name: Any, csr_pem: Any, is_admin: Any = False) -> dict[str, Any]:
+        name = check_name(name, "user name")
+        if not isinstance(csr_pem, str):
+            raise InvalidArgument("csr_pem must be a PEM string")
+        cert = self.issue_user(name, csr_pem)
+        self.store.add_user(name, pki.fingerprint(cert), bool(is_admin), f"user:{caller.name}")
+        return {"name": name, "certificate": pki.cert_to_pem(cert).decode(), "ca": self.ca_pem}
+
+    def issue_user(self, name: str, csr_pem: str) -> x509.Certificate:
+        return pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, pki.ROLE_USER)
+
+    def user_list(self, caller: Caller) -> list[dict[str, Any]]:
+        return plain(self.store.users())  # type: ignore[no-any-return]
+
+    def user_revoke(self, caller: Caller, name: Any) -> dict[str, Any]:
+        name = check_name(name, "user name")
+        if name == caller.name:
+            raise InvalidArgument("you cannot revoke yourself")
+        self.store.revoke_user(name, f"user:{caller.name}")
+        return {"name": name, "status": "revoked"}
+
+    def grant_add(self, caller: Caller, subject: Any, privilege: Any, target: Any) -> dict[str, Any]:
+        for value, what in ((subject, "subject"), (target, "target")):
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{what} must be a name or @group")
+            check_name(value.removeprefix("@"), what)
+        if not isinstance(privilege, str) or not PRIVILEGE_RE.match(privilege):
+            raise InvalidArgument(f"privilege {privilege!r} is not valid")
+        grant_id = self.store.add_grant(subject, privilege, target, f"user:{caller.name}")
+        return {"id": grant_id, "subject": subject, "privilege": privilege, "target": target}
+
+    def grant_remove(self, caller: Caller, grant_id: Any) -> dict[str, Any]:
+        self.store.remove_grant(_int(grant_id, "grant id", 1, 2**31 - 1), f"user:{caller.name}")
+        return {"id": grant_id}
+
+    def grant_list(self, caller: Caller) -> list[dict[str, Any]]:
+        return plain(self.store.grants())  # type: ignore[no-any-return]
+
+    def audit(self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100) -> list[dict[str, Any]]:
+        rows = self.store.events(
+            _int(job_id, "job id", 0, 2**31 - 1) or None,
+            check_name(client, "client") if client else None,
+            _int(limit, "limit", 1, 100_000),
+        )
+        return plain(rows)  # type: ignore[no-any-return]
+
+    def server_list(self, caller: Caller) -> list[dict[str, Any]]:
+        return plain(self.store.servers())  # type: ignore[no-any-return]

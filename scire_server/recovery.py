@@ -1,0 +1,76 @@
+"""What a daemon repairs, at start-up and then all the time.
+
+Start-up runs, in order and before the listener opens: refuse a live
+duplicate of this instance key; return expired leases and the leases this
+instance held in its previous life; expire jobs past their expiry; record one
+``recovery`` audit event with the counts. ``sweep`` runs the same repairs
+(without the instance check) every few seconds while the daemon runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from scire_server.config import ServerConfig
+from scire_server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_up(store: Store, config: ServerConfig) -> dict[str, Any]:
+    """Register this daemon and repair what its death (or anyone's) left behind.
+
+    Raises ``InstanceConflict`` when another live daemon holds the instance key.
+    """
+    hostname = socket.gethostname()
+    known = store.server_pid(config.instance_key)
+    alive = known is not None and known[0] == hostname and known[1] != os.getpid() and _pid_alive(known[1])
+    previous = store.start_server(
+        config.instance_key, hostname, os.getpid(), config.public_url,
+        config.instance_stale_after, pid_alive=alive,
+    )
+    leases = store.return_leases(own_previous_life=True)
+    expired = store.expire_jobs()
+    counts = {
+        "previous_state": previous.get("previous_state") or "new",
+        "leases_returned": leases["returned"],
+        "undeliverable": leases["undeliverable"],
+        "expired": expired,
+    }
+    detail = ", ".join(f"{k}={v}" for k, v in counts.items())
+    store.record("server", "recovery", detail=detail)
+    log.info("recovery of %s done: %s", config.instance_key, detail)
+    return counts
+
+
+def sweep(store: Store, config: ServerConfig) -> dict[str, int]:
+    """One pass of continuous recovery; safe to run on several daemons at once."""
+    leases = store.return_leases()
+    expired = store.expire_jobs()
+    lost = store.mark_lost(config.lost_after)
+    counts = leases | lost | {"expired": expired}
+    if any(counts.values()):
+        log.info("sweep: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return counts
+
+
+def retention(store: Store, config: ServerConfig) -> dict[str, int]:
+    counts = store.purge(config.retention_days)
+    log.info(
+        "retention: purged the output of %d assignment(s) and %d audit row(s) older than %d day(s)",
+        counts["outputs"], counts["events"], config.retention_days,
+    )
+    return counts

@@ -1,0 +1,44 @@
+"""Timed work inside the daemon, on APScheduler: heartbeat, sweep, retention.
+
+Each task is safe to run on several daemons at once (conditional updates),
+and a task that fails is logged and runs again at its next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from scire_server import recovery
+from scire_server.config import ServerConfig
+from scire_server.exceptions import ScireError
+from scire_server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            task()
+        except ScireError as exc:
+            log.warning("timed task %s: %s; retrying at the next tick", name, exc.message)
+        except Exception:
+            log.exception("timed task %s failed; retrying at the next tick", name)
+
+    return run
+
+
+def start(store: Store, config: ServerConfig) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    scheduler.add_job(_guarded("heartbeat", store.heartbeat), "interval",
+                      seconds=config.heartbeat_interval, id="heartbeat")
+    scheduler.add_job(_guarded("sweep", lambda: recovery.sweep(store, config)), "interval",
+                      seconds=config.sweep_interval, id="sweep")
+    scheduler.add_job(_guarded("retention", lambda: recovery.retention(store, config)), "interval",
+                      seconds=config.retention_interval, id="retention")
+    scheduler.start()
+    return scheduler

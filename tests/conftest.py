@@ -1,0 +1,197 @@
+"""Shared fixtures: a real deployment (CA, server daemons, agents) on 127.0.0.1.
+
+``deployment`` gives a fresh state directory, made by ``scire-admin init``;
+servers run under pytest-xprocess; agents and ``scire-admin`` run as real
+processes of the installed entry points. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from xprocess import ProcessStarter
+
+BIN = Path(sys.executable).parent
+
+
+def _exe(name: str) -> str:
+    found = BIN / name
+    return str(found) if found.exists() else shutil.which(name) or name
+
+
+@pytest.fixture(autouse=True)
+def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("SCIRE_"):
+            monkeypatch.delenv(key)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Deployment:
+    """One Scire installation in a temporary directory."""
+
+    def __init__(self, root: Path, xprocess: Any, database_url: str = "") -> None:
+        self.root = root
+        self.xprocess = xprocess
+        self.port = free_port()
+        self.state_dir = root / "server"
+        self.bundle = root / "admin.pem"
+        self.database_url = database_url
+        self.url = f"https://127.0.0.1:{self.port}/"
+        self.servers: dict[str, tuple[int, Path]] = {}
+        self.ca_fingerprint = ""
+        out = self.admin_offline(
+            "init", "--state-dir", str(self.state_dir), "--listen-port", str(self.port),
+            "--bundle", str(self.bundle), "--alt-name", "localhost", "--alt-name", "127.0.0.1",
+            *(["--database-url", database_url] if database_url else []),
+        )
+        self.ca_fingerprint = out["ca_fingerprint"]
+
+    # scire-admin
+
+    def admin_offline(self, *args: str) -> Any:
+        proc = subprocess.run([_exe("scire-admin"), "--json", *args], capture_output=True,
+                              text=True, timeout=60, cwd=self.root)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def admin_run(self, *args: str, bundle: Path | None = None, url: str | None = None,
+                  timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_exe("scire-admin"), "--server", url or self.url, "--bundle",
+             str(bundle or self.bundle), "--json", *args],
+            capture_output=True, text=True, timeout=timeout, cwd=self.root,
+        )
+
+    def admin(self, *args: str, bundle: Path | None = None) -> Any:
+        """Run scire-admin; it must succeed; its JSON answer."""
+        proc = self.admin_run(*args, bundle=bundle)
+        assert proc.returncode == 0, f"scire-admin {' '.join(args)}: {proc.stderr}"
+        return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+    def admin_fails(self, *args: str, bundle: Path | None = None) -> str:
+        """Run scire-admin; it must fail; its error line."""
+        proc = self.admin_run(*args, bundle=bundle)
+        assert proc.returncode != 0, f"scire-admin {' '.join(args)} succeeded: {proc.stdout}"
+        return proc.stderr
+
+    def submit(self, *args: str, bundle: Path | None = None) -> int:
+        return int(self.admin("job", "submit", *args, bundle=bundle)["job_id"])
+
+    def job(self, job_id: int) -> Any:
+        return self.admin("job", "show", str(job_id))
+
+    def wait_job(self, job_id: int, timeout: float = 60) -> Any:
+        return self.admin("job", "wait", str(job_id), "--timeout", str(timeout))
+
+    def add_user(self, name: str, admin: bool = False) -> Path:
+        path = self.root / f"{name}.pem"
+        self.admin("user", "add", name, "--out", str(path), *(["--admin"] if admin else []))
+        return path
+
+    # scire-server
+
+    def start_server(self, name: str = "server", *extra: str, port: int | None = None,
+                     instance_key: str | None = None) -> int:
+        args = [_exe("scire-server"), "--state-dir", str(self.state_dir), "--listen-port",
+                str(port or self.port), "--instance-key", instance_key or f"test-{self.port}",
+                *(["--database-url", self.database_url] if self.database_url else []), *extra]
+
+        class Starter(ProcessStarter):  # type: ignore[misc]
+            pattern = "listening on"
+            timeout = 60
+            max_read_lines = 400
+            terminate_on_interrupt = True
+
+            @property
+            def args(self) -> list[str]:
+                return args
+
+        key = f"{name}-{self.port}"
+        pid, log = self.xprocess.ensure(key, Starter, restart=True)
+        self.servers[name] = (pid, log)
+        return int(pid)
+
+    def server_log(self, name: str = "server") -> str:
+        return self.servers[name][1].read_text(errors="replace")
+
+    def stop_server(self, name: str = "server", sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        pid = self.servers[name][0]
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server {name} (pid {pid}) did not stop")
+
+    # scire-client
+
+    def agent_dir(self, name: str) -> Path:
+        return self.root / "agents" / name
+
+    def agent_args(self, name: str, *args: str, token: str | None = None) -> list[str]:
+        return [_exe("scire-client"), "--server", self.url, "--state-dir",
+                str(self.agent_dir(name)), "--name", name, "--ca-fingerprint",
+                self.ca_fingerprint, *(["--token", token] if token else []), *args]
+
+    def agent(self, name: str, *args: str, token: str | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.agent_args(name, *args, token=token), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def enroll(self, name: str) -> None:
+        token = self.admin("client", "token")["token"]
+        proc = self.agent(name, "enroll", token=token)
+        assert proc.returncode == 0, proc.stderr
+
+    def run_agent(self, name: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = self.agent(name, "run", timeout=timeout)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, xprocess: Any) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path, xprocess)
+    try:
+        yield dep
+    finally:
+        for name in list(dep.servers):
+            try:
+                dep.stop_server(name)
+            except AssertionError:
+                dep.stop_server(name, signal.SIGKILL)
+
+
+@pytest.fixture
+def running(deployment: Deployment) -> Deployment:
+    """A deployment whose server is up."""
+    deployment.start_server()
+    return deployment

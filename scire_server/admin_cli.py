@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import re
-import socket
 import ssl
 import sys
 import time
@@ -25,8 +24,16 @@ from scire_server.config import AdminConfig, ServerConfig
 from scire_server.exceptions import FAULT_NAMES, ScireError
 
 DEFAULT_BUNDLE = Path("~/.config/scire/admin.pem")
-FINAL_JOB_STATES = {"succeeded", "failed", "timed_out", "denied", "expired", "cancelled", "mixed",
-                    "empty"}
+FINAL_JOB_STATES = {
+    "succeeded",
+    "failed",
+    "timed_out",
+    "denied",
+    "expired",
+    "cancelled",
+    "mixed",
+    "empty",
+}
 
 
 class CLIError(Exception):
@@ -58,8 +65,10 @@ def connect(config: AdminConfig) -> Any:
     try:
         text = bundle.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CLIError(f"cannot read the user bundle {bundle}: {exc.strerror} "
-                       "(make one with 'scire-admin user add' or 'scire-admin init')") from exc
+        raise CLIError(
+            f"cannot read the user bundle {bundle}: {exc.strerror} "
+            "(make one with 'scire-admin user add' or 'scire-admin init')"
+        ) from exc
     certs = [m.group(0) for m in _PEM_BLOCK.finditer(text) if m.group(1) == "CERTIFICATE"]
     if len(certs) < 2:
         raise CLIError(f"{bundle} is not a Scire user bundle (key, certificate and CA)")
@@ -67,8 +76,9 @@ def connect(config: AdminConfig) -> Any:
         context = tls.client_context(None, bundle, bundle, ca_data=certs[-1])
     except ssl.SSLError as exc:
         raise CLIError(f"{bundle}: {exc}") from exc
-    return xmlrpc.client.ServerProxy(config.server, transport=_TLSTransport(context, config.timeout),
-                                     allow_none=True)
+    return xmlrpc.client.ServerProxy(
+        config.server, transport=_TLSTransport(context, config.timeout), allow_none=True
+    )
 
 
 def call(proxy: Any, method: str, *args: Any) -> Any:
@@ -92,7 +102,9 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines += [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -147,14 +159,21 @@ def cmd_init(args: argparse.Namespace) -> None:
     pki.write_private(config.ca_key_file, pki.key_to_pem(ca_key))
     pki.write_public(config.ca_cert_file, pki.cert_to_pem(ca_cert))
     server_key = pki.generate_key()
-    server_cert = pki.issue_certificate(ca_key, ca_cert, server_key.public_key(),
-                                        config.alt_names[0], pki.ROLE_SERVER, config.alt_names)
+    server_cert = pki.issue_certificate(
+        ca_key,
+        ca_cert,
+        server_key.public_key(),
+        config.alt_names[0],
+        pki.ROLE_SERVER,
+        config.alt_names,
+    )
     pki.write_private(config.key_file, pki.key_to_pem(server_key))
     pki.write_public(config.cert_file, pki.cert_to_pem(server_cert))
     store.upgrade_database(config.database_url)
     user_key = pki.generate_key()
-    user_cert = pki.sign_csr(ca_key, ca_cert, pki.make_csr(user_key, args.admin), args.admin,
-                             pki.ROLE_USER)
+    user_cert = pki.sign_csr(
+        ca_key, ca_cert, pki.make_csr(user_key, args.admin), args.admin, pki.ROLE_USER
+    )
     db = store.Store(store.make_engine(config.database_url), "scire-admin init")
     try:
         db.add_user(args.admin, pki.fingerprint(user_cert), True, "scire-admin init")
@@ -162,14 +181,17 @@ def cmd_init(args: argparse.Namespace) -> None:
         db.close()
     ca_pem = pki.cert_to_pem(ca_cert).decode()
     write_bundle(args.bundle, pki.key_to_pem(user_key), pki.cert_to_pem(user_cert).decode(), ca_pem)
-    show(args, {
-        "state_dir": str(config.state_dir),
-        "database": config.database_url,
-        "server_names": config.alt_names,
-        "admin": args.admin,
-        "bundle": str(args.bundle),
-        "ca_fingerprint": pki.fingerprint(ca_cert),
-    })
+    show(
+        args,
+        {
+            "state_dir": str(config.state_dir),
+            "database": config.database_url,
+            "server_names": config.alt_names,
+            "admin": args.admin,
+            "bundle": str(args.bundle),
+            "ca_fingerprint": pki.fingerprint(ca_cert),
+        },
+    )
 
 
 def check_bundle_target(path: Path) -> None:
@@ -194,8 +216,11 @@ def cmd_db(args: argparse.Namespace) -> None:
 def cmd_client(args: argparse.Namespace, proxy: Any) -> None:
     sub = args.client_command
     if sub == "list":
-        show(args, call(proxy, "admin.client_list"),
-             ["name", "status", "active_jobs", "last_seen_at", "registered_at"])
+        show(
+            args,
+            call(proxy, "admin.client_list"),
+            ["name", "status", "active_jobs", "last_seen_at", "registered_at"],
+        )
     elif sub == "show":
         detail = call(proxy, "admin.client_show", args.name)
         if args.json:
@@ -226,16 +251,20 @@ def cmd_group(args: argparse.Namespace, proxy: Any) -> None:
 def cmd_user(args: argparse.Namespace, proxy: Any) -> None:
     sub = args.user_command
     if sub == "list":
-        show(args, call(proxy, "admin.user_list"), ["name", "is_admin", "status", "groups",
-                                                    "created_at"])
+        show(
+            args,
+            call(proxy, "admin.user_list"),
+            ["name", "is_admin", "status", "groups", "created_at"],
+        )
     elif sub == "revoke":
         show(args, call(proxy, "admin.user_revoke", args.name))
     else:
         out = args.out or Path(f"{args.name}.pem")
         check_bundle_target(out)
         key = pki.generate_key()
-        answer = call(proxy, "admin.user_add", args.name, pki.make_csr(key, args.name).decode(),
-                      args.admin)
+        answer = call(
+            proxy, "admin.user_add", args.name, pki.make_csr(key, args.name).decode(), args.admin
+        )
         write_bundle(out, pki.key_to_pem(key), answer["certificate"], answer["ca"])
         show(args, {"name": args.name, "admin": args.admin, "bundle": str(out)})
 
@@ -243,8 +272,11 @@ def cmd_user(args: argparse.Namespace, proxy: Any) -> None:
 def cmd_grant(args: argparse.Namespace, proxy: Any) -> None:
     sub = args.grant_command
     if sub == "list":
-        show(args, call(proxy, "admin.grant_list"),
-             ["id", "subject", "privilege", "target", "created_by"])
+        show(
+            args,
+            call(proxy, "admin.grant_list"),
+            ["id", "subject", "privilege", "target", "created_by"],
+        )
     elif sub == "add":
         show(args, call(proxy, "admin.grant_add", args.subject, args.privilege, args.target))
     else:
@@ -266,8 +298,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
     sub = args.job_command
     if sub == "submit":
         spec = {
-            "name": args.name or (Path(args.script).name if args.script and str(args.script) != "-"
-                                  else "command"),
+            "name": args.name
+            or (Path(args.script).name if args.script and str(args.script) != "-" else "command"),
             "script": _read_script(args),
             "hosts": args.host or [],
             "groups": args.group or [],
@@ -289,8 +321,11 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
             for why in answer["refused"]:
                 print(f"refused: {why}")
     elif sub == "list":
-        show(args, call(proxy, "admin.job_list", args.limit, args.state or ""),
-             ["id", "name", "owner", "priority", "state", "states", "created_at"])
+        show(
+            args,
+            call(proxy, "admin.job_list", args.limit, args.state or ""),
+            ["id", "name", "owner", "priority", "state", "states", "created_at"],
+        )
     elif sub == "show":
         show_job(args, call(proxy, "admin.job_show", args.id))
     elif sub == "cancel":
@@ -312,10 +347,16 @@ def show_job(args: argparse.Namespace, detail: dict[str, Any]) -> None:
         show(args, detail)
         return
     print(f"job {detail['id']} ({detail['name']}) by {detail['owner']}: {detail['state']}")
-    print(f"  priority {detail['priority']}, timeout {detail['timeout']} s, "
-          f"privilege {detail['privilege']}, created {_cell(detail['created_at'])}")
-    print(table(detail["assignments"],
-                ["client", "state", "attempt", "exit_code", "started_at", "finished_at", "reason"]))
+    print(
+        f"  priority {detail['priority']}, timeout {detail['timeout']} s, "
+        f"privilege {detail['privilege']}, created {_cell(detail['created_at'])}"
+    )
+    print(
+        table(
+            detail["assignments"],
+            ["client", "state", "attempt", "exit_code", "started_at", "finished_at", "reason"],
+        )
+    )
     for a in detail["assignments"]:
         if a.get("output") is not None:
             flag = " (truncated)" if a["output_truncated"] else ""
@@ -324,13 +365,19 @@ def show_job(args: argparse.Namespace, detail: dict[str, Any]) -> None:
 
 
 def cmd_audit(args: argparse.Namespace, proxy: Any) -> None:
-    show(args, call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit),
-         ["at", "actor", "action", "job_id", "client", "old_state", "new_state", "detail"])
+    show(
+        args,
+        call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit),
+        ["at", "actor", "action", "job_id", "client", "old_state", "new_state", "detail"],
+    )
 
 
 def cmd_server(args: argparse.Namespace, proxy: Any) -> None:
-    show(args, call(proxy, "admin.server_list"),
-         ["instance_key", "hostname", "pid", "state", "heartbeat_at", "url"])
+    show(
+        args,
+        call(proxy, "admin.server_list"),
+        ["instance_key", "hostname", "pid", "state", "heartbeat_at", "url"],
+    )
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -351,19 +398,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--database-url")
         sp.add_argument("--alt-name", action="append", help="server certificate name (repeat)")
 
-    init = sub.add_parser("init", help="create the CA, the server certificate, the database "
-                          "and the first administrator (offline)")
+    init = sub.add_parser(
+        "init",
+        help="create the CA, the server certificate, the database "
+        "and the first administrator (offline)",
+    )
     offline(init)
     init.add_argument("--listen-port", type=int)
     init.add_argument("--admin", default="admin", help="name of the first administrator")
-    init.add_argument("--bundle", dest="bundle", type=Path, default=Path("admin.pem"),
-                      help="where to write the administrator's bundle (default ./admin.pem)")
+    init.add_argument(
+        "--bundle",
+        dest="bundle",
+        type=Path,
+        default=Path("admin.pem"),
+        help="where to write the administrator's bundle (default ./admin.pem)",
+    )
     db = sub.add_parser("db", help="database schema (offline)")
     offline(db)
     db.add_argument("db_command", choices=["upgrade", "current"])
 
     client = sub.add_parser("client", help="enrolled agents").add_subparsers(
-        dest="client_command", required=True)
+        dest="client_command", required=True
+    )
     client.add_parser("list")
     for name in ("show", "accept", "reject", "revoke", "delete"):
         client.add_parser(name).add_argument("name")
@@ -372,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=0, help="seconds (default: server's token_ttl)")
 
     group = sub.add_parser("group", help="client groups (nestable) and user groups").add_subparsers(
-        dest="group_command", required=True)
+        dest="group_command", required=True
+    )
     for name in ("create", "delete", "list", "add", "remove"):
         gp = group.add_parser(name)
         gp.add_argument("--user", action="store_true", help="a user group, not a client group")
@@ -382,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
             gp.add_argument("members", nargs="+", help="client, user, or @group to nest")
 
     user = sub.add_parser("user", help="users of scire-admin").add_subparsers(
-        dest="user_command", required=True)
+        dest="user_command", required=True
+    )
     add = user.add_parser("add", help="create a user and write their bundle (mode 0600)")
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="may administer, not only submit jobs")
@@ -391,9 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_parser("revoke").add_argument("name")
 
     grant = sub.add_parser("grant", help="who may run what where").add_subparsers(
-        dest="grant_command", required=True)
-    ga = grant.add_parser("add", help="SUBJECT (user or @usergroup) PRIVILEGE (or *) TARGET "
-                          "(client or @clientgroup)")
+        dest="grant_command", required=True
+    )
+    ga = grant.add_parser(
+        "add", help="SUBJECT (user or @usergroup) PRIVILEGE (or *) TARGET (client or @clientgroup)"
+    )
     ga.add_argument("subject")
     ga.add_argument("privilege")
     ga.add_argument("target")
@@ -434,8 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ONLINE = {"client": cmd_client, "group": cmd_group, "user": cmd_user, "grant": cmd_grant,
-          "job": cmd_job, "audit": cmd_audit, "server": cmd_server}
+ONLINE = {
+    "client": cmd_client,
+    "group": cmd_group,
+    "user": cmd_user,
+    "grant": cmd_grant,
+    "job": cmd_job,
+    "audit": cmd_audit,
+    "server": cmd_server,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ScireError) as exc:
         print(f"scire-admin: {exc}", file=sys.stderr)
         return 1
-    except socket.timeout:
+    except TimeoutError:
         print("scire-admin: the server did not answer in time", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

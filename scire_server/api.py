@@ -157,7 +157,9 @@ class Service:
 
     # --- agent ----------------------------------------------------------------
 
-    def poll(self, caller: Caller, held: Any = None, running: Any = None, limit: Any = 10) -> dict[str, Any]:
+    def poll(
+        self, caller: Caller, held: Any = None, running: Any = None, limit: Any = 10
+    ) -> dict[str, Any]:
         held_ids = _ids(held or [], "held")
         running_ids = _ids(running or [], "running")
         limit = _int(limit, "limit", 0, self.config.poll_batch_max)
@@ -221,7 +223,9 @@ class Service:
             priority=_int(spec.get("priority", 0), "priority", -1000, 1000),
             timeout=_int(spec.get("timeout") or c.default_timeout, "timeout", 1, 7 * 86400),
             output_limit=_int(
-                spec.get("output_limit") or c.default_output_limit, "output_limit", 1,
+                spec.get("output_limit") or c.default_output_limit,
+                "output_limit",
+                1,
                 MAX_OUTPUT_LIMIT,
             ),
             max_attempts=_int(
@@ -304,13 +308,18 @@ class Service:
         self.store.delete_group(self._kind(kind), check_name(name, "group"), f"user:{caller.name}")
         return {"kind": kind, "name": name}
 
-    def _member(self, caller: Caller, kind: Any, group: Any, member: Any, add: bool) -> dict[str, Any]:
+    def _member(
+        self, caller: Caller, kind: Any, group: Any, member: Any, add: bool
+    ) -> dict[str, Any]:
         if not isinstance(member, str):
             raise InvalidArgument("member must be a name, or @group for a nested client group")
         is_group = member.startswith("@")
         self.store.change_member(
-            self._kind(kind), check_name(group, "group"),
-            check_name(member[1:] if is_group else member, "member"), is_group, add,
+            self._kind(kind),
+            check_name(group, "group"),
+            check_name(member[1:] if is_group else member, "member"),
+            is_group,
+            add,
             f"user:{caller.name}",
         )
         return {"kind": kind, "group": group, "member": member}
@@ -324,7 +333,9 @@ class Service:
     def group_list(self, caller: Caller, kind: Any) -> list[dict[str, Any]]:
         return self.store.groups(self._kind(kind))
 
-    def user_add(self, caller: Caller, name: Any, csr_pem: Any, is_admin: Any = False) -> dict[str, Any]:
+    def user_add(
+        self, caller: Caller, name: Any, csr_pem: Any, is_admin: Any = False
+    ) -> dict[str, Any]:
         name = check_name(name, "user name")
         if not isinstance(csr_pem, str):
             raise InvalidArgument("csr_pem must be a PEM string")
@@ -345,7 +356,9 @@ class Service:
         self.store.revoke_user(name, f"user:{caller.name}")
         return {"name": name, "status": "revoked"}
 
-    def grant_add(self, caller: Caller, subject: Any, privilege: Any, target: Any) -> dict[str, Any]:
+    def grant_add(
+        self, caller: Caller, subject: Any, privilege: Any, target: Any
+    ) -> dict[str, Any]:
         for value, what in ((subject, "subject"), (target, "target")):
             if not isinstance(value, str):
                 raise InvalidArgument(f"{what} must be a name or @group")
@@ -362,7 +375,9 @@ class Service:
     def grant_list(self, caller: Caller) -> list[dict[str, Any]]:
         return plain(self.store.grants())  # type: ignore[no-any-return]
 
-    def audit(self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100) -> list[dict[str, Any]]:
+    def audit(
+        self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100
+    ) -> list[dict[str, Any]]:
         rows = self.store.events(
             _int(job_id, "job id", 0, 2**31 - 1) or None,
             check_name(client, "client") if client else None,

@@ -24,7 +24,9 @@ LOG_FORMAT = "%(asctime)s scire-server[%(process)d] %(levelname)s %(message)s"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scire-server", description="Run a Scire server daemon.")
     p.add_argument("-c", "--config", type=Path, help="INI file with a [server] section")
-    p.add_argument("--state-dir", type=Path, help="directory with the CA, the server key and SQLite")
+    p.add_argument(
+        "--state-dir", type=Path, help="directory with the CA, the server key and SQLite"
+    )
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the state dir)")
     p.add_argument("--listen-host")
     p.add_argument("--listen-port", type=int)
@@ -58,7 +60,9 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
 
 def serve(config: ServerConfig) -> int:
     if not config.ca_key_file.exists() or not config.cert_file.exists():
-        log.error("no CA or server certificate in %s: run 'scire-admin init' first", config.state_dir)
+        log.error(
+            "no CA or server certificate in %s: run 'scire-admin init' first", config.state_dir
+        )
         return 2
     store.upgrade_database(config.database_url)
     db = store.Store(store.make_engine(config.database_url), config.instance_key)
@@ -70,8 +74,12 @@ def serve(config: ServerConfig) -> int:
         return 3
     context = tls.server_context(config.cert_file, config.key_file, config.ca_cert_file)
     server = ScireRPCServer(
-        (config.listen_host, config.listen_port), context, Service(config, db), db,
-        config.max_threads, config.request_timeout,
+        (config.listen_host, config.listen_port),
+        context,
+        Service(config, db),
+        db,
+        config.max_threads,
+        config.request_timeout,
     )
     scheduler = timed.start(db, config)
     stop = threading.Event()
@@ -84,8 +92,14 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.server_address[:2]
-    log.info("scire-server %s (instance %s) listening on https://%s:%s/ with %d threads",
-             __version__, config.instance_key, host, port, config.max_threads)
+    log.info(
+        "scire-server %s (instance %s) listening on https://%s:%s/ with %d threads",
+        __version__,
+        config.instance_key,
+        host,
+        port,
+        config.max_threads,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

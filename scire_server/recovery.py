@@ -37,10 +37,19 @@ def start_up(store: Store, config: ServerConfig) -> dict[str, Any]:
     """
     hostname = socket.gethostname()
     known = store.server_pid(config.instance_key)
-    alive = known is not None and known[0] == hostname and known[1] != os.getpid() and _pid_alive(known[1])
+    alive = (
+        known is not None
+        and known[0] == hostname
+        and known[1] != os.getpid()
+        and _pid_alive(known[1])
+    )
     previous = store.start_server(
-        config.instance_key, hostname, os.getpid(), config.public_url,
-        config.instance_stale_after, pid_alive=alive,
+        config.instance_key,
+        hostname,
+        os.getpid(),
+        config.public_url,
+        config.instance_stale_after,
+        pid_alive=alive,
     )
     leases = store.return_leases(own_previous_life=True)
     expired = store.expire_jobs()
@@ -71,6 +80,8 @@ def retention(store: Store, config: ServerConfig) -> dict[str, int]:
     counts = store.purge(config.retention_days)
     log.info(
         "retention: purged the output of %d assignment(s) and %d audit row(s) older than %d day(s)",
-        counts["outputs"], counts["events"], config.retention_days,
+        counts["outputs"],
+        counts["events"],
+        config.retention_days,
     )
     return counts

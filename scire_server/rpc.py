@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -18,8 +19,6 @@ import xmlrpc.client
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
-
-import socketserver
 
 from scire_server import tls
 from scire_server.api import Service
@@ -38,12 +37,15 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 
 
 class _Handler(SimpleXMLRPCRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: an agent's poll, ack and reports share one connection
+    protocol_version = (
+        "HTTP/1.1"  # keep-alive: an agent's poll, ack and reports share one connection
+    )
     rpc_paths = ("/", "/RPC2")
     server: ScireRPCServer
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout
+        self.connection = self.request
+        self.connection.settimeout(self.server.request_timeout)
         super().setup()
 
     def do_POST(self) -> None:
@@ -162,7 +164,9 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
             raise self._fault(method, caller, address, exc) from None
         except Exception:
             log.exception("%s from %s failed", method, address[0])
-            raise xmlrpc.client.Fault(99, f"internal error in {method}; see the server log") from None
+            raise xmlrpc.client.Fault(
+                99, f"internal error in {method}; see the server log"
+            ) from None
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -188,9 +192,12 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
         log.warning("%s refused %s: %s (fault %d)", who, method, exc.message, exc.code)
         if not isinstance(exc, Unavailable):
             try:
-                self.store.record(who, "refused", client=caller.name if caller and
-                                  caller.kind == "client" else None,
-                                  detail=f"{method}: fault {exc.code}: {exc.message}"[:2000])
+                self.store.record(
+                    who,
+                    "refused",
+                    client=caller.name if caller and caller.kind == "client" else None,
+                    detail=f"{method}: fault {exc.code}: {exc.message}"[:2000],
+                )
             except ScireError:
                 log.warning("could not record the refusal of %s by %s", method, who)
         return xmlrpc.client.Fault(exc.code, exc.message)

@@ -671,7 +671,8 @@ class Store:
         ).all()
         children: dict[int, list[int]] = {}
         for parent, child in edges:
-            children.setdefault(parent, []).append(child)
+            if child is not None:
+                children.setdefault(parent, []).append(child)
         seen: set[int] = set()
         todo = [group_id]
         while todo:
@@ -684,7 +685,7 @@ class Store:
     def groups(self, kind: str) -> list[dict[str, Any]]:
         with self.tx() as session:
             if kind == "user":
-                out = {
+                out: dict[str, list[str]] = {
                     g.name: [] for g in session.scalars(select(UserGroup).order_by(UserGroup.name))
                 }
                 for group, user in session.execute(
@@ -751,11 +752,13 @@ class Store:
             return [
                 {
                     "id": g.id,
-                    "subject": users[g.user_id] if g.user_id else f"@{ugroups[g.user_group_id]}",
+                    "subject": users[g.user_id]
+                    if g.user_id
+                    else f"@{ugroups[g.user_group_id or 0]}",
                     "privilege": g.privilege,
                     "target": clients[g.client_id]
                     if g.client_id
-                    else f"@{cgroups[g.client_group_id]}",
+                    else f"@{cgroups[g.client_group_id or 0]}",
                     "created_by": g.created_by,
                     "created_at": g.created_at,
                 }
@@ -780,7 +783,7 @@ class Store:
             if client_id is not None:
                 direct.setdefault(client_id, set()).add(group_id)
             else:
-                parents.setdefault(member_group_id, []).append(group_id)
+                parents.setdefault(member_group_id or 0, []).append(group_id)
         out: dict[int, set[int]] = {}
         for cid in client_ids:
             seen = set(direct.get(cid, ()))
@@ -842,7 +845,7 @@ class Store:
                                 continue
                             if client_id is not None:
                                 targets.setdefault(client_id, "")
-                            elif member_group_id not in seen:
+                            elif member_group_id is not None and member_group_id not in seen:
                                 seen.add(member_group_id)
                                 todo.append(member_group_id)
                 for cid, cname in session.execute(
@@ -1356,7 +1359,9 @@ class Store:
             if self._postgres:
                 query = query.with_for_update(of=Assignment, skip_locked=True)
             for assignment, job, cname in session.execute(query).all():
-                if assignment.attempt >= job.max_attempts and assignment.ack_deadline <= now:
+                if assignment.attempt >= job.max_attempts and (
+                    assignment.ack_deadline is not None and assignment.ack_deadline <= now
+                ):
                     self._transition(
                         session,
                         assignment,
@@ -1455,7 +1460,7 @@ class Store:
     def purge(self, older_than_days: int) -> dict[str, int]:
         bound = utcnow() - dt.timedelta(days=older_than_days)
         with self.tx() as session:
-            outputs = session.execute(
+            outputs: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
                 update(Assignment)
                 .where(
                     Assignment.state.in_([s.value for s in FINAL]),
@@ -1463,9 +1468,11 @@ class Store:
                     Assignment.output.is_not(None),
                 )
                 .values(output=None)
-            ).rowcount
-            events = session.execute(sa.delete(Event).where(Event.at < bound)).rowcount
-            return {"outputs": outputs or 0, "events": events or 0}
+            )
+            events: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                sa.delete(Event).where(Event.at < bound)
+            )
+            return {"outputs": outputs.rowcount or 0, "events": events.rowcount or 0}
 
     def waiting_work(self) -> int:
         with self.tx() as session:

@@ -33,12 +33,26 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
 
 
 def start(store: Store, config: ServerConfig) -> BackgroundScheduler:
-    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
-    scheduler.add_job(_guarded("heartbeat", store.heartbeat), "interval",
-                      seconds=config.heartbeat_interval, id="heartbeat")
-    scheduler.add_job(_guarded("sweep", lambda: recovery.sweep(store, config)), "interval",
-                      seconds=config.sweep_interval, id="sweep")
-    scheduler.add_job(_guarded("retention", lambda: recovery.retention(store, config)), "interval",
-                      seconds=config.retention_interval, id="retention")
+    scheduler = BackgroundScheduler(
+        timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
+    )
+    scheduler.add_job(
+        _guarded("heartbeat", store.heartbeat),
+        "interval",
+        seconds=config.heartbeat_interval,
+        id="heartbeat",
+    )
+    scheduler.add_job(
+        _guarded("sweep", lambda: recovery.sweep(store, config)),
+        "interval",
+        seconds=config.sweep_interval,
+        id="sweep",
+    )
+    scheduler.add_job(
+        _guarded("retention", lambda: recovery.retention(store, config)),
+        "interval",
+        seconds=config.retention_interval,
+        id="retention",
+    )
     scheduler.start()
     return scheduler

@@ -57,8 +57,17 @@ class Deployment:
         self.servers: dict[str, tuple[int, Path]] = {}
         self.ca_fingerprint = ""
         out = self.admin_offline(
-            "init", "--state-dir", str(self.state_dir), "--listen-port", str(self.port),
-            "--bundle", str(self.bundle), "--alt-name", "localhost", "--alt-name", "127.0.0.1",
+            "init",
+            "--state-dir",
+            str(self.state_dir),
+            "--listen-port",
+            str(self.port),
+            "--bundle",
+            str(self.bundle),
+            "--alt-name",
+            "localhost",
+            "--alt-name",
+            "127.0.0.1",
             *(["--database-url", database_url] if database_url else []),
         )
         self.ca_fingerprint = out["ca_fingerprint"]
@@ -66,17 +75,33 @@ class Deployment:
     # scire-admin
 
     def admin_offline(self, *args: str) -> Any:
-        proc = subprocess.run([_exe("scire-admin"), "--json", *args], capture_output=True,
-                              text=True, timeout=60, cwd=self.root)
+        proc = subprocess.run(
+            [_exe("scire-admin"), "--json", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.root,
+        )
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    def admin_run(self, *args: str, bundle: Path | None = None, url: str | None = None,
-                  timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def admin_run(
+        self, *args: str, bundle: Path | None = None, url: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [_exe("scire-admin"), "--server", url or self.url, "--bundle",
-             str(bundle or self.bundle), "--json", *args],
-            capture_output=True, text=True, timeout=timeout, cwd=self.root,
+            [
+                _exe("scire-admin"),
+                "--server",
+                url or self.url,
+                "--bundle",
+                str(bundle or self.bundle),
+                "--json",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
         )
 
     def admin(self, *args: str, bundle: Path | None = None) -> Any:
@@ -107,11 +132,24 @@ class Deployment:
 
     # scire-server
 
-    def start_server(self, name: str = "server", *extra: str, port: int | None = None,
-                     instance_key: str | None = None) -> int:
-        args = [_exe("scire-server"), "--state-dir", str(self.state_dir), "--listen-port",
-                str(port or self.port), "--instance-key", instance_key or f"test-{self.port}",
-                *(["--database-url", self.database_url] if self.database_url else []), *extra]
+    def start_server(
+        self,
+        name: str = "server",
+        *extra: str,
+        port: int | None = None,
+        instance_key: str | None = None,
+    ) -> int:
+        args = [
+            _exe("scire-server"),
+            "--state-dir",
+            str(self.state_dir),
+            "--listen-port",
+            str(port or self.port),
+            "--instance-key",
+            instance_key or f"test-{self.port}",
+            *(["--database-url", self.database_url] if self.database_url else []),
+            *extra,
+        ]
 
         class Starter(ProcessStarter):  # type: ignore[misc]
             pattern = "listening on"
@@ -131,7 +169,9 @@ class Deployment:
     def server_log(self, name: str = "server") -> str:
         return self.servers[name][1].read_text(errors="replace")
 
-    def stop_server(self, name: str = "server", sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    def stop_server(
+        self, name: str = "server", sig: int = signal.SIGTERM, timeout: float = 30
+    ) -> None:
         pid = self.servers[name][0]
         try:
             os.kill(pid, sig)
@@ -157,14 +197,29 @@ class Deployment:
         return self.root / "agents" / name
 
     def agent_args(self, name: str, *args: str, token: str | None = None) -> list[str]:
-        return [_exe("scire-client"), "--server", self.url, "--state-dir",
-                str(self.agent_dir(name)), "--name", name, "--ca-fingerprint",
-                self.ca_fingerprint, *(["--token", token] if token else []), *args]
+        return [
+            _exe("scire-client"),
+            "--server",
+            self.url,
+            "--state-dir",
+            str(self.agent_dir(name)),
+            "--name",
+            name,
+            "--ca-fingerprint",
+            self.ca_fingerprint,
+            *(["--token", token] if token else []),
+            *args,
+        ]
 
-    def agent(self, name: str, *args: str, token: str | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.agent_args(name, *args, token=token), capture_output=True,
-                              text=True, timeout=timeout)
+    def agent(
+        self, name: str, *args: str, token: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.agent_args(name, *args, token=token),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def enroll(self, name: str) -> None:
         token = self.admin("client", "token")["token"]

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,3 +251,106 @@ def running(deployment: Deployment) -> Deployment:
     """A deployment whose server is up."""
     deployment.start_server()
     return deployment
+
+
+# --- PostgreSQL -------------------------------------------------------------------
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, run as the ``postgres`` user
+    when the tests run as root (PostgreSQL refuses root)."""
+
+    def __init__(self, xprocess: Any) -> None:
+        for tool in ("initdb", "postgres"):
+            if (
+                shutil.which(tool) is None
+                and not Path(f"/usr/lib/postgresql/15/bin/{tool}").exists()
+            ):
+                pytest.fail(f"PostgreSQL is required for these tests: {tool} not found")
+        self.root = Path(tempfile.mkdtemp(prefix="scire-pg-"))
+        self.port = free_port()
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        data = self.root / "data"
+        subprocess.run(
+            [
+                *self.as_postgres,
+                _pg("initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        args = [
+            *self.as_postgres,
+            _pg("postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.root),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ]
+
+        class Starter(ProcessStarter):  # type: ignore[misc]
+            pattern = "database system is ready to accept connections"
+            timeout = 60
+            terminate_on_interrupt = True
+
+            @property
+            def args(self) -> list[str]:
+                return args
+
+        self.name = f"postgres-{self.port}"
+        xprocess.ensure(self.name, Starter, restart=True)
+        self.xprocess = xprocess
+        self._count = 0
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its SQLAlchemy URL."""
+        import psycopg
+
+        self._count += 1
+        name = f"scire_test_{self._count}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self.xprocess.getinfo(self.name).terminate()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pg(tool: str) -> str:
+    return shutil.which(tool) or f"/usr/lib/postgresql/15/bin/{tool}"
+
+
+@pytest.fixture(scope="session")
+def postgres(xprocess: Any) -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster(xprocess)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> str:
+    return postgres.new_database()

@@ -1,0 +1,98 @@
+"""The store on a real PostgreSQL: migrations, and the claim race between daemons."""
+
+from __future__ import annotations
+
+import threading
+
+from scire_server import migrations, pki, store
+from scire_server.store import Caller, JobSpec, Store
+
+
+def _store(url: str, name: str) -> Store:
+    return Store(store.make_engine(url), name)
+
+
+def _seed(db: Store, clients: int) -> tuple[Caller, list[Caller]]:
+    key = pki.generate_key()
+    ca_key, ca_cert = pki.create_ca()
+    user_cert = pki.sign_csr(ca_key, ca_cert, pki.make_csr(key, "root"), "root", pki.ROLE_USER)
+    db.add_user("root", pki.fingerprint(user_cert), True, "test")
+    callers = []
+    for i in range(clients):
+        name = f"host{i}"
+        csr = pki.make_csr(pki.generate_key(), name).decode()
+        db.register_client(name, csr, {}, None)
+        cert = pki.sign_csr(ca_key, ca_cert, csr, name, pki.ROLE_CLIENT)
+        db.decide_client(
+            name, "accepted", "test", pki.cert_to_pem(cert).decode(), pki.fingerprint(cert)
+        )
+        caller, _ = db.caller_by_fingerprint(pki.fingerprint(cert))
+        assert caller is not None
+        callers.append(caller)
+    owner, _ = db.caller_by_fingerprint(pki.fingerprint(user_cert))
+    assert owner is not None
+    return owner, callers
+
+
+def _spec(name: str, priority: int = 0) -> JobSpec:
+    return JobSpec(
+        name=name,
+        script="true",
+        interpreter="/bin/sh",
+        privilege="run",
+        priority=priority,
+        timeout=60,
+        output_limit=1024,
+        max_attempts=3,
+        not_before=None,
+        expires_at=None,
+        rerun_on_agent_crash=False,
+    )
+
+
+def test_migrations_match_models_on_postgres(postgres_url: str) -> None:
+    from alembic import command
+
+    migrations.upgrade(postgres_url)
+    command.check(migrations.alembic_config(postgres_url))
+
+
+def test_two_daemons_never_claim_the_same_assignment(postgres_url: str) -> None:
+    migrations.upgrade(postgres_url)
+    first, second = _store(postgres_url, "a"), _store(postgres_url, "b")
+    owner, (client,) = _seed(first, 1)
+    for i in range(40):
+        first.submit_job(owner, _spec(f"job{i}", priority=i % 3), ["host0"], [])
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+
+    def poll(db: Store, key: str) -> None:
+        while True:
+            result = db.poll(client, [], [], 3, 60)
+            if not result.deliveries:
+                return
+            claimed[key].extend(d.job_id for d in result.deliveries)
+
+    threads = [
+        threading.Thread(target=poll, args=(db, key)) for db, key in ((first, "a"), (second, "b"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    everything = claimed["a"] + claimed["b"]
+    assert sorted(everything) == list(range(1, 41))
+    assert len(set(everything)) == len(everything)
+    first.close()
+    second.close()
+
+
+def test_poll_order_on_postgres(postgres_url: str) -> None:
+    migrations.upgrade(postgres_url)
+    db = _store(postgres_url, "a")
+    owner, (client,) = _seed(db, 1)
+    low = db.submit_job(owner, _spec("low", 1), ["host0"], []).job_id
+    high = db.submit_job(owner, _spec("high", 9), ["host0"], []).job_id
+    mid = db.submit_job(owner, _spec("mid", 5), ["host0"], []).job_id
+    result = db.poll(client, [], [], 10, 60)
+    assert [d.job_id for d in result.deliveries] == [high, mid, low]
+    db.close()

@@ -770,26 +770,37 @@ class Store:
     def _client_group_closure(
         self, session: Session, client_ids: Iterable[int]
     ) -> dict[int, set[int]]:
-        """For each client, every client group it is in, directly or through nesting."""
-        parents: dict[int, list[int]] = {}
-        direct: dict[int, set[int]] = {}
-        for group_id, client_id, member_group_id in session.execute(
-            select(
-                ClientGroupMember.group_id,
-                ClientGroupMember.client_id,
-                ClientGroupMember.member_group_id,
+        """For each client, every client group it is in, directly or through nesting.
+
+        Walks up one nesting level per query, touching only the rows on the
+        way (both columns are indexed): a poll pays for its own client's groups,
+        not for the size of the fleet.
+        """
+        ids = list(client_ids)
+        direct: dict[int, set[int]] = {cid: set() for cid in ids}
+        for group_id, client_id in session.execute(
+            select(ClientGroupMember.group_id, ClientGroupMember.client_id).where(
+                ClientGroupMember.client_id.in_(ids)
             )
         ):
-            if client_id is not None:
-                direct.setdefault(client_id, set()).add(group_id)
-            else:
-                parents.setdefault(member_group_id or 0, []).append(group_id)
+            direct[client_id or 0].add(group_id)
+        parents: dict[int, set[int]] = {}
+        frontier = set().union(*direct.values()) if direct else set()
+        while frontier:
+            found = session.execute(
+                select(ClientGroupMember.member_group_id, ClientGroupMember.group_id).where(
+                    ClientGroupMember.member_group_id.in_(frontier)
+                )
+            ).all()
+            for child, parent in found:
+                parents.setdefault(child or 0, set()).add(parent)
+            frontier = {parent for _, parent in found} - set(parents)
         out: dict[int, set[int]] = {}
-        for cid in client_ids:
-            seen = set(direct.get(cid, ()))
+        for cid in ids:
+            seen = set(direct[cid])
             todo = list(seen)
             while todo:
-                for parent in parents.get(todo.pop(), []):
+                for parent in parents.get(todo.pop(), ()):
                     if parent not in seen:
                         seen.add(parent)
                         todo.append(parent)
@@ -808,10 +819,17 @@ class Store:
             user.id, group_ids, user.is_admin and user.status == "active", user.status == "active"
         )
 
-    def _grants(self, session: Session) -> list[acl.GrantRule]:
+    def _grants(self, session: Session, targets: Iterable[acl.Target]) -> list[acl.GrantRule]:
+        """The grants that name one of ``targets`` or one of their groups."""
+        client_ids = [t.client_id for t in targets]
+        group_ids = set().union(*(t.group_ids for t in targets)) if client_ids else set()
         return [
             acl.GrantRule(g.user_id, g.user_group_id, g.privilege, g.client_id, g.client_group_id)
-            for g in session.scalars(select(Grant))
+            for g in session.scalars(
+                select(Grant).where(
+                    sa.or_(Grant.client_id.in_(client_ids), Grant.client_group_id.in_(group_ids))
+                )
+            )
         ]
 
     # --- jobs --------------------------------------------------------------
@@ -855,8 +873,10 @@ class Store:
             if not targets:
                 raise InvalidArgument("the job has no target clients")
             subject = self._subject(session, owner.id)
-            grants = self._grants(session)
             closure = self._client_group_closure(session, targets)
+            grants = self._grants(
+                session, [acl.Target(cid, frozenset(groups)) for cid, groups in closure.items()]
+            )
             statuses = dict(
                 session.execute(
                     select(Client.id, Client.status).where(Client.id.in_(list(targets)))
@@ -1084,10 +1104,10 @@ class Store:
             rows = session.execute(claim).all()
             if not rows:
                 return result
-            grants = self._grants(session)
             target = acl.Target(
                 client.id, frozenset(self._client_group_closure(session, [client.id])[client.id])
             )
+            grants = self._grants(session, [target])
             subjects: dict[int, acl.Subject] = {}
             owners: dict[int, str] = {}
             deadline = now + dt.timedelta(seconds=ack_timeout)

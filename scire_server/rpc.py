@@ -57,9 +57,16 @@ class _Handler(SimpleXMLRPCRequestHandler):
             self.send_error(413 if length > 0 else 400, "request too large or without length")
             self.close_connection = True
             return
+        # An idle keep-alive connection holds a pool thread; give it up (and
+        # say so in the answer) when other connections wait for one, or when
+        # the daemon is stopping.
+        self._closing = self.server.stopping.is_set() or self.server.queued_connections > 0
         super().do_POST()
-        if self.server.stopping.is_set():
-            self.close_connection = True
+
+    def end_headers(self) -> None:
+        if getattr(self, "_closing", False):
+            self.send_header("Connection", "close")
+        super().end_headers()
 
     def _dispatch(self, method: str, params: tuple[Any, ...]) -> Any:
         assert isinstance(self.request, ssl.SSLSocket)
@@ -93,6 +100,7 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
         self.pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="rpc")
         self.stopping = threading.Event()
         self._in_flight = 0
+        self.queued_connections = 0  # accepted, waiting for a pool thread
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         SimpleXMLRPCDispatcher.__init__(self, allow_none=True, encoding="utf-8")
@@ -103,9 +111,12 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
             self._connections.add(request)
+            self.queued_connections += 1
         self.pool.submit(self._serve_connection, request, client_address)
 
     def _serve_connection(self, raw: socket.socket, client_address: Any) -> None:
+        with self._lock:
+            self.queued_connections -= 1
         try:
             raw.settimeout(self.request_timeout)
             conn = self.context.wrap_socket(raw, server_side=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -154,11 +155,16 @@ class Store:
         self.server_id: int | None = None
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._postgres = engine.dialect.name == "postgresql"
+        self._sqlite_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Session]:
         try:
-            with self._sessions.begin() as session:
+            # SQLite has one writer at a time; threads of this daemon queue on a
+            # lock instead of in SQLite's busy handler, which sleeps and retries.
+            with self._sqlite_lock, self._sessions.begin() as session:
                 yield session
         except OperationalError as exc:
             if "locked" in str(exc) or "could not serialize" in str(exc):

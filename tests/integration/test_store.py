@@ -1,0 +1,508 @@
+"""The store on a real SQLite file: claims, the ACL at dispatch, reports,
+leases, expiry, lost runs, reconciliation and the claim race.
+
+Users and clients are made directly through ``Store`` methods (no PKI): the
+store only keeps fingerprints, so any unique 64-hex string stands in for one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scire_server import documents
+from scire_server.exceptions import Forbidden, IllegalTransition, NotHeld
+from scire_server.store import Caller, JobSpec, Store, make_engine, upgrade_database, utcnow
+
+ACK_TIMEOUT = 60  # seconds
+
+
+def fingerprint(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class World:
+    store: Store
+    admin: Caller
+    alice: Caller
+    web: Caller
+    db: Caller
+
+    def user(self, name: str) -> Caller:
+        return _caller(self.store, name)
+
+
+def _caller(store: Store, name: str) -> Caller:
+    caller, why = store.caller_by_fingerprint(fingerprint(name))
+    assert caller is not None, why
+    return caller
+
+
+def add_client(store: Store, name: str) -> Caller:
+    status, token_ok = store.register_client(name, f"CSR of {name}", {"os": "Linux"}, None)
+    assert (status, token_ok) == ("pending", False)
+    store.decide_client(name, "accepted", "user:admin", f"CERT of {name}", fingerprint(name))
+    return _caller(store, name)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    url = f"sqlite:///{tmp_path / 'scire.db'}"
+    upgrade_database(url)
+    store = Store(make_engine(url), "test-server")
+    store.start_server("test-server", "localhost", 1, "https://localhost:8443/", 30, False)
+    store.add_user("admin", fingerprint("admin"), True, "test")
+    store.add_user("alice", fingerprint("alice"), False, "test")
+    try:
+        yield World(
+            store,
+            _caller(store, "admin"),
+            _caller(store, "alice"),
+            add_client(store, "web-17"),
+            add_client(store, "db-1"),
+        )
+    finally:
+        store.close()
+
+
+def spec(**changes: Any) -> JobSpec:
+    values: dict[str, Any] = {
+        "name": "job",
+        "script": "echo hello\n",
+        "interpreter": "/bin/sh",
+        "privilege": "run",
+        "priority": 0,
+        "timeout": 60,
+        "output_limit": 65536,
+        "max_attempts": 3,
+        "not_before": None,
+        "expires_at": None,
+        "rerun_on_agent_crash": False,
+    }
+    values.update(changes)
+    return JobSpec(**values)
+
+
+def submit(
+    w: World, owner: Caller | None = None, hosts: tuple[str, ...] = ("web-17",), **changes: Any
+) -> int:
+    return w.store.submit_job(owner or w.admin, spec(**changes), list(hosts), []).job_id
+
+
+def poll(
+    w: World,
+    client: Caller | None = None,
+    held: list[int] | None = None,
+    running: list[int] | None = None,
+    limit: int = 10,
+) -> list[documents.JobDocument]:
+    result = w.store.poll(client or w.web, held or [], running or [], limit, ACK_TIMEOUT)
+    return [documents.parse_job(d.xml) for d in result.deliveries]  # each valid against job.xsd
+
+
+def state(w: World, job_id: int, client: str = "web-17") -> str:
+    detail = w.store.job_detail(w.admin, job_id)
+    return next(str(a["state"]) for a in detail["assignments"] if a["client"] == client)
+
+
+def assignment(w: World, job_id: int, client: str = "web-17") -> dict[str, Any]:
+    detail = w.store.job_detail(w.admin, job_id)
+    return next(a for a in detail["assignments"] if a["client"] == client)
+
+
+def report(
+    w: World, doc: documents.JobDocument, new: str, client: Caller | None = None, **changes: Any
+) -> str:
+    status = documents.StatusReport(
+        job_id=doc.job_id, delivery_id=doc.delivery_id, state=new, **changes
+    )
+    # Through the wire format, as the server gets it.
+    parsed = documents.parse_status(documents.render_status(status))
+    return w.store.report(client or w.web, parsed)
+
+
+def actions(w: World, job_id: int) -> list[str]:
+    return [e["action"] for e in w.store.events(job_id=job_id)]
+
+
+def later(seconds: float) -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=seconds)
+
+
+# --- submit and poll -------------------------------------------------------------
+
+
+def test_poll_claims_highest_priority_then_oldest(world: World) -> None:
+    low = submit(world, name="low", priority=-5)
+    high_old = submit(world, name="high-old", priority=5)
+    middle = submit(world, name="middle", priority=0)
+    high_new = submit(world, name="high-new", priority=5)
+    docs = poll(world)
+    assert [d.job_id for d in docs] == [high_old, high_new, middle, low]
+    first = docs[0]
+    assert (first.name, first.owner, first.client, first.attempt) == (
+        "high-old",
+        "admin",
+        "web-17",
+        1,
+    )
+    assert first.script == "echo hello\n" and first.priority == 5
+    assert len(first.delivery_id) == 32
+    for doc in docs:
+        assert state(world, doc.job_id) == "sent"
+        assert actions(world, doc.job_id) == ["submit", "send"]
+    assert poll(world) == []  # nothing is sent twice
+
+
+def test_poll_only_claims_for_the_calling_client(world: World) -> None:
+    job = submit(world, hosts=("web-17", "db-1"))
+    assert [d.client for d in poll(world, world.db)] == ["db-1"]
+    assert state(world, job, "web-17") == "pending"
+    assert [d.client for d in poll(world, world.web)] == ["web-17"]
+
+
+def test_poll_respects_not_before(world: World) -> None:
+    submit(world, not_before=later(3600))
+    due = submit(world)
+    assert [d.job_id for d in poll(world)] == [due]
+
+
+def test_poll_with_limit(world: World) -> None:
+    jobs = [submit(world, name=f"j{i}") for i in range(5)]
+    assert [d.job_id for d in poll(world, limit=2)] == jobs[:2]
+    assert [d.job_id for d in poll(world, limit=2)] == jobs[2:4]
+    assert poll(world, limit=0) == []
+    assert state(world, jobs[4]) == "pending"
+    assert [d.job_id for d in poll(world, limit=2)] == jobs[4:]
+
+
+def test_submit_without_grant_is_refused(world: World) -> None:
+    with pytest.raises(Forbidden, match="alice may not run"):
+        submit(world, owner=world.alice)
+
+
+def test_submit_names_refused_targets(world: World) -> None:
+    world.store.add_grant("alice", "run", "web-17", "user:admin")
+    result = world.store.submit_job(world.alice, spec(), ["web-17", "db-1"], [])
+    assert result.accepted == ["web-17"]
+    assert result.refused == ["db-1 (no grant: alice may not run)"]
+    assert "submit_refused" in actions(world, result.job_id)
+
+
+def test_submit_to_a_nested_group_through_a_group_grant(world: World) -> None:
+    store = world.store
+    store.create_group("client", "web", "user:admin")
+    store.create_group("client", "prod", "user:admin")
+    store.change_member("client", "web", "web-17", False, True, "user:admin")
+    store.change_member("client", "prod", "web", True, True, "user:admin")
+    store.change_member("client", "prod", "db-1", False, True, "user:admin")
+    store.create_group("user", "ops", "user:admin")
+    store.change_member("user", "ops", "alice", False, True, "user:admin")
+    store.add_grant("@ops", "run", "@prod", "user:admin")
+    result = store.submit_job(world.alice, spec(), [], ["prod"])
+    assert sorted(result.accepted) == ["db-1", "web-17"]
+    assert [d.client for d in poll(world, world.web)] == ["web-17"]
+
+
+def test_acl_denial_at_dispatch(world: World) -> None:
+    grant = world.store.add_grant("alice", "run", "web-17", "user:admin")
+    job = submit(world, owner=world.alice)
+    world.store.remove_grant(grant, "user:admin")
+    result = world.store.poll(world.web, [], [], 10, ACK_TIMEOUT)
+    assert result.deliveries == [] and result.denied == 1
+    assert state(world, job) == "denied"
+    deny = [e for e in world.store.events(job_id=job) if e["action"] == "deny"]
+    assert len(deny) == 1
+    assert deny[0]["old_state"] == "pending" and deny[0]["new_state"] == "denied"
+    assert "alice may not run on web-17 at dispatch" in deny[0]["detail"]
+    assert assignment(world, job)["reason"] == deny[0]["detail"]
+
+
+def test_revoked_owner_is_denied_at_dispatch(world: World) -> None:
+    world.store.add_grant("alice", "*", "web-17", "user:admin")
+    job = submit(world, owner=world.alice)
+    world.store.revoke_user("alice", "user:admin")
+    assert poll(world) == []
+    assert state(world, job) == "denied"
+
+
+# --- acknowledge and report -----------------------------------------------------------
+
+
+def test_acknowledge_is_idempotent(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    pair = [(job, doc.delivery_id)]
+    assert world.store.acknowledge(world.web, pair) == [job]
+    assert world.store.acknowledge(world.web, pair) == [job]
+    assert state(world, job) == "acknowledged"
+    assert actions(world, job).count("acknowledge") == 1
+
+
+def test_acknowledge_with_a_wrong_delivery_or_client_changes_nothing(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    assert world.store.acknowledge(world.web, [(job, "0" * 32)]) == []
+    assert world.store.acknowledge(world.db, [(job, doc.delivery_id)]) == []
+    assert state(world, job) == "sent"
+
+
+def test_report_transitions_and_duplicates(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    world.store.acknowledge(world.web, [(job, doc.delivery_id)])
+    started = dt.datetime(2026, 1, 1, 12, 0, 0)
+    assert report(world, doc, "running", started=started) == "applied"
+    assert report(world, doc, "running", started=started) == "duplicate"
+    assert state(world, job) == "running"
+    final = {
+        "exit_code": 0,
+        "started": started,
+        "finished": started + dt.timedelta(seconds=2),
+        "output": "hello\n",
+    }
+    assert report(world, doc, "succeeded", **final) == "applied"
+    assert report(world, doc, "succeeded", **final) == "duplicate"
+    row = assignment(world, job)
+    assert row["state"] == "succeeded" and row["exit_code"] == 0 and row["output"] == "hello\n"
+    assert row["started_at"] == started
+    assert actions(world, job).count("report") == 2
+    assert world.store.job_detail(world.admin, job)["state"] == "succeeded"
+
+
+def test_report_without_acknowledgement_implies_it(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    assert report(world, doc, "failed", exit_code=1) == "applied"
+    assert state(world, job) == "failed"
+
+
+def test_illegal_transition_raises(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    report(world, doc, "succeeded", exit_code=0)
+    with pytest.raises(IllegalTransition, match="is succeeded; cannot become failed"):
+        report(world, doc, "failed", exit_code=1)
+    assert state(world, job) == "succeeded"
+
+
+def test_report_on_a_job_not_held(world: World) -> None:
+    submit(world)
+    (doc,) = poll(world)
+    with pytest.raises(NotHeld):
+        report(world, doc, "succeeded", client=world.db)
+    pending = submit(world)
+    with pytest.raises(NotHeld):
+        report(world, dataclasses.replace(doc, job_id=pending), "running")
+
+
+def test_late_report_after_cancel_is_ignored(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    world.store.acknowledge(world.web, [(job, doc.delivery_id)])
+    assert world.store.cancel_job(world.admin, job) == 1
+    assert report(world, doc, "succeeded", exit_code=0) == "ignored"
+    assert report(world, doc, "running") == "ignored"
+    assert state(world, job) == "cancelled"
+    late = [e for e in world.store.events(job_id=job) if e["action"] == "late_report"]
+    assert [(e["old_state"], e["new_state"]) for e in late] == [
+        ("cancelled", "succeeded"),
+        ("cancelled", "running"),
+    ]
+
+
+def test_cancelled_report_from_the_agent_is_a_duplicate(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    world.store.cancel_job(world.admin, job)
+    assert report(world, doc, "cancelled") == "duplicate"
+
+
+# --- leases ------------------------------------------------------------------------
+
+
+def test_return_leases_then_undeliverable(world: World) -> None:
+    job = submit(world, max_attempts=2)
+    (first,) = poll(world)
+    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1)) == {
+        "returned": 1,
+        "undeliverable": 0,
+    }
+    assert state(world, job) == "pending"
+    (second,) = poll(world)
+    assert second.attempt == 2 and second.delivery_id != first.delivery_id
+    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1)) == {
+        "returned": 0,
+        "undeliverable": 1,
+    }
+    row = assignment(world, job)
+    assert (row["state"], row["reason"], row["attempt"]) == ("failed", "undeliverable", 2)
+    assert actions(world, job).count("lease_expired") == 2
+    assert poll(world) == []
+
+
+def test_return_leases_leaves_live_leases_and_acknowledged_jobs(world: World) -> None:
+    sent = submit(world)
+    acked = submit(world)
+    docs = {d.job_id: d for d in poll(world)}
+    world.store.acknowledge(world.web, [(acked, docs[acked].delivery_id)])
+    assert world.store.return_leases() == {"returned": 0, "undeliverable": 0}
+    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1)) == {
+        "returned": 1,
+        "undeliverable": 0,
+    }
+    assert (state(world, sent), state(world, acked)) == ("pending", "acknowledged")
+
+
+def test_acknowledgement_after_the_lease_ran_out_still_counts(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    world.store.return_leases(now=later(ACK_TIMEOUT + 1))
+    assert world.store.acknowledge(world.web, [(job, doc.delivery_id)]) == [job]
+    assert state(world, job) == "acknowledged"
+
+
+def test_return_leases_of_this_daemons_previous_life(world: World) -> None:
+    job = submit(world)
+    poll(world)
+    assert world.store.return_leases(own_previous_life=True) == {"returned": 1, "undeliverable": 0}
+    assert state(world, job) == "pending"
+
+
+# --- expiry ---------------------------------------------------------------------------
+
+
+def test_expire_jobs_leaves_running_ones(world: World) -> None:
+    waiting = submit(world, name="waiting", expires_at=later(3600))
+    runs = submit(world, name="runs", priority=10, expires_at=later(3600))
+    (doc,) = poll(world, limit=1)
+    assert doc.job_id == runs and doc.expires is not None
+    report(world, doc, "running")
+    assert world.store.expire_jobs() == 0
+    assert world.store.expire_jobs(now=later(7200)) == 1
+    assert (state(world, waiting), state(world, runs)) == ("expired", "running")
+    assert assignment(world, waiting)["reason"] == "expired before it started"
+
+
+def test_poll_expires_instead_of_sending(world: World) -> None:
+    job = submit(world, expires_at=utcnow() - dt.timedelta(seconds=1))
+    assert poll(world) == []
+    assert state(world, job) == "expired"
+    assert "expire" in actions(world, job)
+
+
+# --- lost runs ----------------------------------------------------------------------------
+
+
+def _running(w: World, **changes: Any) -> tuple[int, documents.JobDocument]:
+    job = submit(w, **changes)
+    (doc,) = poll(w)
+    w.store.acknowledge(w.web, [(job, doc.delivery_id)])
+    report(w, doc, "running")
+    return job, doc
+
+
+def test_mark_lost_without_rerun_then_the_late_report_lands(world: World) -> None:
+    job, doc = _running(world)
+    assert world.store.mark_lost(300) == {"lost": 0, "requeued": 0}  # the agent just polled
+    assert world.store.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 0}
+    assert state(world, job) == "lost"
+    assert world.store.job_detail(world.admin, job)["state"] == "lost"
+    assert report(world, doc, "succeeded", exit_code=0) == "applied"
+    assert state(world, job) == "succeeded"
+
+
+def test_mark_lost_with_rerun_requeues(world: World) -> None:
+    job, first = _running(world, rerun_on_agent_crash=True, max_attempts=2)
+    assert world.store.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 1}
+    assert state(world, job) == "pending"
+    assert actions(world, job)[-2:] == ["lost", "retry"]
+    (second,) = poll(world)
+    assert second.attempt == 2
+    report(world, second, "running")
+    # No attempts left: lost stays lost.
+    assert world.store.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 0}
+    assert state(world, job) == "lost"
+
+
+def test_lost_job_comes_back_when_the_agent_names_it_running(world: World) -> None:
+    job, _ = _running(world)
+    world.store.mark_lost(300, now=later(600))
+    poll(world, running=[job], limit=0)
+    assert state(world, job) == "running"
+    assert actions(world, job)[-1] == "reconcile"
+
+
+# --- reconcile ----------------------------------------------------------------------------
+
+
+def test_reconcile_answers_cancelled_expired_unknown(world: World) -> None:
+    cancelled = submit(world, name="c")
+    expired = submit(world, name="e", expires_at=later(3600))
+    docs = {d.job_id: d for d in poll(world)}
+    world.store.acknowledge(world.web, [(j, d.delivery_id) for j, d in docs.items()])
+    world.store.cancel_job(world.admin, cancelled)
+    world.store.expire_jobs(now=later(7200))
+    result = world.store.poll(world.web, [cancelled, expired, 9999], [], 0, ACK_TIMEOUT)
+    assert sorted(result.reconcile, key=lambda r: r["job_id"]) == [
+        {"job_id": cancelled, "action": "cancelled"},
+        {"job_id": expired, "action": "expired"},
+        {"job_id": 9999, "action": "unknown"},
+    ]
+
+
+def test_reconcile_running_job_named_cancelled(world: World) -> None:
+    job, _ = _running(world)
+    world.store.cancel_job(world.admin, job)
+    result = world.store.poll(world.web, [], [job], 0, ACK_TIMEOUT)
+    assert result.reconcile == [{"job_id": job, "action": "cancelled"}]
+
+
+@pytest.mark.parametrize(("rerun", "expected"), [(False, "failed"), (True, "pending")])
+def test_reconcile_job_the_agent_no_longer_holds(world: World, rerun: bool, expected: str) -> None:
+    job = submit(world, rerun_on_agent_crash=rerun)
+    (doc,) = poll(world)
+    world.store.acknowledge(world.web, [(job, doc.delivery_id)])
+    poll(world, held=[], limit=0)  # the spool was wiped
+    assert state(world, job) == expected
+
+
+# --- the claim race -----------------------------------------------------------------------
+
+
+def test_two_threads_polling_one_client_never_get_the_same_job(world: World) -> None:
+    jobs = {submit(world, name=f"j{i}") for i in range(40)}
+    barrier = threading.Barrier(2)
+    got: list[list[int]] = [[], []]
+    errors: list[BaseException] = []
+
+    def agent(index: int) -> None:
+        try:
+            barrier.wait()
+            while True:
+                docs = poll(world, limit=3)
+                if not docs:
+                    return
+                got[index].extend(d.job_id for d in docs)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert not set(got[0]) & set(got[1])
+    assert len(got[0]) + len(got[1]) == len(jobs)
+    assert set(got[0]) | set(got[1]) == jobs
+    for job in jobs:
+        assert actions(world, job).count("send") == 1

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 PRIVILEGE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
 MAX_SCRIPT_BYTES = 1024 * 1024
-MAX_OUTPUT_LIMIT = 10 * 1024 * 1024
+# Output bytes become up to 4 bytes each in the status document ("&lt;") and
+# twice that inside the XML-RPC envelope: 2 MiB keeps both under their caps.
+MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
 
 
 def check_name(value: Any, what: str = "name") -> str:

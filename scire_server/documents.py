@@ -92,7 +92,9 @@ def _parser() -> etree.XMLParser:
         no_network=True,
         load_dtd=False,
         dtd_validation=False,
-        huge_tree=False,
+        # libxml2's own cap (10 MB per text node) would refuse outputs the
+        # output limit allows; MAX_DOCUMENT_BYTES bounds the size instead.
+        huge_tree=True,
         remove_blank_text=False,
     )
 

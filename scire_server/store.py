@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scire_server import acl, documents
 from scire_server.exceptions import (
     Conflict,
+    EnrollmentRefused,
     IllegalTransition,
     InstanceConflict,
     InvalidArgument,
@@ -176,6 +177,18 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _locked(self, query: Any, skip_locked: bool = False) -> Any:
+        """Lock the assignment rows a read-then-write transaction reads.
+
+        On PostgreSQL (READ COMMITTED) a row read without a lock may change
+        under us; ``FOR UPDATE`` re-reads it after the other writer commits.
+        Sweeps skip rows another daemon holds (it is handling them). SQLite
+        needs nothing: ``BEGIN IMMEDIATE`` already serializes writers.
+        """
+        if self._postgres:
+            return query.with_for_update(of=Assignment, skip_locked=skip_locked)
+        return query
+
     # --- audit -------------------------------------------------------------
 
     def _event(
@@ -238,6 +251,10 @@ class Store:
         now: dt.datetime | None = None,
     ) -> None:
         old = assignment.state
+        if not allowed(old, new):
+            raise IllegalTransition(
+                f"job {assignment.job_id} on {client_name}: {old} -> {new.value} is not allowed"
+            )
         now = now or utcnow()
         assignment.state = new.value
         assignment.updated_at = now
@@ -458,10 +475,10 @@ class Store:
         now = utcnow()
         with self.tx() as session:
             client = session.scalars(select(Client).where(Client.name == name)).first()
-            if client is not None and client.csr_pem == csr_pem:
+            if client is not None and client.csr_pem == csr_pem and client.status != "pending":
                 return client.status, False
             if client is not None and client.status in ("accepted", "revoked"):
-                raise Conflict(
+                raise EnrollmentRefused(
                     f"client {name} is {client.status} with another key; "
                     f"an administrator must remove it first (scire-admin client delete {name})"
                 )
@@ -473,6 +490,8 @@ class Store:
                 if token is not None and token.expires_at > now and token.uses_left > 0:
                     token.uses_left -= 1
                     token_ok = True
+            if client is not None and client.csr_pem == csr_pem and not token_ok:
+                return "pending", False  # the same request again, still waiting
             if client is None:
                 client = Client(
                     name=name, status="pending", csr_pem=csr_pem, facts=facts, registered_at=now
@@ -1049,9 +1068,11 @@ class Store:
             job = self._job_visible(session, caller, job_id)
             job.cancelled_at = job.cancelled_at or now
             rows = session.execute(
-                select(Assignment, Client.name)
-                .join(Client, Client.id == Assignment.client_id)
-                .where(Assignment.job_id == job_id, Assignment.state.not_in(list(FINAL)))
+                self._locked(
+                    select(Assignment, Client.name)
+                    .join(Client, Client.id == Assignment.client_id)
+                    .where(Assignment.job_id == job_id, Assignment.state.not_in(list(FINAL)))
+                )
             ).all()
             for assignment, cname in rows:
                 self._transition(
@@ -1105,9 +1126,7 @@ class Store:
                 .order_by(Assignment.priority.desc(), Assignment.job_created_at, Assignment.id)
                 .limit(limit)
             )
-            if self._postgres:
-                claim = claim.with_for_update(of=Assignment, skip_locked=True)
-            rows = session.execute(claim).all()
+            rows = session.execute(self._locked(claim, skip_locked=True)).all()
             if not rows:
                 return result
             target = acl.Target(
@@ -1203,16 +1222,18 @@ class Store:
         result: PollResult,
     ) -> None:
         rows = session.execute(
-            select(Assignment, Job)
-            .join(Job, Job.id == Assignment.job_id)
-            .where(
-                Assignment.client_id == client.id,
-                sa.or_(
-                    Assignment.job_id.in_(held | running),
-                    Assignment.state.in_(
-                        [State.ACKNOWLEDGED.value, State.RUNNING.value, State.LOST.value]
+            self._locked(
+                select(Assignment, Job)
+                .join(Job, Job.id == Assignment.job_id)
+                .where(
+                    Assignment.client_id == client.id,
+                    sa.or_(
+                        Assignment.job_id.in_(held | running),
+                        Assignment.state.in_(
+                            [State.ACKNOWLEDGED.value, State.RUNNING.value, State.LOST.value]
+                        ),
                     ),
-                ),
+                )
             )
         ).all()
         known = set()
@@ -1238,6 +1259,17 @@ class Store:
             elif state in (State.ACKNOWLEDGED, State.RUNNING) and not claimed:
                 # The agent no longer has the job: its spool was lost or wiped.
                 if job.rerun_on_agent_crash and assignment.attempt < job.max_attempts:
+                    if state == State.RUNNING:
+                        self._transition(
+                            session,
+                            assignment,
+                            State.LOST,
+                            "server",
+                            client.name,
+                            action="reconcile",
+                            detail="agent no longer holds it",
+                            now=now,
+                        )
                     self._transition(
                         session,
                         assignment,
@@ -1271,8 +1303,10 @@ class Store:
             self.touch_client(session, client.id, now)
             for job_id, delivery_id in deliveries:
                 assignment = session.scalars(
-                    select(Assignment).where(
-                        Assignment.job_id == job_id, Assignment.client_id == client.id
+                    self._locked(
+                        select(Assignment).where(
+                            Assignment.job_id == job_id, Assignment.client_id == client.id
+                        )
                     )
                 ).first()
                 if assignment is None or assignment.delivery_id != delivery_id:
@@ -1302,8 +1336,10 @@ class Store:
         with self.tx() as session:
             self.touch_client(session, client.id, now)
             assignment = session.scalars(
-                select(Assignment).where(
-                    Assignment.job_id == report.job_id, Assignment.client_id == client.id
+                self._locked(
+                    select(Assignment).where(
+                        Assignment.job_id == report.job_id, Assignment.client_id == client.id
+                    )
                 )
             ).first()
             if assignment is None or assignment.delivery_id is None:
@@ -1365,7 +1401,8 @@ class Store:
     ) -> dict[str, int]:
         """Sent assignments past their ack deadline go back to pending, or fail as
         undeliverable after the job's attempts. With ``own_previous_life`` the
-        leases this daemon held before a restart go back too, deadline or not."""
+        leases this daemon held before a restart go back too, before their
+        deadline, unless they were the job's last attempt."""
         now = now or utcnow()
         counts = {"returned": 0, "undeliverable": 0}
         with self.tx() as session:
@@ -1382,12 +1419,17 @@ class Store:
                 .join(Client, Client.id == Assignment.client_id)
                 .where(*cond)
             )
-            if self._postgres:
-                query = query.with_for_update(of=Assignment, skip_locked=True)
-            for assignment, job, cname in session.execute(query).all():
-                if assignment.attempt >= job.max_attempts and (
+            for assignment, job, cname in session.execute(
+                self._locked(query, skip_locked=True)
+            ).all():
+                deadline_passed = (
                     assignment.ack_deadline is not None and assignment.ack_deadline <= now
-                ):
+                )
+                if assignment.attempt >= job.max_attempts and not deadline_passed:
+                    # A last attempt from our previous life: its agent may still
+                    # acknowledge it; the lease decides when it runs out.
+                    continue
+                if assignment.attempt >= job.max_attempts:
                     self._transition(
                         session,
                         assignment,
@@ -1422,15 +1464,18 @@ class Store:
         now = now or utcnow()
         with self.tx() as session:
             rows = session.execute(
-                select(Assignment, Client.name)
-                .join(Job, Job.id == Assignment.job_id)
-                .join(Client, Client.id == Assignment.client_id)
-                .where(
-                    Job.expires_at.is_not(None),
-                    Job.expires_at <= now,
-                    Assignment.state.in_(
-                        [State.PENDING.value, State.SENT.value, State.ACKNOWLEDGED.value]
+                self._locked(
+                    select(Assignment, Client.name)
+                    .join(Job, Job.id == Assignment.job_id)
+                    .join(Client, Client.id == Assignment.client_id)
+                    .where(
+                        Job.expires_at.is_not(None),
+                        Job.expires_at <= now,
+                        Assignment.state.in_(
+                            [State.PENDING.value, State.SENT.value, State.ACKNOWLEDGED.value]
+                        ),
                     ),
+                    skip_locked=True,
                 )
             ).all()
             for assignment, cname in rows:
@@ -1449,12 +1494,15 @@ class Store:
         counts = {"lost": 0, "requeued": 0}
         with self.tx() as session:
             rows = session.execute(
-                select(Assignment, Job, Client.name)
-                .join(Job, Job.id == Assignment.job_id)
-                .join(Client, Client.id == Assignment.client_id)
-                .where(
-                    Assignment.state == State.RUNNING.value,
-                    sa.or_(Client.last_seen_at.is_(None), Client.last_seen_at < bound),
+                self._locked(
+                    select(Assignment, Job, Client.name)
+                    .join(Job, Job.id == Assignment.job_id)
+                    .join(Client, Client.id == Assignment.client_id)
+                    .where(
+                        Assignment.state == State.RUNNING.value,
+                        sa.or_(Client.last_seen_at.is_(None), Client.last_seen_at < bound),
+                    ),
+                    skip_locked=True,
                 )
             ).all()
             for assignment, job, cname in rows:

@@ -377,6 +377,28 @@ def test_return_leases_of_this_daemons_previous_life(world: World) -> None:
     assert state(world, job) == "pending"
 
 
+def test_restarts_never_deliver_past_max_attempts(world: World) -> None:
+    job = submit(world, max_attempts=1)
+    (doc,) = poll(world)
+    # The last attempt stays with its lease across a restart ...
+    assert world.store.return_leases(own_previous_life=True) == {"returned": 0, "undeliverable": 0}
+    assert state(world, job) == "sent"
+    assert poll(world) == []
+    # ... and fails as undeliverable when the lease runs out.
+    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1))["undeliverable"] == 1
+    assert assignment(world, job)["attempt"] == 1
+    assert doc.attempt == 1
+
+
+def test_token_given_on_a_second_registration_is_used(world: World) -> None:
+    world.store.add_token(fingerprint("token"), 3600, 1, "user:admin")
+    assert world.store.register_client("new", "CSR of new", {}, None) == ("pending", False)
+    assert world.store.register_client("new", "CSR of new", {}, fingerprint("token")) == (
+        "pending",
+        True,
+    )
+
+
 # --- expiry ---------------------------------------------------------------------------
 
 

@@ -244,8 +244,15 @@ def cmd_group(args: argparse.Namespace, proxy: Any) -> None:
     elif sub in ("create", "delete"):
         show(args, call(proxy, f"admin.group_{sub}", kind, args.name))
     else:
-        for member in args.members:
-            show(args, call(proxy, f"admin.group_{sub}", kind, args.name, member))
+        answers = [
+            call(proxy, f"admin.group_{sub}", kind, args.name, member) for member in args.members
+        ]
+        if args.json:
+            # One JSON document, however many members: one object for one, else a list.
+            show(args, answers[0] if len(answers) == 1 else answers)
+        else:
+            for answer in answers:
+                show(args, answer)
 
 
 def cmd_user(args: argparse.Namespace, proxy: Any) -> None:

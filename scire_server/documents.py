@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import importlib.resources
 import re
+import threading
 from dataclasses import dataclass
 
 from lxml import etree
@@ -80,8 +81,19 @@ class StatusReport:
     truncated: bool = False
 
 
-@functools.cache
+_SCHEMA_LOCK = threading.Lock()
+
+
 def _schema(name: str) -> etree.XMLSchema:
+    # libxml2 sets up its built-in schema types on the first compile, and that
+    # is not thread-safe: two server threads compiling at once (the first
+    # reports after a start) can break every later compile in the process.
+    with _SCHEMA_LOCK:
+        return _compile_schema(name)
+
+
+@functools.cache
+def _compile_schema(name: str) -> etree.XMLSchema:
     source = importlib.resources.files("scire_schema").joinpath(name).read_bytes()
     return etree.XMLSchema(etree.fromstring(source, _parser()))
 

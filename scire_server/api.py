@@ -283,7 +283,9 @@ class Service:
     def client_token(self, caller: Caller, uses: Any = 1, ttl: Any = 0) -> dict[str, Any]:
         uses = _int(uses, "uses", 1, 100_000)
         ttl = _int(ttl or self.config.token_ttl, "ttl", 60, 365 * 86400)
-        token = secrets.token_urlsafe(24)
+        # Hex, not base64url: a token that starts with "-" reads as an option
+        # on the command line (scire-client --token TOKEN), 1 time in 64.
+        token = secrets.token_hex(24)
         expires = self.store.add_token(token_hash(token), ttl, uses, f"user:{caller.name}")
         return plain(  # type: ignore[no-any-return]
             {

@@ -25,8 +25,10 @@ class ScireError(Exception):
 
     code = 99
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, job_id: int | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
+        #: The job the refused call was about, for its audit row.
+        self.job_id = job_id
 
     @property
     def message(self) -> str:

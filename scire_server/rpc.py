@@ -207,6 +207,7 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
                     who,
                     "refused",
                     client=caller.name if caller and caller.kind == "client" else None,
+                    job_id=exc.job_id,
                     detail=f"{method}: fault {exc.code}: {exc.message}"[:2000],
                 )
             except ScireError:

@@ -1343,7 +1343,9 @@ class Store:
                 )
             ).first()
             if assignment is None or assignment.delivery_id is None:
-                raise NotHeld(f"client {client.name} holds no job {report.job_id}")
+                raise NotHeld(
+                    f"client {client.name} holds no job {report.job_id}", job_id=report.job_id
+                )
             old = State(assignment.state)
             if old == new:
                 return "duplicate"
@@ -1370,7 +1372,8 @@ class Store:
                 return "ignored"
             if not allowed(old, new):
                 raise IllegalTransition(
-                    f"job {report.job_id} on {client.name} is {old.value}; cannot become {new.value}"
+                    f"job {report.job_id} on {client.name} is {old.value}; cannot become {new.value}",
+                    job_id=report.job_id,
                 )
             self._transition(
                 session,

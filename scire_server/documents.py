@@ -82,20 +82,25 @@ class StatusReport:
 
 
 _SCHEMA_LOCK = threading.Lock()
+_THREAD = threading.local()
 
 
 def _schema(name: str) -> etree.XMLSchema:
-    # libxml2 sets up its built-in schema types on the first compile, and that
-    # is not thread-safe: two server threads compiling at once (the first
-    # reports after a start) can break every later compile in the process.
-    with _SCHEMA_LOCK:
-        return _compile_schema(name)
+    # An XMLSchema keeps the errors of its last validation on itself, so each
+    # thread validates with its own. They are compiled under a lock: libxml2
+    # sets up its built-in types on the first compile, and two threads doing
+    # that at once (the first reports after a start) can break every later
+    # compile in the process.
+    schemas: dict[str, etree.XMLSchema] = _THREAD.__dict__.setdefault("schemas", {})
+    if name not in schemas:
+        with _SCHEMA_LOCK:
+            schemas[name] = etree.XMLSchema(etree.fromstring(_schema_source(name), _parser()))
+    return schemas[name]
 
 
 @functools.cache
-def _compile_schema(name: str) -> etree.XMLSchema:
-    source = importlib.resources.files("scire_schema").joinpath(name).read_bytes()
-    return etree.XMLSchema(etree.fromstring(source, _parser()))
+def _schema_source(name: str) -> bytes:
+    return importlib.resources.files("scire_schema").joinpath(name).read_bytes()
 
 
 def _parser() -> etree.XMLParser:

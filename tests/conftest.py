@@ -168,7 +168,7 @@ class Deployment:
         return int(pid)
 
     def server_log(self, name: str = "server") -> str:
-        return self.servers[name][1].read_text(errors="replace")
+        return Path(str(self.servers[name][1])).read_text(errors="replace")
 
     def stop_server(
         self, name: str = "server", sig: int = signal.SIGTERM, timeout: float = 30

@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from scire_client.exceptions import SpoolError
 from scire_server import documents
 from scire_server.documents import JobDocument, StatusReport
 from scire_server.exceptions import InvalidDocument
+from scire_server.pki import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +85,6 @@ class Entry:
     @property
     def output_path(self) -> Path:
         return self.path / runner.OUTPUT_FILE
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> dt.datetime:

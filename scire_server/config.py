@@ -135,6 +135,9 @@ class ServerConfig:
             "default_timeout",
             "default_output_limit",
             "default_max_attempts",
+            "retention_days",
+            "retention_interval",
+            "request_timeout",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be at least 1")

@@ -528,3 +528,21 @@ def test_two_threads_polling_one_client_never_get_the_same_job(world: World) -> 
     assert set(got[0]) | set(got[1]) == jobs
     for job in jobs:
         assert actions(world, job).count("send") == 1
+
+
+# --- retention ------------------------------------------------------------------------
+
+
+def test_retention_purges_old_output_and_audit_rows(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    report(world, doc, "succeeded", exit_code=0, output="kept until retention\n")
+    pending = submit(world, hosts=("db-1",))
+    assert assignment(world, job)["output"] == "kept until retention\n"
+    assert world.store.purge(older_than_days=1) == {"outputs": 0, "events": 0}
+    counts = world.store.purge(older_than_days=-1)  # everything counts as old
+    assert counts["outputs"] == 1 and counts["events"] > 0
+    row = assignment(world, job)
+    assert (row["state"], row["output"], row["exit_code"]) == ("succeeded", None, 0)
+    assert world.store.events(job_id=job) == []
+    assert state(world, pending, "db-1") == "pending"  # unfinished work is never purged

@@ -1551,17 +1551,6 @@ class Store:
             )
             return {"outputs": outputs.rowcount or 0, "events": events.rowcount or 0}
 
-    def waiting_work(self) -> int:
-        with self.tx() as session:
-            return (
-                session.scalar(
-                    select(sa.func.count())
-                    .select_from(Assignment)
-                    .where(Assignment.state == State.PENDING.value)
-                )
-                or 0
-            )
-
 
 def _job_state(states: dict[str, int]) -> str:
     """One word for a job from its assignments' states."""

@@ -1,4 +1,4 @@
-"""The store on a real SQLite file: claims, the ACL at dispatch, reports,
+"""The store on a real SQLite file and a real PostgreSQL database: claims, the ACL at dispatch, reports,
 leases, expiry, lost runs, reconciliation and the claim race.
 
 Users and clients are made directly through ``Store`` methods (no PKI): the
@@ -53,9 +53,13 @@ def add_client(store: Store, name: str) -> Caller:
     return _caller(store, name)
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    url = f"sqlite:///{tmp_path / 'scire.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """The same world on both databases; PostgreSQL comes from the session cluster."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'scire.db'}"
+    else:
+        url = request.getfixturevalue("postgres").new_database()
     upgrade_database(url)
     store = Store(make_engine(url), "test-server")
     store.start_server("test-server", "localhost", 1, "https://localhost:8443/", 30, False)

@@ -262,10 +262,7 @@ class PostgresCluster:
 
     def __init__(self, xprocess: Any) -> None:
         for tool in ("initdb", "postgres"):
-            if (
-                shutil.which(tool) is None
-                and not Path(f"/usr/lib/postgresql/15/bin/{tool}").exists()
-            ):
+            if not Path(_pg(tool)).exists():
                 pytest.fail(f"PostgreSQL is required for these tests: {tool} not found")
         self.root = Path(tempfile.mkdtemp(prefix="scire-pg-"))
         self.port = free_port()
@@ -339,7 +336,14 @@ class PostgresCluster:
 
 
 def _pg(tool: str) -> str:
-    return shutil.which(tool) or f"/usr/lib/postgresql/15/bin/{tool}"
+    """The PostgreSQL binary on PATH, else the newest under Debian's /usr/lib/postgresql."""
+    found = shutil.which(tool)
+    if found:
+        return found
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), key=lambda p: int(p.parts[-3])
+    )
+    return str(candidates[-1]) if candidates else tool
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,7 @@ from scire_server.states import FINAL, State, allowed
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT = 30_000  # milliseconds a writer waits for the SQLite lock
+READ_ONLY = "scire_read_only"  # execution option of the engine that read transactions use
 
 
 def utcnow() -> dt.datetime:
@@ -82,7 +83,9 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers start deferred and never wait for a writer (WAL).
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -155,16 +158,25 @@ class Store:
         self.server_name = server_name
         self.server_id: int | None = None
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+        )
         self._postgres = engine.dialect.name == "postgresql"
         self._sqlite_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[Session]:
+    def tx(self, write: bool = True) -> Iterator[Session]:
+        """One transaction. ``write=False`` for reads: on SQLite they neither
+        take the write lock nor queue behind writers."""
         try:
             # SQLite has one writer at a time; threads of this daemon queue on a
             # lock instead of in SQLite's busy handler, which sleeps and retries.
+            if not write:
+                with self._read_sessions.begin() as session:
+                    yield session
+                return
             with self._sqlite_lock, self._sessions.begin() as session:
                 yield session
         except OperationalError as exc:
@@ -226,7 +238,7 @@ class Store:
     def events(
         self, job_id: int | None = None, client: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             query = select(Event).order_by(Event.id.desc()).limit(limit)
             if job_id is not None:
                 query = query.where(Event.job_id == job_id)
@@ -333,7 +345,7 @@ class Store:
             return previous | {"server_id": row.id}
 
     def server_pid(self, instance_key: str) -> tuple[str, int] | None:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             row = session.scalars(select(Server).where(Server.instance_key == instance_key)).first()
             return None if row is None else (row.hostname, row.pid)
 
@@ -352,7 +364,7 @@ class Store:
             )
 
     def servers(self) -> list[dict[str, Any]]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             rows = session.scalars(select(Server).order_by(Server.id)).all()
             return [
                 _row(
@@ -376,7 +388,7 @@ class Store:
         Returns (caller, None), or (None, why) for a known but revoked identity,
         or (None, None) for an unknown certificate.
         """
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             client = session.scalars(
                 select(Client).where(Client.fingerprint == fingerprint)
             ).first()
@@ -407,7 +419,7 @@ class Store:
             self._event(session, actor, "user_add", detail=f"user {name} admin={is_admin}")
 
     def users(self) -> list[dict[str, Any]]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             users = session.scalars(select(User).order_by(User.name)).all()
             groups = self._user_group_names(session)
             return [
@@ -513,7 +525,7 @@ class Store:
             return "pending", token_ok
 
     def client_enrollment(self, name: str) -> dict[str, Any]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             client = self._client(session, name)
             return _row(client, "name", "status", "csr_pem", "cert_pem")
 
@@ -558,7 +570,7 @@ class Store:
             self._event(session, actor, "client_delete", client=name, old=client.status)
 
     def clients(self) -> list[dict[str, Any]]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             clients = session.scalars(select(Client).order_by(Client.name)).all()
             counts = dict(
                 session.execute(
@@ -578,7 +590,7 @@ class Store:
             ]
 
     def client_detail(self, name: str) -> dict[str, Any]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             client = self._client(session, name)
             groups = [
                 g
@@ -708,7 +720,7 @@ class Store:
         return seen
 
     def groups(self, kind: str) -> list[dict[str, Any]]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             if kind == "user":
                 out: dict[str, list[str]] = {
                     g.name: [] for g in session.scalars(select(UserGroup).order_by(UserGroup.name))
@@ -769,7 +781,7 @@ class Store:
             self._event(session, actor, "grant_remove", detail=f"grant {grant_id}")
 
     def grants(self) -> list[dict[str, Any]]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             users = dict(session.execute(select(User.id, User.name)).all())
             ugroups = dict(session.execute(select(UserGroup.id, UserGroup.name)).all())
             clients = dict(session.execute(select(Client.id, Client.name)).all())
@@ -973,7 +985,7 @@ class Store:
     def jobs(
         self, caller: Caller, limit: int = 50, state: str | None = None
     ) -> list[dict[str, Any]]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             query = (
                 select(Job, User.name)
                 .join(User, User.id == Job.owner_id)
@@ -1009,7 +1021,7 @@ class Store:
             return out
 
     def job_detail(self, caller: Caller, job_id: int) -> dict[str, Any]:
-        with self.tx() as session:
+        with self.tx(write=False) as session:
             job = self._job_visible(session, caller, job_id)
             owner = session.get(User, job.owner_id)
             rows = session.execute(

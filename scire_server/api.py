@@ -242,10 +242,10 @@ class Service:
 
     def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
         rows = self.store.jobs(caller, _int(limit, "limit", 1, 10_000), state or None)
-        return plain(rows)  # type: ignore[no-any-return]
+        return plain(rows)
 
     def job_show(self, caller: Caller, job_id: Any) -> dict[str, Any]:
-        return plain(self.store.job_detail(caller, _int(job_id, "job id", 1, 2**31 - 1)))  # type: ignore[no-any-return]
+        return plain(self.store.job_detail(caller, _int(job_id, "job id", 1, 2**31 - 1)))
 
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         count = self.store.cancel_job(caller, _int(job_id, "job id", 1, 2**31 - 1))
@@ -254,10 +254,10 @@ class Service:
     # --- admin: clients -----------------------------------------------------------
 
     def client_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.clients())  # type: ignore[no-any-return]
+        return plain(self.store.clients())
 
     def client_show(self, caller: Caller, name: Any) -> dict[str, Any]:
-        return plain(self.store.client_detail(check_name(name)))  # type: ignore[no-any-return]
+        return plain(self.store.client_detail(check_name(name)))
 
     def client_accept(self, caller: Caller, name: Any) -> dict[str, Any]:
         row = self.store.client_enrollment(check_name(name))
@@ -287,7 +287,7 @@ class Service:
         # on the command line (scire-client --token TOKEN), 1 time in 64.
         token = secrets.token_hex(24)
         expires = self.store.add_token(token_hash(token), ttl, uses, f"user:{caller.name}")
-        return plain(  # type: ignore[no-any-return]
+        return plain(
             {
                 "token": token,
                 "uses": uses,
@@ -351,7 +351,7 @@ class Service:
         return pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, pki.ROLE_USER)
 
     def user_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.users())  # type: ignore[no-any-return]
+        return plain(self.store.users())
 
     def user_revoke(self, caller: Caller, name: Any) -> dict[str, Any]:
         name = check_name(name, "user name")
@@ -377,7 +377,7 @@ class Service:
         return {"id": grant_id}
 
     def grant_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.grants())  # type: ignore[no-any-return]
+        return plain(self.store.grants())
 
     def audit(
         self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100
@@ -387,7 +387,7 @@ class Service:
             check_name(client, "client") if client else None,
             _int(limit, "limit", 1, 100_000),
         )
-        return plain(rows)  # type: ignore[no-any-return]
+        return plain(rows)
 
     def server_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.servers())  # type: ignore[no-any-return]
+        return plain(self.store.servers())

@@ -67,17 +67,6 @@ def _ids(value: Any, what: str) -> list[int]:
     return value
 
 
-def plain(value: Any) -> Any:
-    """XML-RPC-safe values: times as ISO strings, ``None`` kept (allow_none)."""
-    if isinstance(value, dt.datetime):
-        return documents.format_time(value)
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -242,10 +231,10 @@ class Service:
 
     def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
         rows = self.store.jobs(caller, _int(limit, "limit", 1, 10_000), state or None)
-        return plain(rows)
+        return rows
 
     def job_show(self, caller: Caller, job_id: Any) -> dict[str, Any]:
-        return plain(self.store.job_detail(caller, _int(job_id, "job id", 1, 2**31 - 1)))
+        return self.store.job_detail(caller, _int(job_id, "job id", 1, 2**31 - 1))
 
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         count = self.store.cancel_job(caller, _int(job_id, "job id", 1, 2**31 - 1))
@@ -254,10 +243,10 @@ class Service:
     # --- admin: clients -----------------------------------------------------------
 
     def client_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.clients())
+        return self.store.clients()
 
     def client_show(self, caller: Caller, name: Any) -> dict[str, Any]:
-        return plain(self.store.client_detail(check_name(name)))
+        return self.store.client_detail(check_name(name))
 
     def client_accept(self, caller: Caller, name: Any) -> dict[str, Any]:
         row = self.store.client_enrollment(check_name(name))
@@ -287,14 +276,12 @@ class Service:
         # on the command line (scire-client --token TOKEN), 1 time in 64.
         token = secrets.token_hex(24)
         expires = self.store.add_token(token_hash(token), ttl, uses, f"user:{caller.name}")
-        return plain(
-            {
-                "token": token,
-                "uses": uses,
-                "expires": expires,
-                "ca_fingerprint": pki.fingerprint(self.ca_cert),
-            }
-        )
+        return {
+            "token": token,
+            "uses": uses,
+            "expires": expires,
+            "ca_fingerprint": pki.fingerprint(self.ca_cert),
+        }
 
     # --- admin: groups, users, grants ------------------------------------------------
 
@@ -351,7 +338,7 @@ class Service:
         return pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, pki.ROLE_USER)
 
     def user_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.users())
+        return self.store.users()
 
     def user_revoke(self, caller: Caller, name: Any) -> dict[str, Any]:
         name = check_name(name, "user name")
@@ -377,7 +364,7 @@ class Service:
         return {"id": grant_id}
 
     def grant_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.grants())
+        return self.store.grants()
 
     def audit(
         self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100
@@ -387,7 +374,7 @@ class Service:
             check_name(client, "client") if client else None,
             _int(limit, "limit", 1, 100_000),
         )
-        return plain(rows)
+        return rows
 
     def server_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return plain(self.store.servers())
+        return self.store.servers()

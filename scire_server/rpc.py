@@ -8,6 +8,7 @@ Arguments never name the caller.
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import logging
 import socket
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
-from scire_server import tls
+from scire_server import documents, tls
 from scire_server.api import Service
 from scire_server.exceptions import (
     AuthenticationRequired,
@@ -170,7 +171,7 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
                 inspect.signature(function).bind(caller, *params)
             except TypeError as exc:
                 raise InvalidArgument(f"wrong arguments for {method}: {exc}") from None
-            return function(caller, *params)
+            return plain(function(caller, *params))
         except ScireError as exc:
             raise self._fault(method, caller, address, exc) from None
         except Exception:
@@ -236,3 +237,14 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
                 pass
         self.pool.shutdown(wait=True, cancel_futures=True)
         return clean
+
+
+def plain(value: Any) -> Any:
+    """XML-RPC-safe values: times as ISO strings (UTC, Z), ``None`` kept (allow_none)."""
+    if isinstance(value, dt.datetime):
+        return documents.format_time(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

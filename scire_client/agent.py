@@ -1,5 +1,11 @@
 """Normal mode: poll until no work is left, run the jobs, report, exit (for cron).
 
+The agent decides what becomes of each job (the spool stores, the runner runs
+and kills, the transport talks), and every status report it sends on its own
+account is built by ``status_report``; the runner builds the one of a run.
+
+A run starts with ``recover``: what a dead agent left is put in order.
+
 One pass of the loop:
 
 1. deliver every pending report (they survive crashes in the spool);
@@ -27,9 +33,9 @@ from scire_client.config import ClientConfig
 from scire_client.exceptions import ServerFault, SpoolError, TransportError
 from scire_client.spool import RECEIVED, STARTED, Entry, Spool
 from scire_client.transport import PollAnswer, Reconcile, ServerTransport
-from scire_server import documents
-from scire_server.documents import JobDocument, StatusReport
-from scire_server.exceptions import InvalidDocument
+from scire_schema import documents
+from scire_schema.documents import JobDocument, StatusReport
+from scire_schema.protocol import ReconcileAction, ReportedState, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ REPORT_BACKOFF_START = 0.5  # seconds before the first retry of an undelivered r
 REPORT_BACKOFF_MAX = 10.0  # seconds; the delay doubles up to this
 EXPIRED_REASON = "expired before it started"
 UNKNOWN_REASON = "unknown to the server"
+REASON_AGENT_RESTARTED = "agent restarted"
+RECOVERED_OUTPUT_LIMIT = 64 * 1024  # bytes, when the job file cannot tell its own limit
 
 
 def run(config: ClientConfig) -> int:
@@ -50,8 +58,74 @@ def run(config: ClientConfig) -> int:
             transport.close()
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+def status_report(
+    entry: Entry,
+    state: ReportedState,
+    *,
+    reason: str | None = None,
+    started: dt.datetime | None = None,
+    output: str | None = None,
+    truncated: bool = False,
+) -> StatusReport:
+    """A report the agent makes itself (the runner makes the one of a run it saw
+    end). It names the entry's current delivery, which may be newer than the
+    job file's; a final state is stamped finished now."""
+    return StatusReport(
+        job_id=entry.job_id,
+        delivery_id=entry.delivery_id,
+        state=state.value,
+        started=started,
+        finished=None if state == ReportedState.RUNNING else utc_now(),
+        reason=reason,
+        output=output,
+        truncated=truncated,
+    )
+
+
+def recover(spool: Spool, kill_grace: float) -> list[int]:
+    """Finish what a dead agent left; returns the ids it changed.
+
+    The spool puts its files in order first. A job still ``started`` was
+    running when the agent died: the runner kills what is left of its process
+    group, then it runs again if the job allows it and was not cancelled, else
+    it is reported failed ("agent restarted") or cancelled, with the output it
+    left.
+    """
+    changed = spool.recover()
+    for entry in spool.entries(STARTED):
+        changed.append(entry.job_id)
+        if entry.pgid is not None:
+            mark = runner.ProcessMark(entry.pgid, entry.boot_id, entry.leader_start)
+            runner.kill_leftover(mark, kill_grace, f"job {entry.job_id} ({entry.name})")
+        try:
+            doc: JobDocument | None = spool.job(entry.job_id)
+        except SpoolError as exc:
+            log.error("job %s (%s): %s", entry.job_id, entry.name, exc)
+            doc = None
+        cancelled = spool.cancel_reason(entry.job_id)
+        if doc is not None and doc.rerun_on_agent_crash and cancelled is None:
+            spool.requeue(entry.job_id)
+            log.warning(
+                "job %s (%s): started -> received: agent restarted, the job reruns",
+                entry.job_id,
+                entry.name,
+            )
+            continue
+        limit = doc.output_limit if doc is not None else RECOVERED_OUTPUT_LIMIT
+        output, truncated = runner.read_output(entry.path / runner.OUTPUT_FILE, limit)
+        report = status_report(
+            entry,
+            ReportedState.CANCELLED if cancelled is not None else ReportedState.FAILED,
+            reason=cancelled if cancelled is not None else REASON_AGENT_RESTARTED,
+            started=entry.started_at,
+            output=output,
+            truncated=truncated,
+        )
+        spool.mark_finished(entry.job_id, documents.render_status(report))
+        log.warning(
+            "job %s (%s): started -> %s: %s", entry.job_id, entry.name, report.state, report.reason
+        )
+    return sorted(changed)
 
 
 class Agent:
@@ -72,7 +146,7 @@ class Agent:
         self._last_contact = float("-inf")
 
     def run(self) -> int:
-        self.spool.recover(self.config.kill_grace)
+        recover(self.spool, self.config.kill_grace)
         purged = self.spool.purge(self.config.spool_retention)
         if purged:
             log.info("spool: purged %d old tombstones", purged)
@@ -99,15 +173,10 @@ class Agent:
         Returns how many jobs were new to the spool."""
         deliveries: list[tuple[int, str]] = []
         added = 0
-        for xml in answer.jobs:
+        for job in answer.jobs:
+            doc = job.doc
             try:
-                doc = documents.parse_job(xml)
-            except InvalidDocument as exc:
-                # Not acknowledged: the lease runs out and the server sends it again.
-                log.error("a job document from the server was refused: %s", exc)
-                continue
-            try:
-                new = self.spool.add(xml, doc)
+                new = self.spool.add(job.xml, doc)
             except (OSError, SpoolError) as exc:
                 log.error(
                     "job %s (%s): cannot spool it, not acknowledging: %s", doc.job_id, doc.name, exc
@@ -143,7 +212,7 @@ class Agent:
         if entry is None:
             log.debug("job %s: reconcile %s for a job not in the spool", item.job_id, item.action)
             return
-        if item.action == "unknown":
+        if item.action == ReconcileAction.UNKNOWN:
             if self.spool.drop(entry.job_id, UNKNOWN_REASON):
                 self._transition(entry.job_id, entry.name, RECEIVED, "dropped", UNKNOWN_REASON)
             elif entry.state == STARTED:
@@ -152,18 +221,13 @@ class Agent:
                     "job %s (%s): running but unknown to the server", entry.job_id, entry.name
                 )
             return
-        reason = runner.CANCELLED_REASON if item.action == "cancelled" else EXPIRED_REASON
+        cancelled = item.action == ReconcileAction.CANCELLED
+        reason = runner.CANCELLED_REASON if cancelled else EXPIRED_REASON
         if entry.state == RECEIVED:
-            report = StatusReport(
-                job_id=entry.job_id,
-                delivery_id=entry.delivery_id,
-                state="cancelled",
-                finished=_now(),
-                reason=reason,
-            )
+            report = status_report(entry, ReportedState.CANCELLED, reason=reason)
             if self.spool.drop(entry.job_id, reason, documents.render_status(report)):
                 self._transition(entry.job_id, entry.name, RECEIVED, "cancelled", reason)
-        elif entry.state == STARTED and item.action == "cancelled":
+        elif entry.state == STARTED and cancelled:
             self.spool.request_cancel(entry.job_id, reason)
             log.info("job %s (%s): cancelled by the server while running", entry.job_id, entry.name)
 
@@ -245,10 +309,12 @@ class Agent:
             delivery_id=entry.delivery_id,
             kill_grace=self.config.kill_grace,
             tick_interval=self.config.heartbeat_interval,
-            on_started=lambda pgid: self.spool.mark_started(doc.job_id, pgid),
+            on_started=lambda mark: self.spool.mark_started(
+                doc.job_id, mark.pgid, boot_id=mark.boot_id, leader_start=mark.leader_start
+            ),
             on_tick=lambda: self._tick(doc.job_id),
         )
-        if report.state == "cancelled":
+        if report.state == ReportedState.CANCELLED:
             reason = self.spool.cancel_reason(doc.job_id) or report.reason
             report = dataclasses.replace(report, reason=reason)
         self.spool.mark_finished(doc.job_id, documents.render_status(report))
@@ -265,9 +331,7 @@ class Agent:
 
     def _send_running(self, doc: JobDocument, entry: Entry) -> bool:
         """Best effort; False when the server refused it (then reconcile is re-checked)."""
-        report = StatusReport(
-            job_id=doc.job_id, delivery_id=entry.delivery_id, state="running", started=_now()
-        )
+        report = status_report(entry, ReportedState.RUNNING, started=utc_now())
         try:
             self.transport.report(documents.render_status(report))
         except TransportError as exc:
@@ -284,13 +348,7 @@ class Agent:
         return self.spool.cancel_reason(job_id) is not None
 
     def _fail_unrunnable(self, entry: Entry, reason: str) -> None:
-        report = StatusReport(
-            job_id=entry.job_id,
-            delivery_id=entry.delivery_id,
-            state="failed",
-            finished=_now(),
-            reason=reason,
-        )
+        report = status_report(entry, ReportedState.FAILED, reason=reason)
         self.spool.drop(entry.job_id, reason, documents.render_status(report))
         self._transition(entry.job_id, entry.name, RECEIVED, "failed", reason)
 

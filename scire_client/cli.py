@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scire_client import __version__, agent, enroll, lock
-from scire_client.config import ClientConfig, split_servers
+from scire_client.config import ClientConfig
 from scire_client.exceptions import (
     AgentBusy,
     ClientError,
@@ -24,7 +24,8 @@ from scire_client.exceptions import (
     EnrollmentRefused,
 )
 from scire_client.spool import Spool
-from scire_server.exceptions import ScireError
+from scire_schema import inifile
+from scire_schema.errors import SchemaError
 
 log = logging.getLogger("scire_client")
 
@@ -86,7 +87,7 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         path = DEFAULT_CONFIG
     servers = None
     if args.server:
-        servers = [url for item in args.server for url in split_servers(item)]
+        servers = [url for item in args.server for url in inifile.split_list(item)]
     return ClientConfig.load(
         path,
         require_servers=args.command != "spool",
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_REFUSED)
     except ClientError as exc:
         return _fail(exc, EXIT_ERROR)
-    except (OSError, ScireError) as exc:  # a full disk; a damaged document in the spool
+    except (OSError, SchemaError) as exc:  # a full disk; a damaged document in the spool
         return _fail(exc, EXIT_ERROR)
     except KeyboardInterrupt:
         print("scire-client: interrupted", file=sys.stderr)

@@ -7,9 +7,7 @@ so the rest of the agent can trust it.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
-import math
 import re
 import socket
 import urllib.parse
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from scire_client.exceptions import ConfigError
+from scire_schema import inifile
 
 SECTION = "client"
 POLL_BATCH = 10  # jobs asked for per poll
@@ -28,11 +27,6 @@ CONNECT_TIMEOUT = 10.0  # seconds per socket operation
 SPOOL_RETENTION = 7 * 24 * 3600.0  # seconds reported entries stay as dedupe tombstones
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def split_servers(raw: str) -> list[str]:
-    """``a, b c`` -> ``[a, b, c]``: commas and whitespace both separate."""
-    return [part for part in raw.replace(",", " ").split() if part]
 
 
 def normalize_fingerprint(raw: str) -> str:
@@ -79,18 +73,10 @@ class ClientConfig:
         cls, path: Path | None = None, *, require_servers: bool = True, **overrides: Any
     ) -> ClientConfig:
         """Read ``path`` (if given), apply the non-None ``overrides``, check the result."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            values.update(_read_section(path))
-        values.update({key: value for key, value in overrides.items() if value is not None})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
-        if not values.get("state_dir"):
-            raise ConfigError("state_dir is required (in [client] or --state-dir)")
-        converted = {key: _convert(fields[key], value) for key, value in values.items()}
-        config = cls(**converted)
+        try:
+            config = inifile.load(cls, path, SECTION, overrides)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         config.check(require_servers=require_servers)
         return config
 
@@ -141,37 +127,3 @@ class ClientConfig:
     @property
     def lock_file(self) -> Path:
         return self.state_dir / "lock"
-
-
-def _read_section(path: Path) -> dict[str, str]:
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            parser.read_file(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except configparser.Error as exc:
-        raise ConfigError(f"config file {path}: {exc}") from exc
-    if not parser.has_section(SECTION):
-        return {}
-    return dict(parser.items(SECTION))
-
-
-def _convert(field: dataclasses.Field[Any], value: Any) -> Any:
-    """Strings from the INI file (or already-typed overrides) -> the field's type."""
-    kind = str(field.type)
-    try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError("not finite")
-            return number
-        if kind in ("Path", "Path | None"):
-            return Path(value).expanduser()
-        if kind == "list[str]":
-            return split_servers(value) if isinstance(value, str) else list(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{field.name}: {value!r} is not a valid {kind}") from exc
-    return str(value)

@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from scire_client.config import ClientConfig
 from scire_client.exceptions import (
@@ -32,14 +31,13 @@ from scire_client.exceptions import (
     TransportError,
 )
 from scire_client.transport import ServerTransport
-from scire_server import pki, tls
-from scire_server.exceptions import ScireError
+from scire_schema import certs, files, tls
+from scire_schema.errors import CertificateError
+from scire_schema.protocol import REFUSED_STATUSES, EnrollmentStatus, FaultCode
 
 log = logging.getLogger(__name__)
 
 FETCH_INTERVAL = 2.0  # seconds between fetch_certificate calls while the request is pending
-FAULT_CONFLICT = 8  # register: a request for this name exists already
-FAULT_ENROLLMENT_REFUSED = 9
 
 
 def is_enrolled(config: ClientConfig) -> bool:
@@ -81,12 +79,12 @@ def ensure_enrolled(
     finally:
         transport.close()
     cert = _check_certificate(config, key, certificate)
-    pki.write_public(config.cert_file, pki.cert_to_pem(cert))
+    files.write_public(config.cert_file, certs.cert_to_pem(cert))
     log.info(
         "client %s: enrolled, certificate %s (fingerprint %s)",
         name,
         config.cert_file,
-        pki.fingerprint(cert),
+        certs.fingerprint(cert),
     )
     return True
 
@@ -95,7 +93,7 @@ def ensure_ca(config: ClientConfig) -> None:
     """Make sure ``ca_file`` holds the CA, fetching and checking it if it does not."""
     if config.ca_path.exists():
         if config.ca_fingerprint:
-            actual = pki.fingerprint(_load_cert(config.ca_path.read_bytes(), str(config.ca_path)))
+            actual = certs.fingerprint(_load_cert(config.ca_path.read_bytes(), str(config.ca_path)))
             if actual != config.ca_fingerprint:
                 raise ConfigError(
                     f"the CA in {config.ca_path} has fingerprint {actual}, "
@@ -111,7 +109,7 @@ def ensure_ca(config: ClientConfig) -> None:
     finally:
         transport.close()
     cert = _load_cert(pem, f"the CA sent by {server}")
-    actual = pki.fingerprint(cert)
+    actual = certs.fingerprint(cert)
     if actual != config.ca_fingerprint:
         raise ConfigError(
             f"the CA sent by {server} has fingerprint {actual}, "
@@ -119,35 +117,35 @@ def ensure_ca(config: ClientConfig) -> None:
         )
     # Write the checked certificate re-encoded, not the server's text, so
     # nothing unchecked (a second PEM block) ends up trusted.
-    pki.write_public(config.ca_path, pki.cert_to_pem(cert))
+    files.write_public(config.ca_path, certs.cert_to_pem(cert))
     log.info("CA %s fetched from %s and checked (fingerprint %s)", config.ca_path, server, actual)
 
 
 def _load_cert(pem: str | bytes, what: str) -> x509.Certificate:
     try:
-        return pki.load_cert(pem)
-    except ScireError as exc:
+        return certs.load_cert(pem)
+    except CertificateError as exc:
         raise ConfigError(f"{what} is not a PEM certificate") from exc
 
 
-def _load_or_make_key(config: ClientConfig) -> pki.PrivateKey:
+def _load_or_make_key(config: ClientConfig) -> certs.PrivateKey:
     if config.key_file.exists():
         try:
-            return pki.load_key(config.key_file.read_bytes())
-        except (ValueError, ScireError) as exc:
+            return certs.load_key(config.key_file.read_bytes())
+        except CertificateError as exc:
             raise ConfigError(f"{config.key_file} is not an EC private key: {exc}") from exc
-    key = pki.generate_key()
-    pki.write_private(config.key_file, pki.key_to_pem(key))
+    key = certs.generate_key()
+    files.write_private(config.key_file, certs.key_to_pem(key))
     log.info("client %s: new key %s", config.name, config.key_file)
     return key
 
 
-def _load_or_make_csr(config: ClientConfig, key: pki.PrivateKey) -> str:
+def _load_or_make_csr(config: ClientConfig, key: certs.PrivateKey) -> str:
     """The kept request if it is for this key and name, else a new one."""
     if config.csr_file.exists():
         try:
-            csr = pki.load_csr(config.csr_file.read_bytes())
-        except ScireError as exc:
+            csr = certs.load_csr(config.csr_file.read_bytes())
+        except CertificateError as exc:
             log.warning(
                 "client %s: %s is unusable (%s): making a new one",
                 config.name,
@@ -155,34 +153,27 @@ def _load_or_make_csr(config: ClientConfig, key: pki.PrivateKey) -> str:
                 exc,
             )
         else:
-            if _same_key(csr.public_key(), key) and pki.common_name(csr) == config.name:
+            if certs.same_key(csr.public_key(), key) and certs.common_name(csr) == config.name:
                 return config.csr_file.read_text(encoding="ascii")
-    pem = pki.make_csr(key, config.name)
-    pki.write_public(config.csr_file, pem)
+    pem = certs.make_csr(key, config.name)
+    files.write_public(config.csr_file, pem)
     return pem.decode("ascii")
-
-
-def _same_key(public_key: object, key: pki.PrivateKey) -> bool:
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    ours = key.public_key().public_bytes(der, spki)
-    return hasattr(public_key, "public_bytes") and public_key.public_bytes(der, spki) == ours
 
 
 def _register(transport: ServerTransport, config: ClientConfig, csr_pem: str) -> str:
     try:
         answer = transport.register(config.name, csr_pem, host_facts(), config.enrollment_token)
     except ServerFault as exc:
-        if exc.code == FAULT_ENROLLMENT_REFUSED:
+        if exc.code == FaultCode.ENROLLMENT_REFUSED:
             raise EnrollmentRefused(
                 f"enrollment of {config.name} refused: {exc.fault_message}"
             ) from exc
-        if exc.code != FAULT_CONFLICT:
+        if exc.code != FaultCode.CONFLICT:  # a request for this name exists already
             raise
         # A restarted agent registering its kept request again: go on to fetch.
         log.info("client %s: request already registered (%s)", config.name, exc.fault_message)
         return config.name
-    if answer.status in ("rejected", "revoked"):
+    if answer.status in REFUSED_STATUSES:
         raise EnrollmentRefused(f"enrollment of {answer.name} {answer.status} by an administrator")
     if answer.name != config.name:
         log.warning("client %s: the server registered the name %s", config.name, answer.name)
@@ -203,16 +194,16 @@ def _wait_for_certificate(
         try:
             answer = transport.fetch_certificate(name, csr_pem)
         except ServerFault as exc:
-            if exc.code == FAULT_ENROLLMENT_REFUSED:
+            if exc.code == FaultCode.ENROLLMENT_REFUSED:
                 raise EnrollmentRefused(
                     f"enrollment of {name} refused: {exc.fault_message}"
                 ) from exc
             raise
-        if answer.status == "accepted":
+        if answer.status == EnrollmentStatus.ACCEPTED:
             if not answer.certificate:
                 raise TransportError("fetch_certificate said accepted but sent no certificate")
             return answer.certificate
-        if answer.status in ("rejected", "revoked"):
+        if answer.status in REFUSED_STATUSES:
             raise EnrollmentRefused(f"enrollment of {name} {answer.status} by an administrator")
         remaining = deadline - clock()
         if remaining <= 0:
@@ -222,10 +213,10 @@ def _wait_for_certificate(
         sleep(min(FETCH_INTERVAL, remaining))
 
 
-def _check_certificate(config: ClientConfig, key: pki.PrivateKey, pem: str) -> x509.Certificate:
+def _check_certificate(config: ClientConfig, key: certs.PrivateKey, pem: str) -> x509.Certificate:
     """The certificate must carry our key and be signed by the CA we trust."""
     cert = _load_cert(pem, "the certificate sent by the server")
-    if not _same_key(cert.public_key(), key):
+    if not certs.same_key(cert.public_key(), key):
         raise TransportError("the server sent a certificate for another key")
     ca = _load_cert(config.ca_path.read_bytes(), str(config.ca_path))
     try:

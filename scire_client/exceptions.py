@@ -16,8 +16,7 @@ original.
 
 from __future__ import annotations
 
-#: Fault codes after which the same call can never succeed; see scire_server/exceptions.py.
-PERMANENT_FAULTS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9})
+from scire_schema.protocol import PERMANENT_FAULTS
 
 
 class ClientError(Exception):
@@ -49,7 +48,7 @@ class ServerFault(ClientError):
 
     @property
     def permanent(self) -> bool:
-        """True when retrying the same call cannot help (codes 1-9)."""
+        """True when retrying the same call cannot help (``protocol.PERMANENT_FAULTS``)."""
         return self.code in PERMANENT_FAULTS
 
 

@@ -1,15 +1,19 @@
 """Runs one job as its own process: timeout, output cap, heartbeats, kill.
 
+The runner owns the job's process group, in this agent's life and after it:
+nothing else signals one.
+
 The job runs as ``interpreter script`` in a new session (so its whole process
-group can be signalled, and it survives an agent crash for ``recover`` to
-find), with stdin from /dev/null and stdout and stderr into one file.
+group can be signalled, and it survives an agent crash for ``kill_leftover``
+to find), with stdin from /dev/null and stdout and stderr into one file.
 
 A gate makes "started is on disk before the job runs" exact: the process is
 first a ``/bin/sh`` that waits for one line on its stdin. The runner spawns
-it, hands its pid (= process group id) to ``on_started`` -- which journals it
--- and only then writes the go-ahead; the shell swaps stdin for /dev/null
-and execs the interpreter in the same process. If the agent dies before the
-go-ahead, the shell reads end-of-file and exits without running anything.
+it, hands its ``ProcessMark`` (process group id, boot, leader start time) to
+``on_started`` -- which journals it -- and only then writes the go-ahead; the
+shell swaps stdin for /dev/null and execs the interpreter in the same process.
+If the agent dies before the go-ahead, the shell reads end-of-file and exits
+without running anything.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from scire_server.documents import JobDocument, StatusReport
+from scire_schema.documents import JobDocument, StatusReport
+from scire_schema.protocol import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,63 @@ _GO = b"go\n"
 _GATE = f'IFS= read -r go && [ "$go" = go ] || exit {GATE_EXIT}; exec "$@" </dev/null'
 
 CANCELLED_REASON = "cancelled by the server"
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_KILL_POLL = 0.05  # seconds between checks that a leftover process group is gone
+
+
+@dataclass(frozen=True)
+class ProcessMark:
+    """What tells a job's process group from another after the agent restarts.
+
+    A process group id alone does not: after a reboot, or once the group is
+    gone, the number may name someone else's processes. ``None`` means the
+    value could not be read (no ``/proc``); that check is then skipped.
+    """
+
+    pgid: int
+    boot_id: str | None = None  #: the boot the group was started in
+    leader_start: int | None = None  #: the leader's start time, clock ticks since boot
+
+    @classmethod
+    def take(cls, pgid: int) -> ProcessMark:
+        """The mark of the live group ``pgid``, read while its leader runs."""
+        return cls(pgid, _boot_id(), _process_start(pgid))
+
+    def still_ours(self) -> bool:
+        """False when the group provably is not the job's any more."""
+        if self.boot_id is not None and self.boot_id != _boot_id():
+            return False  # the host rebooted: the group died with it, its number may be reused
+        current_start = _process_start(self.pgid)
+        if (
+            self.leader_start is not None
+            and current_start is not None
+            and current_start != self.leader_start
+        ):
+            return False  # the leader's pid belongs to a newer process now
+        # Else the group is ours: the kernel does not reuse a pid while it names a live group.
+        return True
+
+
+def kill_leftover(mark: ProcessMark, kill_grace: float, what: str) -> None:
+    """Kill what is left of a job's process group after an agent crash, if it is
+    still there and still the job's: SIGTERM, then SIGKILL after ``kill_grace``.
+    ``what`` names the job in the log."""
+    if not mark.still_ours():
+        return
+    try:
+        os.killpg(mark.pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        log.error("%s: cannot kill process group %s: not ours", what, mark.pgid)
+        return
+    log.warning("%s: killing leftover process group %s", what, mark.pgid)
+    deadline = time.monotonic() + kill_grace
+    while time.monotonic() < deadline:
+        if not _group_alive(mark.pgid):
+            return
+        time.sleep(_KILL_POLL)
+    _signal_group(mark.pgid, signal.SIGKILL)
 
 
 def read_output(path: Path, limit: int) -> tuple[str, bool]:
@@ -48,8 +111,32 @@ def read_output(path: Path, limit: int) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), truncated
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+def _boot_id() -> str | None:
+    try:
+        return _BOOT_ID.read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[19])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -66,13 +153,13 @@ def run_job(
     delivery_id: str,
     kill_grace: float,
     tick_interval: float,
-    on_started: Callable[[int], None],
+    on_started: Callable[[ProcessMark], None],
     on_tick: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
 ) -> StatusReport:
     """Run ``doc`` in ``entry_dir`` and return its final status.
 
-    ``on_started(pgid)`` runs after the spawn and before the script may
+    ``on_started(mark)`` runs after the spawn and before the script may
     start; ``on_tick()`` runs every ``tick_interval`` seconds and returns True
     when the job must be cancelled.
     """
@@ -85,7 +172,7 @@ def run_job(
         "SCIRE_DELIVERY_ID": delivery_id,
         "SCIRE_JOB_NAME": doc.name,
     }
-    started = _now()
+    started = utc_now()
     with open(output_path, "wb") as output:
         gate_read, gate_write = os.pipe()
         try:
@@ -105,7 +192,7 @@ def run_job(
             os.close(gate_read)
     with os.fdopen(gate_write, "wb") as gate:
         try:
-            on_started(proc.pid)
+            on_started(ProcessMark.take(proc.pid))
         except BaseException:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -123,7 +210,7 @@ def run_job(
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
-    finished = _now()
+    finished = utc_now()
     output_text, truncated = read_output(output_path, doc.output_limit)
     code = proc.returncode
     if code < 0:
@@ -197,7 +284,7 @@ def _report(
         state=state,
         exit_code=exit_code,
         started=started,
-        finished=finished or _now(),
+        finished=finished or utc_now(),
         reason=reason,
         output=output,
         truncated=truncated,

@@ -13,9 +13,11 @@ One directory per job under ``state_dir/spool/<job_id>/``:
 Every file is written to a temporary name, fsynced, renamed over the old one,
 and the directory fsynced, so a crash leaves the old or the new version,
 never half of one. An entry exists once its ``state`` file does; ``add``
-writes it last. ``started`` is on disk, with the process group, before the
-job's script can run (see ``runner.py``), so after a crash ``recover`` knows
-exactly which jobs may have run and kills what is left of them.
+writes it last. ``started`` is on disk, with the mark of the process group,
+before the job's script can run (see ``runner.py``), so after a crash the
+agent knows exactly which jobs may have run, and the runner can kill what is
+left of them. The spool only stores: it never signals a process or decides
+what becomes of a job.
 
 Entries outlive their report as tombstones for ``spool_retention``: a job id
 already in the spool is never run again, whatever the delivery. Only the
@@ -28,20 +30,18 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scire_client import runner
 from scire_client.exceptions import SpoolError
-from scire_server import documents
-from scire_server.documents import JobDocument, StatusReport
-from scire_server.exceptions import InvalidDocument
-from scire_server.pki import fsync_dir, write_atomic
+from scire_schema import documents
+from scire_schema.documents import JobDocument
+from scire_schema.errors import DocumentError
+from scire_schema.files import fsync_dir, write_atomic
+from scire_schema.protocol import format_time, parse_time, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,6 @@ STATE_FILE = "state"
 RESULT_FILE = "result.xml"
 CANCEL_FILE = "cancelled"
 
-REASON_AGENT_RESTARTED = "agent restarted"
-RECOVERED_OUTPUT_LIMIT = 64 * 1024  # bytes, when the job file cannot tell its own limit
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-_KILL_POLL = 0.05  # seconds between checks that an orphaned process group is gone
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -74,49 +69,11 @@ class Entry:
     priority: int
     created: dt.datetime
     path: Path
-    pgid: int | None = None
+    pgid: int | None = None  #: the job's process group, once started
+    boot_id: str | None = None  #: with ``leader_start``: the runner's proof the group is the job's
+    leader_start: int | None = None
     started_at: dt.datetime | None = None
     updated_at: float = 0.0  # seconds since the epoch
-
-    @property
-    def script_path(self) -> Path:
-        return self.path / runner.SCRIPT_FILE
-
-    @property
-    def output_path(self) -> Path:
-        return self.path / runner.OUTPUT_FILE
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _boot_id() -> str | None:
-    try:
-        return _BOOT_ID.read_text().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[19])
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Spool:
@@ -143,7 +100,7 @@ class Spool:
         path = self._dir(job_id) / JOB_FILE
         try:
             return documents.parse_job(path.read_bytes())
-        except (OSError, InvalidDocument) as exc:
+        except (OSError, DocumentError) as exc:
             raise SpoolError(f"spool entry {job_id}: cannot read {JOB_FILE}: {exc}") from exc
 
     def runnable(self) -> list[Entry]:
@@ -198,21 +155,29 @@ class Spool:
                 "delivery_id": doc.delivery_id,
                 "name": doc.name,
                 "priority": doc.priority,
-                "created": documents.format_time(doc.created),
+                "created": format_time(doc.created),
             },
         )
         fsync_dir(self.root)
         return True
 
-    def mark_started(self, job_id: int, pgid: int) -> None:
-        """Journal the start, with what ``recover`` needs to find the process group."""
+    def mark_started(
+        self,
+        job_id: int,
+        pgid: int,
+        *,
+        boot_id: str | None = None,
+        leader_start: int | None = None,
+    ) -> None:
+        """Journal the start, with the runner's mark of the process group
+        (``runner.ProcessMark``), kept for the runner after a crash."""
         self._update(
             job_id,
             state=STARTED,
             pgid=pgid,
-            boot_id=_boot_id(),
-            leader_start=_process_start(pgid),
-            started_at=documents.format_time(_now()),
+            boot_id=boot_id,
+            leader_start=leader_start,
+            started_at=format_time(utc_now()),
         )
 
     def mark_finished(self, job_id: int, status_xml: str) -> None:
@@ -240,58 +205,27 @@ class Spool:
             self._update(job_id, state=DROPPED)
         return True
 
-    def recover(self, kill_grace: float) -> list[int]:
-        """Finish what a dead agent left; returns the ids it changed.
+    def recover(self) -> list[int]:
+        """Put the files in order after a crash; returns the ids it finished.
 
         Entries without a journal were never acknowledged and are removed. A
-        ``started`` entry with a result died before its journal said finished.
-        One without a result was running when the agent died: what is left of
-        its process group is killed, then it runs again if the job allows it,
-        else it fails with reason "agent restarted".
+        ``started`` entry with a result died between writing it and its journal
+        saying finished: it is finished now. The ``started`` entries left were
+        running when the agent died; what becomes of them is the agent's call.
         """
         self._remove_uncommitted()
-        changed = []
+        finished = []
         for entry in self.entries(STARTED):
-            changed.append(entry.job_id)
             if (entry.path / RESULT_FILE).exists():
                 self._update(entry.job_id, state=FINISHED)
-                continue
-            self._kill_orphan(entry, kill_grace)
-            try:
-                doc: JobDocument | None = self.job(entry.job_id)
-            except SpoolError as exc:
-                log.error("job %s (%s): %s", entry.job_id, entry.name, exc)
-                doc = None
-            cancelled = self.cancel_reason(entry.job_id)
-            if doc is not None and doc.rerun_on_agent_crash and cancelled is None:
-                self._update(entry.job_id, state=RECEIVED, pgid=None, started_at=None)
-                log.warning(
-                    "job %s (%s): started -> received: agent restarted, the job reruns",
-                    entry.job_id,
-                    entry.name,
-                )
-                continue
-            limit = doc.output_limit if doc is not None else RECOVERED_OUTPUT_LIMIT
-            output, truncated = runner.read_output(entry.output_path, limit)
-            report = StatusReport(
-                job_id=entry.job_id,
-                delivery_id=entry.delivery_id,
-                state="cancelled" if cancelled is not None else "failed",
-                started=entry.started_at,
-                finished=_now(),
-                reason=cancelled if cancelled is not None else REASON_AGENT_RESTARTED,
-                output=output,
-                truncated=truncated,
-            )
-            self.mark_finished(entry.job_id, documents.render_status(report))
-            log.warning(
-                "job %s (%s): started -> %s: %s",
-                entry.job_id,
-                entry.name,
-                report.state,
-                report.reason,
-            )
-        return changed
+                finished.append(entry.job_id)
+        return finished
+
+    def requeue(self, job_id: int) -> None:
+        """A started job whose run was lost waits to run again."""
+        self._update(
+            job_id, state=RECEIVED, pgid=None, boot_id=None, leader_start=None, started_at=None
+        )
 
     def purge(self, older_than: float) -> int:
         """Remove reported and dropped tombstones last touched ``older_than`` seconds ago."""
@@ -322,7 +256,7 @@ class Spool:
                     journal = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
                     if journal.get("state") not in STATES:
                         raise ValueError(f"unknown state {journal.get('state')!r}")
-                    documents.parse_time(journal["created"])
+                    parse_time(journal["created"])
                     str(journal["delivery_id"])
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     # Left in place for an operator, and its id never runs; we cannot tell
@@ -342,10 +276,12 @@ class Spool:
             delivery_id=journal["delivery_id"],
             name=journal.get("name", ""),
             priority=int(journal.get("priority", 0)),
-            created=documents.parse_time(journal["created"]),
+            created=parse_time(journal["created"]),
             path=self._dir(job_id),
             pgid=journal.get("pgid"),
-            started_at=documents.parse_time(started_at) if started_at else None,
+            boot_id=journal.get("boot_id"),
+            leader_start=journal.get("leader_start"),
+            started_at=parse_time(started_at) if started_at else None,
             updated_at=float(journal.get("updated_at", 0.0)),
         )
 
@@ -373,7 +309,7 @@ class Spool:
         if journal["state"] in (FINISHED, REPORTED):
             try:
                 result = documents.parse_status(self._read_result(job_id))
-            except InvalidDocument as exc:
+            except DocumentError as exc:
                 raise SpoolError(f"spool entry {job_id}: {RESULT_FILE} is damaged: {exc}") from exc
             renewed = dataclasses.replace(result, delivery_id=delivery_id)
             write_atomic(self._dir(job_id) / RESULT_FILE, documents.render_status(renewed).encode())
@@ -395,37 +331,3 @@ class Spool:
             if path.name.isdigit() and int(path.name) not in committed:
                 if not (path / STATE_FILE).exists():
                     shutil.rmtree(path, ignore_errors=True)
-
-    def _kill_orphan(self, entry: Entry, kill_grace: float) -> None:
-        """Kill the job's process group if it is still there and still ours."""
-        pgid = entry.pgid
-        if pgid is None:
-            return
-        journal = self._load()[entry.job_id]
-        boot_id = journal.get("boot_id")
-        if boot_id is not None and boot_id != _boot_id():
-            return  # the host rebooted: the group died with it, its number may be reused
-        leader_start = journal.get("leader_start")
-        current_start = _process_start(pgid)
-        if leader_start is not None and current_start is not None and leader_start != current_start:
-            return  # the leader's pid belongs to a newer process now
-        # Else the group is ours: the kernel does not reuse a pid while it names a live group.
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            log.error("job %s: cannot kill process group %s: not ours", entry.job_id, pgid)
-            return
-        log.warning(
-            "job %s (%s): killing leftover process group %s", entry.job_id, entry.name, pgid
-        )
-        deadline = time.monotonic() + kill_grace
-        while time.monotonic() < deadline:
-            if not _group_alive(pgid):
-                return
-            time.sleep(_KILL_POLL)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -5,7 +5,8 @@ current server; on a network/TLS error or a retryable fault it moves to the
 next, and after ``FAILBACK_AFTER`` seconds on a fallback it tries the first
 again. Every foreign error leaves this module as a ``TransportError`` or a
 ``ServerFault`` (``from`` the original), and every answer is checked and
-turned into a small typed value.
+turned into a small typed value. Job files are decoded here, once: a poll
+answer carries each job's ``JobDocument`` with the XML text the spool keeps.
 """
 
 from __future__ import annotations
@@ -22,38 +23,48 @@ from xml.parsers.expat import ExpatError
 
 from scire_client.config import ClientConfig
 from scire_client.exceptions import ConfigError, ServerFault, TransportError
-from scire_server import tls
+from scire_schema import documents, tls
+from scire_schema.documents import JobDocument
+from scire_schema.errors import DocumentError
+from scire_schema.protocol import EnrollmentStatus, ReconcileAction
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 FAILBACK_AFTER = 300.0  # seconds on a fallback server before the first is tried again
 
-ENROLLMENT_STATUSES = ("pending", "accepted", "rejected", "revoked")
-RECONCILE_ACTIONS = ("cancelled", "expired", "unknown")
-
 
 @dataclass(frozen=True)
 class Registration:
     name: str
-    status: str  # pending | accepted (or rejected | revoked)
+    status: EnrollmentStatus  # pending | accepted (or rejected | revoked)
 
 
 @dataclass(frozen=True)
 class CertificateAnswer:
-    status: str  # pending | accepted | rejected | revoked
+    status: EnrollmentStatus
     certificate: str  # PEM; "" unless accepted
 
 
 @dataclass(frozen=True)
 class Reconcile:
     job_id: int
-    action: str  # cancelled | expired | unknown
+    action: ReconcileAction
+
+
+@dataclass(frozen=True)
+class DeliveredJob:
+    """One job file of a poll answer: the text as sent (the spool keeps it) and what it says."""
+
+    xml: str
+    doc: JobDocument
 
 
 @dataclass(frozen=True)
 class PollAnswer:
-    jobs: list[str]  # job XML documents
+    #: The job files that parsed; one that did not is logged and left out, so it
+    #: is not acknowledged: its lease runs out and the server sends it again.
+    jobs: list[DeliveredJob]
     reconcile: list[Reconcile]
     poll_interval: int
 
@@ -62,24 +73,9 @@ class PollAnswer:
 class ReportAnswer:
     job_id: int
     state: str
-    result: str  # applied | duplicate | ignored
-
-
-class _TLSTransport(xmlrpc.client.SafeTransport):
-    """SafeTransport with our SSL context and a socket timeout.
-
-    The stdlib transport keeps one HTTP/1.1 connection open between calls, so
-    a run's many polls and reports reuse one TLS session.
-    """
-
-    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
-        super().__init__(context=context)
-        self._timeout = timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
-        conn = super().make_connection(host)
-        conn.timeout = self._timeout  # read when the socket is opened
-        return conn
+    # A ``protocol.ReportResult`` word; only logged, so a word this agent does
+    # not know yet never keeps a delivered report from being marked reported.
+    result: str
 
 
 class ServerTransport:
@@ -127,18 +123,14 @@ class ServerTransport:
         answer = _expect(
             self._call("agent.register", name, csr_pem, facts, token), dict, "agent.register"
         )
-        status = _field(answer, "status", str, "agent.register")
         # The contract says pending | accepted; a server may also say why not.
-        if status not in ENROLLMENT_STATUSES:
-            raise TransportError(f"agent.register answered an unknown status {status!r}")
+        status = _status(_field(answer, "status", str, "agent.register"), "agent.register")
         return Registration(name=_field(answer, "name", str, "agent.register"), status=status)
 
     def fetch_certificate(self, name: str, csr_pem: str) -> CertificateAnswer:
         method = "agent.fetch_certificate"
         answer = _expect(self._call(method, name, csr_pem), dict, method)
-        status = _field(answer, "status", str, method)
-        if status not in ENROLLMENT_STATUSES:
-            raise TransportError(f"{method} answered an unknown status {status!r}")
+        status = _status(_field(answer, "status", str, method), method)
         certificate = answer.get("certificate") or ""
         if not isinstance(certificate, str):
             raise TransportError(f"{method} answered a certificate that is not text")
@@ -146,16 +138,22 @@ class ServerTransport:
 
     def poll(self, held: list[int], running: list[int], limit: int) -> PollAnswer:
         answer = _expect(self._call("agent.poll", held, running, limit), dict, "agent.poll")
-        jobs = _field(answer, "jobs", list, "agent.poll")
-        if not all(isinstance(job, str) for job in jobs):
+        texts = _field(answer, "jobs", list, "agent.poll")
+        if not all(isinstance(text, str) for text in texts):
             raise TransportError("agent.poll answered a job that is not an XML string")
+        jobs = []
+        for text in texts:
+            try:
+                jobs.append(DeliveredJob(xml=text, doc=documents.parse_job(text)))
+            except DocumentError as exc:
+                log.error("a job document from the server was refused: %s", exc)
         reconcile = []
         for item in answer.get("reconcile") or []:
             job_id = item.get("job_id") if isinstance(item, dict) else None
             action = item.get("action") if isinstance(item, dict) else None
-            if not isinstance(job_id, int) or action not in RECONCILE_ACTIONS:
+            if not isinstance(job_id, int) or action not in set(ReconcileAction):
                 raise TransportError(f"agent.poll answered a bad reconcile entry {item!r}")
-            reconcile.append(Reconcile(job_id=job_id, action=str(action)))
+            reconcile.append(Reconcile(job_id=job_id, action=ReconcileAction(action)))
         interval = answer.get("poll_interval", 0)
         return PollAnswer(
             jobs=jobs,
@@ -214,7 +212,7 @@ class ServerTransport:
         proxy = self._proxies.get(url)
         if proxy is None:
             proxy = xmlrpc.client.ServerProxy(
-                url, transport=_TLSTransport(self._context, self._timeout), allow_none=True
+                url, transport=tls.TLSTransport(self._context, self._timeout), allow_none=True
             )
             self._proxies[url] = proxy
         log.debug("server %s: calling %s", url, method)
@@ -248,6 +246,12 @@ def _default_context(config: ClientConfig) -> ssl.SSLContext:
         return tls.client_context(config.ca_path, cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the CA {config.ca_path} or the agent's key: {exc}") from exc
+
+
+def _status(value: str, method: str) -> EnrollmentStatus:
+    if value not in set(EnrollmentStatus):
+        raise TransportError(f"{method} answered an unknown status {value!r}")
+    return EnrollmentStatus(value)
 
 
 def _expect(value: object, kind: type[_T], method: str) -> _T:

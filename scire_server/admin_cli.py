@@ -19,7 +19,8 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
-from scire_server import __version__, migrations, pki, store, tls
+from scire_schema import certs, files, tls
+from scire_server import __version__, ca, migrations, store
 from scire_server.config import AdminConfig, ServerConfig
 from scire_server.exceptions import FAULT_NAMES, ScireError
 
@@ -45,19 +46,8 @@ class CLIError(Exception):
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.S)
 
 
-class _TLSTransport(xmlrpc.client.SafeTransport):
-    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
-        super().__init__(context=context)
-        self._timeout = timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
-        conn = super().make_connection(host)
-        conn.timeout = self._timeout
-        return conn
-
-
 def write_bundle(path: Path, key_pem: bytes, cert_pem: str, ca_pem: str) -> None:
-    pki.write_private(path, key_pem + cert_pem.encode() + ca_pem.encode())
+    files.write_private(path, key_pem + cert_pem.encode() + ca_pem.encode())
 
 
 def connect(config: AdminConfig) -> Any:
@@ -69,15 +59,15 @@ def connect(config: AdminConfig) -> Any:
             f"cannot read the user bundle {bundle}: {exc.strerror} "
             "(make one with 'scire-admin user add' or 'scire-admin init')"
         ) from exc
-    certs = [m.group(0) for m in _PEM_BLOCK.finditer(text) if m.group(1) == "CERTIFICATE"]
-    if len(certs) < 2:
+    pem_certs = [m.group(0) for m in _PEM_BLOCK.finditer(text) if m.group(1) == "CERTIFICATE"]
+    if len(pem_certs) < 2:
         raise CLIError(f"{bundle} is not a Scire user bundle (key, certificate and CA)")
     try:
-        context = tls.client_context(None, bundle, bundle, ca_data=certs[-1])
+        context = tls.client_context(None, bundle, bundle, ca_data=pem_certs[-1])
     except ssl.SSLError as exc:
         raise CLIError(f"{bundle}: {exc}") from exc
     return xmlrpc.client.ServerProxy(
-        config.server, transport=_TLSTransport(context, config.timeout), allow_none=True
+        config.server, transport=tls.TLSTransport(context, config.timeout), allow_none=True
     )
 
 
@@ -155,32 +145,34 @@ def cmd_init(args: argparse.Namespace) -> None:
     check_bundle_target(args.bundle)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.state_dir, 0o700)
-    ca_key, ca_cert = pki.create_ca()
-    pki.write_private(config.ca_key_file, pki.key_to_pem(ca_key))
-    pki.write_public(config.ca_cert_file, pki.cert_to_pem(ca_cert))
-    server_key = pki.generate_key()
-    server_cert = pki.issue_certificate(
+    ca_key, ca_cert = ca.create_ca()
+    files.write_private(config.ca_key_file, certs.key_to_pem(ca_key))
+    files.write_public(config.ca_cert_file, certs.cert_to_pem(ca_cert))
+    server_key = certs.generate_key()
+    server_cert = ca.issue_certificate(
         ca_key,
         ca_cert,
         server_key.public_key(),
         config.alt_names[0],
-        pki.ROLE_SERVER,
+        ca.ROLE_SERVER,
         config.alt_names,
     )
-    pki.write_private(config.key_file, pki.key_to_pem(server_key))
-    pki.write_public(config.cert_file, pki.cert_to_pem(server_cert))
+    files.write_private(config.key_file, certs.key_to_pem(server_key))
+    files.write_public(config.cert_file, certs.cert_to_pem(server_cert))
     store.upgrade_database(config.database_url)
-    user_key = pki.generate_key()
-    user_cert = pki.sign_csr(
-        ca_key, ca_cert, pki.make_csr(user_key, args.admin), args.admin, pki.ROLE_USER
+    user_key = certs.generate_key()
+    user_cert = ca.sign_csr(
+        ca_key, ca_cert, certs.make_csr(user_key, args.admin), args.admin, ca.ROLE_USER
     )
     db = store.Store(store.make_engine(config.database_url), "scire-admin init")
     try:
-        db.add_user(args.admin, pki.fingerprint(user_cert), True, "scire-admin init")
+        db.add_user(args.admin, certs.fingerprint(user_cert), True, "scire-admin init")
     finally:
         db.close()
-    ca_pem = pki.cert_to_pem(ca_cert).decode()
-    write_bundle(args.bundle, pki.key_to_pem(user_key), pki.cert_to_pem(user_cert).decode(), ca_pem)
+    ca_pem = certs.cert_to_pem(ca_cert).decode()
+    write_bundle(
+        args.bundle, certs.key_to_pem(user_key), certs.cert_to_pem(user_cert).decode(), ca_pem
+    )
     show(
         args,
         {
@@ -189,7 +181,7 @@ def cmd_init(args: argparse.Namespace) -> None:
             "server_names": config.alt_names,
             "admin": args.admin,
             "bundle": str(args.bundle),
-            "ca_fingerprint": pki.fingerprint(ca_cert),
+            "ca_fingerprint": certs.fingerprint(ca_cert),
         },
     )
 
@@ -268,11 +260,11 @@ def cmd_user(args: argparse.Namespace, proxy: Any) -> None:
     else:
         out = args.out or Path(f"{args.name}.pem")
         check_bundle_target(out)
-        key = pki.generate_key()
+        key = certs.generate_key()
         answer = call(
-            proxy, "admin.user_add", args.name, pki.make_csr(key, args.name).decode(), args.admin
+            proxy, "admin.user_add", args.name, certs.make_csr(key, args.name).decode(), args.admin
         )
-        write_bundle(out, pki.key_to_pem(key), answer["certificate"], answer["ca"])
+        write_bundle(out, certs.key_to_pem(key), answer["certificate"], answer["ca"])
         show(args, {"name": args.name, "admin": args.admin, "bundle": str(out)})
 
 

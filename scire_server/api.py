@@ -17,9 +17,11 @@ from typing import Any
 
 from cryptography import x509
 
-from scire_server import documents, pki
+from scire_schema import certs, documents
+from scire_schema.errors import SchemaError
+from scire_server import ca
 from scire_server.config import ServerConfig
-from scire_server.exceptions import InvalidArgument, InvalidDocument, NotFound
+from scire_server.exceptions import InvalidArgument, InvalidDocument, NotFound, from_schema_error
 from scire_server.store import Caller, JobSpec, Store
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,9 @@ class Service:
     def __init__(self, config: ServerConfig, store: Store) -> None:
         self.config = config
         self.store = store
-        self.ca_cert = pki.load_cert(config.ca_cert_file.read_bytes())
-        self.ca_key = pki.load_key(config.ca_key_file.read_bytes())
-        self.ca_pem = pki.cert_to_pem(self.ca_cert).decode()
+        self.ca_cert = certs.load_cert(config.ca_cert_file.read_bytes())
+        self.ca_key = certs.load_key(config.ca_key_file.read_bytes())
+        self.ca_pem = certs.cert_to_pem(self.ca_cert).decode()
 
     def methods(self) -> dict[str, tuple[str, Callable[..., Any]]]:
         """Remote name -> (who may call it, the function)."""
@@ -116,10 +118,13 @@ class Service:
         name = check_name(name, "client name")
         if not isinstance(csr_pem, str):
             raise InvalidArgument("csr_pem must be a PEM string")
-        csr = pki.load_csr(csr_pem)
-        if pki.common_name(csr) != name:
+        try:
+            csr = certs.load_csr(csr_pem)
+        except SchemaError as exc:
+            raise from_schema_error(exc) from exc
+        if certs.common_name(csr) != name:
             raise InvalidArgument(
-                f"the request's common name {pki.common_name(csr)!r} is not {name!r}"
+                f"the request's common name {certs.common_name(csr)!r} is not {name!r}"
             )
         facts = facts if isinstance(facts, dict) else {}
         facts = {str(k)[:64]: str(v)[:255] for k, v in list(facts.items())[:50]}
@@ -132,9 +137,9 @@ class Service:
         return {"name": name, "status": status}
 
     def _sign_client(self, name: str, csr_pem: str, actor: str) -> None:
-        cert = pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, pki.ROLE_CLIENT)
+        cert = ca.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, ca.ROLE_CLIENT)
         self.store.decide_client(
-            name, "accepted", actor, pki.cert_to_pem(cert).decode(), pki.fingerprint(cert)
+            name, "accepted", actor, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert)
         )
 
     def fetch_certificate(self, _caller: None, name: Any, csr_pem: Any) -> dict[str, Any]:
@@ -174,7 +179,10 @@ class Service:
     def report(self, caller: Caller, status_xml: Any) -> dict[str, Any]:
         if not isinstance(status_xml, str):
             raise InvalidDocument("the status report must be an XML string")
-        report = documents.parse_status(status_xml)
+        try:
+            report = documents.parse_status(status_xml)
+        except SchemaError as exc:
+            raise from_schema_error(exc) from exc
         result = self.store.report(caller, report)
         return {"job_id": report.job_id, "state": report.state, "result": result}
 
@@ -280,7 +288,7 @@ class Service:
             "token": token,
             "uses": uses,
             "expires": expires,
-            "ca_fingerprint": pki.fingerprint(self.ca_cert),
+            "ca_fingerprint": certs.fingerprint(self.ca_cert),
         }
 
     # --- admin: groups, users, grants ------------------------------------------------
@@ -331,11 +339,14 @@ class Service:
         if not isinstance(csr_pem, str):
             raise InvalidArgument("csr_pem must be a PEM string")
         cert = self.issue_user(name, csr_pem)
-        self.store.add_user(name, pki.fingerprint(cert), bool(is_admin), f"user:{caller.name}")
-        return {"name": name, "certificate": pki.cert_to_pem(cert).decode(), "ca": self.ca_pem}
+        self.store.add_user(name, certs.fingerprint(cert), bool(is_admin), f"user:{caller.name}")
+        return {"name": name, "certificate": certs.cert_to_pem(cert).decode(), "ca": self.ca_pem}
 
     def issue_user(self, name: str, csr_pem: str) -> x509.Certificate:
-        return pki.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, pki.ROLE_USER)
+        try:
+            return ca.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, ca.ROLE_USER)
+        except SchemaError as exc:
+            raise from_schema_error(exc) from exc
 
     def user_list(self, caller: Caller) -> list[dict[str, Any]]:
         return self.store.users()

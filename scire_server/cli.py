@@ -10,7 +10,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from scire_server import __version__, recovery, store, timed, tls
+from scire_schema import tls
+from scire_schema.errors import SchemaError
+from scire_server import __version__, recovery, store, timed
 from scire_server.api import Service
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return serve(config)
-    except ScireError as exc:
+    except (ScireError, SchemaError) as exc:  # SchemaError: the CA's own files are damaged
         log.error("%s", exc.message)
         return 1
     except OSError as exc:

@@ -7,13 +7,13 @@ constants below.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from scire_server.exceptions import InvalidArgument
+from scire_schema import inifile
+from scire_server.exceptions import ConfigError
 
 LISTEN_HOST = "127.0.0.1"
 LISTEN_PORT = 8443
@@ -36,46 +36,16 @@ DEFAULT_INTERPRETER = "/bin/sh"
 TOKEN_TTL = 24 * 3600  # seconds an enrollment token is valid
 
 
-def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+_Config = TypeVar("_Config", "ServerConfig", "AdminConfig")
+
+
+def _load(
+    cls: type[_Config], path: Path | None, section: str, overrides: dict[str, Any]
+) -> _Config:
     try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if kind in ("Path", "Path | None"):
-            return Path(raw).expanduser()
-        if kind == "list[str]":
-            return [part for part in raw.replace(",", " ").split() if part]
+        config = inifile.load(cls, path, section, overrides)
     except ValueError as exc:
-        raise InvalidArgument(f"{field.name}: {raw!r} is not a valid {kind}") from exc
-    return raw
-
-
-def _load(cls: type[Any], path: Path | None, section: str, overrides: dict[str, Any]) -> Any:
-    values: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if path is not None:
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                parser.read_file(fh)
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read config file {path}: {exc.strerror}") from exc
-        except configparser.Error as exc:
-            raise InvalidArgument(f"config file {path}: {exc}") from exc
-        if parser.has_section(section):
-            for key, raw in parser.items(section):
-                if key not in fields:
-                    raise InvalidArgument(f"config file {path}: unknown key {key!r} in [{section}]")
-                values[key] = _convert(fields[key], raw)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        config = cls(**values)
-    except TypeError as exc:
-        raise InvalidArgument(f"configuration: {exc}") from exc
+        raise ConfigError(str(exc)) from exc
     config.check()
     return config
 
@@ -110,8 +80,7 @@ class ServerConfig:
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> ServerConfig:
-        config: ServerConfig = _load(cls, path, "server", overrides)
-        return config
+        return _load(cls, path, "server", overrides)
 
     def check(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser().absolute()
@@ -140,11 +109,11 @@ class ServerConfig:
             "request_timeout",
         ):
             if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name} must be at least 1")
+                raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.listen_port <= 65535:
-            raise InvalidArgument(f"listen_port {self.listen_port} is out of range")
+            raise ConfigError(f"listen_port {self.listen_port} is out of range")
         if self.instance_stale_after <= self.heartbeat_interval:
-            raise InvalidArgument("instance_stale_after must be longer than heartbeat_interval")
+            raise ConfigError("instance_stale_after must be longer than heartbeat_interval")
 
     # Files of the PKI, all in state_dir.
     @property
@@ -174,8 +143,7 @@ class AdminConfig:
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> AdminConfig:
-        config: AdminConfig = _load(cls, path, "admin", overrides)
-        return config
+        return _load(cls, path, "admin", overrides)
 
     def check(self) -> None:
         if self.bundle is not None:

@@ -1,7 +1,9 @@
 """Errors of the Scire server.
 
-Each error carries a stable XML-RPC fault code; ``rpc.py`` maps them to
-``xmlrpc.client.Fault`` at the boundary and nothing else leaks to a caller.
+Each error carries a stable XML-RPC fault code (``scire_schema.protocol.FaultCode``);
+``rpc.py`` maps them to ``xmlrpc.client.Fault`` at the boundary and nothing
+else leaks to a caller. The shared contract's own errors (``scire_schema.errors``)
+become server errors through ``from_schema_error`` where the server parses.
 
 * ScireError (99, internal)
   + AuthenticationRequired (1)   no or unknown client certificate
@@ -15,15 +17,19 @@ Each error carries a stable XML-RPC fault code; ``rpc.py`` maps them to
   + EnrollmentRefused (9)
   + Unavailable (10)             try again later (database busy, shutting down)
   + InstanceConflict (11)        another live daemon holds this instance key
+  + ConfigError                  bad configuration or command line; never sent as a fault
 """
 
 from __future__ import annotations
+
+from scire_schema.errors import DocumentError, SchemaError
+from scire_schema.protocol import FaultCode
 
 
 class ScireError(Exception):
     """Internal server error."""
 
-    code = 99
+    code: int = FaultCode.INTERNAL.value
 
     def __init__(self, message: str | None = None, *, job_id: int | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -38,67 +44,71 @@ class ScireError(Exception):
 class AuthenticationRequired(ScireError):
     """A valid, enrolled client certificate is required for this call."""
 
-    code = 1
+    code = FaultCode.AUTHENTICATION_REQUIRED.value
 
 
 class Forbidden(ScireError):
     """The caller is not allowed to do this."""
 
-    code = 2
+    code = FaultCode.FORBIDDEN.value
 
 
 class NotFound(ScireError):
     """No such object."""
 
-    code = 3
+    code = FaultCode.NOT_FOUND.value
 
 
 class InvalidArgument(ScireError):
     """An argument is not valid."""
 
-    code = 4
+    code = FaultCode.INVALID_ARGUMENT.value
 
 
 class InvalidDocument(ScireError):
     """The XML document is malformed or does not match its schema."""
 
-    code = 5
+    code = FaultCode.INVALID_DOCUMENT.value
 
 
 class NotHeld(ScireError):
     """The caller does not hold this assignment."""
 
-    code = 6
+    code = FaultCode.NOT_HELD.value
 
 
 class IllegalTransition(ScireError):
     """This state change is not allowed."""
 
-    code = 7
+    code = FaultCode.ILLEGAL_TRANSITION.value
 
 
 class Conflict(ScireError):
     """The object exists already."""
 
-    code = 8
+    code = FaultCode.CONFLICT.value
 
 
 class EnrollmentRefused(ScireError):
     """The enrollment request was refused."""
 
-    code = 9
+    code = FaultCode.ENROLLMENT_REFUSED.value
 
 
 class Unavailable(ScireError):
     """The server cannot answer now; try again later."""
 
-    code = 10
+    code = FaultCode.UNAVAILABLE.value
 
 
 class InstanceConflict(ScireError):
     """Another live server daemon holds this instance key."""
 
-    code = 11
+    code = FaultCode.INSTANCE_CONFLICT.value
+
+
+class ConfigError(ScireError):
+    """The configuration is not valid."""
 
 
 FAULT_NAMES = {
@@ -118,3 +128,12 @@ FAULT_NAMES = {
         InstanceConflict,
     )
 }
+
+
+def from_schema_error(exc: SchemaError) -> ScireError:
+    """The server error a caller gets for a bad document or certificate it sent:
+    a document is ``InvalidDocument``, anything else (a certificate or a
+    request) ``InvalidArgument``."""
+    if isinstance(exc, DocumentError):
+        return InvalidDocument(exc.message)
+    return InvalidArgument(exc.message)

@@ -10,7 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from scire_server import store
+from scire_server import models, store
 
 
 def alembic_config(url: str) -> Config:
@@ -18,6 +18,8 @@ def alembic_config(url: str) -> Config:
     location = importlib.resources.files("scire_schema").joinpath("migrations")
     config.set_main_option("script_location", str(location))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    # The environment in scire_schema cannot import the server's models itself.
+    config.attributes["target_metadata"] = models.Base.metadata
     return config
 
 

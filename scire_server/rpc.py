@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
-from scire_server import documents, tls
+from scire_schema import documents, tls
 from scire_server.api import Service
 from scire_server.exceptions import (
     AuthenticationRequired,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 
+from scire_schema.protocol import ReportedState
+
 
 class State(enum.StrEnum):
     PENDING = "pending"  #: waiting for its client to poll
@@ -28,8 +30,8 @@ class State(enum.StrEnum):
 FINAL = frozenset(
     {State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.DENIED, State.EXPIRED, State.CANCELLED}
 )
-#: Final states an agent may report.
-REPORTED_FINAL = frozenset({State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.CANCELLED})
+#: Final states an agent may report (the wire's reportable states, less ``running``).
+REPORTED_FINAL = frozenset(State(s) for s in ReportedState if s != ReportedState.RUNNING)
 
 _ALLOWED: dict[State, frozenset[State]] = {
     State.PENDING: frozenset(

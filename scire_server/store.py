@@ -28,7 +28,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from scire_server import acl, documents
+from scire_schema import documents
+from scire_server import acl
 from scire_server.exceptions import (
     Conflict,
     EnrollmentRefused,

@@ -27,7 +27,8 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-from scire_server import documents, pki, store, tls
+from scire_schema import certs, documents, files, tls
+from scire_server import ca, store
 from scire_server.store import JobSpec
 
 
@@ -67,22 +68,22 @@ def main() -> int:
     )
     url = args.database_url or f"sqlite:///{state / 'scire.db'}"
     db = store.Store(store.make_engine(url), "bench")
-    ca_key = pki.load_key((state / "ca.key").read_bytes())
-    ca_cert = pki.load_cert((state / "ca.pem").read_bytes())
+    ca_key = certs.load_key((state / "ca.key").read_bytes())
+    ca_cert = certs.load_cert((state / "ca.pem").read_bytes())
     owner, _ = db.caller_by_fingerprint(db.users()[0]["fingerprint"])
     assert owner is not None
     agents = []
     for i in range(args.agents):
         name = f"bench{i}"
-        key = pki.generate_key()
-        csr = pki.make_csr(key, name).decode()
+        key = certs.generate_key()
+        csr = certs.make_csr(key, name).decode()
         db.register_client(name, csr, {}, None)
-        cert = pki.sign_csr(ca_key, ca_cert, csr, name, pki.ROLE_CLIENT)
+        cert = ca.sign_csr(ca_key, ca_cert, csr, name, ca.ROLE_CLIENT)
         db.decide_client(
-            name, "accepted", "bench", pki.cert_to_pem(cert).decode(), pki.fingerprint(cert)
+            name, "accepted", "bench", certs.cert_to_pem(cert).decode(), certs.fingerprint(cert)
         )
-        pki.write_private(root / f"{name}.key", pki.key_to_pem(key))
-        pki.write_public(root / f"{name}.pem", pki.cert_to_pem(cert))
+        files.write_private(root / f"{name}.key", certs.key_to_pem(key))
+        files.write_public(root / f"{name}.pem", certs.cert_to_pem(cert))
         agents.append(name)
     spec = JobSpec(
         name="bench",

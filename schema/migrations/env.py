@@ -1,15 +1,20 @@
-"""Alembic environment: migrations run against the engine ``scire_server.migrations``
-hands over (or the URL in the config), with the metadata of ``scire_server.models``."""
+"""Alembic environment: migrations run against the connection the server's
+migration driver hands over (or the URL in the config), with the table
+metadata it passes in ``config.attributes["target_metadata"]``. The shared
+package imports no server code, so the metadata comes in from outside."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from scire_server.models import Base
-
 config = context.config
-target_metadata = Base.metadata
+target_metadata = config.attributes.get("target_metadata")
+if target_metadata is None:
+    raise RuntimeError(
+        "no target_metadata in the Alembic config: run migrations through "
+        "scire_server.migrations (scire-server or scire-admin db), not the alembic command"
+    )
 
 
 def run_migrations_offline() -> None:

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from conftest import Deployment
 
-from scire_server import documents, pki, tls
-from scire_server.documents import StatusReport
+from scire_schema import certs, documents, files, tls
+from scire_schema.documents import StatusReport
+from scire_server import ca
 
 FAULT_AUTHENTICATION = 1
 FAULT_FORBIDDEN = 2
@@ -84,8 +85,10 @@ def _sent_job(dep: Deployment, wire: Wire) -> tuple[int, str]:
 def test_no_certificate_only_enrollment_methods(running: Deployment, wire: Wire) -> None:
     dep = running
     anonymous = wire.proxy()
-    assert pki.fingerprint(pki.load_cert(anonymous.agent.ca_certificate())) == dep.ca_fingerprint
-    csr = pki.make_csr(pki.generate_key(), "newcomer").decode()
+    assert (
+        certs.fingerprint(certs.load_cert(anonymous.agent.ca_certificate())) == dep.ca_fingerprint
+    )
+    csr = certs.make_csr(certs.generate_key(), "newcomer").decode()
     assert anonymous.agent.register("newcomer", csr, {}, "")["status"] == "pending"
 
     assert _fault(anonymous.agent.poll, [], [], 10).faultCode == FAULT_AUTHENTICATION
@@ -97,12 +100,12 @@ def test_certificate_from_another_ca_cannot_connect(
 ) -> None:
     dep = running
     dep.enroll("host1")
-    ca_key, ca_cert = pki.create_ca("Intruder CA")
-    key = pki.generate_key()
-    cert = pki.issue_certificate(ca_key, ca_cert, key.public_key(), "host1", pki.ROLE_CLIENT)
+    ca_key, ca_cert = ca.create_ca("Intruder CA")
+    key = certs.generate_key()
+    cert = ca.issue_certificate(ca_key, ca_cert, key.public_key(), "host1", ca.ROLE_CLIENT)
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    pki.write_public(cert_file, pki.cert_to_pem(cert))
-    pki.write_private(key_file, pki.key_to_pem(key))
+    files.write_public(cert_file, certs.cert_to_pem(cert))
+    files.write_private(key_file, certs.key_to_pem(key))
 
     intruder = wire.proxy(cert_file, key_file)
     with pytest.raises((OSError, http.client.HTTPException)):

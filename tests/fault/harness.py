@@ -33,7 +33,7 @@ from typing import Any
 
 from conftest import Deployment
 
-from scire_server import tls
+from scire_schema import tls
 
 #: The marker: one line with the job id, appended when the job runs.
 MARK = 'echo "$SCIRE_JOB_ID" >> ../../ran.log'

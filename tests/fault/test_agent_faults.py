@@ -12,7 +12,7 @@ import pytest
 from conftest import Deployment
 from harness import MARK, STARTS_LOG, FaultRig, ManualAgent, process_gone, wait_for
 
-from scire_server import documents
+from scire_schema import documents
 
 HOST = "host1"
 #: Records that it started, runs long, and records that it completed.

@@ -16,7 +16,7 @@ import sys
 
 RACE = """
 import threading
-from scire_server import documents
+from scire_schema import documents
 
 errors = []
 start = threading.Barrier(16)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from scire_server import migrations, pki, store
+from scire_schema import certs
+from scire_server import ca, migrations, store
 from scire_server.store import Caller, JobSpec, Store
 
 
@@ -13,23 +14,23 @@ def _store(url: str, name: str) -> Store:
 
 
 def _seed(db: Store, clients: int) -> tuple[Caller, list[Caller]]:
-    key = pki.generate_key()
-    ca_key, ca_cert = pki.create_ca()
-    user_cert = pki.sign_csr(ca_key, ca_cert, pki.make_csr(key, "root"), "root", pki.ROLE_USER)
-    db.add_user("root", pki.fingerprint(user_cert), True, "test")
+    key = certs.generate_key()
+    ca_key, ca_cert = ca.create_ca()
+    user_cert = ca.sign_csr(ca_key, ca_cert, certs.make_csr(key, "root"), "root", ca.ROLE_USER)
+    db.add_user("root", certs.fingerprint(user_cert), True, "test")
     callers = []
     for i in range(clients):
         name = f"host{i}"
-        csr = pki.make_csr(pki.generate_key(), name).decode()
+        csr = certs.make_csr(certs.generate_key(), name).decode()
         db.register_client(name, csr, {}, None)
-        cert = pki.sign_csr(ca_key, ca_cert, csr, name, pki.ROLE_CLIENT)
+        cert = ca.sign_csr(ca_key, ca_cert, csr, name, ca.ROLE_CLIENT)
         db.decide_client(
-            name, "accepted", "test", pki.cert_to_pem(cert).decode(), pki.fingerprint(cert)
+            name, "accepted", "test", certs.cert_to_pem(cert).decode(), certs.fingerprint(cert)
         )
-        caller, _ = db.caller_by_fingerprint(pki.fingerprint(cert))
+        caller, _ = db.caller_by_fingerprint(certs.fingerprint(cert))
         assert caller is not None
         callers.append(caller)
-    owner, _ = db.caller_by_fingerprint(pki.fingerprint(user_cert))
+    owner, _ = db.caller_by_fingerprint(certs.fingerprint(user_cert))
     assert owner is not None
     return owner, callers
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from scire_server import documents
+from scire_schema import documents
 from scire_server.exceptions import Forbidden, IllegalTransition, NotHeld
 from scire_server.store import Caller, JobSpec, Store, make_engine, upgrade_database, utcnow
 

@@ -25,24 +25,25 @@ from scire_client import cli, enroll
 from scire_client.config import ClientConfig
 from scire_client.exceptions import ConfigError, EnrollmentPending
 from scire_client.spool import Spool
-from scire_server import documents, pki, tls
-from scire_server.documents import JobDocument, StatusReport
+from scire_schema import certs, documents, tls
+from scire_schema.documents import JobDocument, StatusReport
+from scire_server import ca
 
 
 class FakeServer:
     """The agent API of the contract, with knobs for the tests."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.ca_key, self.ca_cert = pki.create_ca()
-        key = pki.generate_key()
-        cert = pki.issue_certificate(
-            self.ca_key, self.ca_cert, key.public_key(), "server", pki.ROLE_SERVER, ["127.0.0.1"]
+        self.ca_key, self.ca_cert = ca.create_ca()
+        key = certs.generate_key()
+        cert = ca.issue_certificate(
+            self.ca_key, self.ca_cert, key.public_key(), "server", ca.ROLE_SERVER, ["127.0.0.1"]
         )
         (tmp_path / "server").mkdir()
         files = {name: tmp_path / "server" / f"{name}.pem" for name in ("ca", "cert", "key")}
-        files["ca"].write_bytes(pki.cert_to_pem(self.ca_cert))
-        files["cert"].write_bytes(pki.cert_to_pem(cert))
-        files["key"].write_bytes(pki.key_to_pem(key))
+        files["ca"].write_bytes(certs.cert_to_pem(self.ca_cert))
+        files["cert"].write_bytes(certs.cert_to_pem(cert))
+        files["key"].write_bytes(certs.key_to_pem(key))
         context = tls.server_context(files["cert"], files["key"], files["ca"])
         self.enroll_status = "accepted"
         self.jobs: list[str] = []
@@ -75,10 +76,10 @@ class FakeServer:
 
     @property
     def ca_fingerprint(self) -> str:
-        return pki.fingerprint(self.ca_cert)
+        return certs.fingerprint(self.ca_cert)
 
     def ca_certificate(self) -> str:
-        return pki.cert_to_pem(self.ca_cert).decode()
+        return certs.cert_to_pem(self.ca_cert).decode()
 
     def register(self, name: str, csr: str, facts: dict[str, str], token: str) -> dict[str, str]:
         self.registrations.append((name, csr, facts, token))
@@ -89,8 +90,8 @@ class FakeServer:
         status = "accepted" if token == "good" else self.enroll_status
         if status != "accepted":
             return {"status": status, "certificate": ""}
-        cert = pki.sign_csr(self.ca_key, self.ca_cert, csr, name, pki.ROLE_CLIENT)
-        return {"status": "accepted", "certificate": pki.cert_to_pem(cert).decode()}
+        cert = ca.sign_csr(self.ca_key, self.ca_cert, csr, name, ca.ROLE_CLIENT)
+        return {"status": "accepted", "certificate": certs.cert_to_pem(cert).decode()}
 
     def poll(self, held: list[int], running: list[int], limit: int) -> dict[str, Any]:
         self.polls.append((held, running, limit))
@@ -174,11 +175,11 @@ def run_cli(config: Path, *args: str) -> int:
 def test_enrollment_fetches_and_checks_the_ca(tmp_path: Path, server: FakeServer) -> None:
     config = ClientConfig.load(write_config(tmp_path, server))
     assert enroll.ensure_enrolled(config) is True
-    assert config.ca_path.read_bytes() == pki.cert_to_pem(server.ca_cert)
+    assert config.ca_path.read_bytes() == certs.cert_to_pem(server.ca_cert)
     assert stat.S_IMODE(config.key_file.stat().st_mode) == 0o600
-    cert = pki.load_cert(config.cert_file.read_bytes())
+    cert = certs.load_cert(config.cert_file.read_bytes())
     cert.verify_directly_issued_by(server.ca_cert)
-    assert pki.common_name(cert) == "web-17"
+    assert certs.common_name(cert) == "web-17"
     [(name, _csr, facts, token)] = server.registrations
     assert (name, token) == ("web-17", "good")
     assert set(facts) == {"hostname", "os", "python", "machine"}
@@ -301,8 +302,8 @@ def test_no_server_reachable(tmp_path: Path, server: FakeServer) -> None:
 def test_an_untrusted_server_is_refused(tmp_path: Path, server: FakeServer) -> None:
     config = write_config(tmp_path, server)
     assert run_cli(config, "enroll") == cli.EXIT_OK
-    other_key, other_ca = pki.create_ca("Other CA")
-    (tmp_path / "state" / "ca.pem").write_bytes(pki.cert_to_pem(other_ca))
+    other_key, other_ca = ca.create_ca("Other CA")
+    (tmp_path / "state" / "ca.pem").write_bytes(certs.cert_to_pem(other_ca))
     config = write_config(tmp_path, server, ca_fingerprint="")
     assert run_cli(config) == cli.EXIT_ERROR
 

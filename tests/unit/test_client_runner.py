@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scire_client import runner
-from scire_server.documents import JobDocument, StatusReport
+from scire_schema.documents import JobDocument, StatusReport
 
 
 def make_job(script: str, **changes: object) -> JobDocument:
@@ -54,7 +60,7 @@ def run(
         delivery_id=doc.delivery_id,
         kill_grace=kill_grace,
         tick_interval=tick_interval,
-        on_started=lambda pgid: None,
+        on_started=lambda mark: None,
         on_tick=on_tick,
     )
 
@@ -145,9 +151,9 @@ def test_cancel_from_a_heartbeat_stops_the_job(tmp_path: Path) -> None:
 def test_started_is_recorded_before_the_script_runs(tmp_path: Path) -> None:
     seen: list[tuple[int, bool]] = []
 
-    def on_started(pgid: int) -> None:
+    def on_started(mark: runner.ProcessMark) -> None:
         time.sleep(0.2)  # were the script not gated, it would have run by now
-        seen.append((pgid, (tmp_path / "ran").exists()))
+        seen.append((mark.pgid, (tmp_path / "ran").exists()))
 
     report = runner.run_job(
         make_job("touch ran\necho $$\n"),
@@ -165,7 +171,7 @@ def test_started_is_recorded_before_the_script_runs(tmp_path: Path) -> None:
 
 
 def test_a_failing_on_started_never_runs_the_script(tmp_path: Path) -> None:
-    def on_started(pgid: int) -> None:
+    def on_started(mark: runner.ProcessMark) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
@@ -189,3 +195,40 @@ def run_with(tmp_path: Path, doc: JobDocument, on_started: object) -> StatusRepo
 def test_read_output_of_a_missing_file(tmp_path: Path) -> None:
     assert runner.read_output(tmp_path / "none", 10) == ("", False)
     assert os.path.exists(tmp_path)
+
+
+@pytest.fixture
+def orphan() -> Iterator[subprocess.Popen[bytes]]:
+    """A process group of its own, as a job left by a dead agent."""
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    yield proc
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_leftover_kills_the_jobs_group(orphan: subprocess.Popen[bytes]) -> None:
+    mark = runner.ProcessMark.take(orphan.pid)
+    assert mark.boot_id is not None and mark.leader_start is not None
+    # The test process is its parent; reap it as init would for a dead agent.
+    reaper = threading.Thread(target=orphan.wait, daemon=True)
+    reaper.start()
+    runner.kill_leftover(mark, kill_grace=5, what="job 1")
+    reaper.join(timeout=10)
+    assert orphan.returncode == -signal.SIGTERM
+
+
+def test_kill_leftover_spares_a_group_from_another_boot(orphan: subprocess.Popen[bytes]) -> None:
+    mark = dataclasses.replace(runner.ProcessMark.take(orphan.pid), boot_id="another boot")
+    assert not mark.still_ours()
+    runner.kill_leftover(mark, kill_grace=1, what="job 1")
+    assert orphan.poll() is None
+
+
+def test_kill_leftover_spares_a_reused_pid(orphan: subprocess.Popen[bytes]) -> None:
+    taken = runner.ProcessMark.take(orphan.pid)
+    assert taken.leader_start is not None
+    mark = dataclasses.replace(taken, leader_start=taken.leader_start - 1)
+    assert not mark.still_ours()
+    runner.kill_leftover(mark, kill_grace=1, what="job 1")
+    assert orphan.poll() is None

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from scire_client import agent
 from scire_client import spool as spool_module
 from scire_client.spool import Spool
-from scire_server import documents
-from scire_server.documents import JobDocument, StatusReport
+from scire_schema import documents
+from scire_schema.documents import JobDocument, StatusReport
 
 CREATED = dt.datetime(2024, 1, 1, 12, 0, 0)
 
@@ -158,7 +159,7 @@ def test_recover_fails_a_job_that_was_running_when_the_agent_died(spool: Spool) 
     spool.mark_started(20, dead_pid())
     (spool.root / "20" / "output").write_bytes(b"partial output\n")
     crashed = Spool(spool.root)  # what a restarted agent sees
-    assert crashed.recover(kill_grace=1) == [20]
+    assert agent.recover(crashed, kill_grace=1) == [20]
     [(job_id, xml)] = crashed.pending_reports()
     report = documents.parse_status(xml)
     assert (job_id, report.state, report.reason) == (20, "failed", "agent restarted")
@@ -171,7 +172,7 @@ def test_recover_reruns_a_job_that_allows_it(spool: Spool) -> None:
     add(spool, make_job(21, rerun_on_agent_crash=True))
     spool.mark_started(21, dead_pid())
     crashed = Spool(spool.root)
-    crashed.recover(kill_grace=1)
+    agent.recover(crashed, kill_grace=1)
     assert [e.job_id for e in crashed.runnable()] == [21]
     assert crashed.pending_reports() == []
 
@@ -183,7 +184,7 @@ def test_recover_keeps_a_result_written_just_before_the_crash(spool: Spool) -> N
     # The crash came between result.xml and the journal saying finished.
     spool_module.write_atomic(spool.root / "22" / "result.xml", finished_xml(doc).encode())
     crashed = Spool(spool.root)
-    crashed.recover(kill_grace=1)
+    agent.recover(crashed, kill_grace=1)
     assert crashed.pending_reports() == [(22, finished_xml(doc))]
 
 
@@ -195,7 +196,7 @@ def test_recover_kills_the_orphaned_process_group(spool: Spool) -> None:
     reaper.start()
     spool.mark_started(23, orphan.pid)
     began = time.monotonic()
-    Spool(spool.root).recover(kill_grace=2)
+    agent.recover(Spool(spool.root), kill_grace=2)
     reaper.join(timeout=5)
     assert orphan.returncode is not None and orphan.returncode < 0
     assert time.monotonic() - began < 2
@@ -208,7 +209,7 @@ def test_recover_removes_an_entry_that_was_never_committed(spool: Spool) -> None
     half = spool.root / "31"
     half.mkdir()
     (half / "job.xml").write_text("<job/>")
-    Spool(spool.root).recover(kill_grace=1)
+    agent.recover(Spool(spool.root), kill_grace=1)
     assert not half.exists()
     assert (spool.root / "30").exists()
 

@@ -8,9 +8,10 @@ import uuid
 
 import pytest
 
-from scire_server import documents
-from scire_server.documents import JobDocument, StatusReport
-from scire_server.exceptions import InvalidDocument
+from scire_schema import documents, protocol
+from scire_schema.documents import JobDocument, StatusReport
+from scire_schema.errors import DocumentError
+from scire_server.exceptions import from_schema_error
 
 CREATED = dt.datetime(2026, 11, 23, 10, 0, 0, 123456)
 DELIVERY = uuid.UUID(int=0x1234).hex
@@ -78,7 +79,7 @@ def test_job_document_is_namespaced_with_declaration() -> None:
     assert 'id="42"' in xml and f'delivery="{DELIVERY}"' in xml
 
 
-@pytest.mark.parametrize("state", documents.STATUS_STATES)
+@pytest.mark.parametrize("state", [s.value for s in protocol.ReportedState])
 def test_status_round_trip_every_state(state: str) -> None:
     report = make_status(state=state)
     assert documents.parse_status(documents.render_status(report)) == report
@@ -144,7 +145,7 @@ def test_long_reason_is_cut_to_the_schema_limit() -> None:
 
 @pytest.mark.parametrize("text", ["", "<status", "not xml at all", "<a><b></a>"])
 def test_malformed_xml(text: str) -> None:
-    with pytest.raises(InvalidDocument, match="malformed XML"):
+    with pytest.raises(DocumentError, match="malformed XML"):
         documents.parse_status(text)
 
 
@@ -172,19 +173,19 @@ BARE_DOCTYPE = """<?xml version="1.0"?>
     "template", [BILLION_LAUGHS, EXTERNAL_ENTITY, BARE_DOCTYPE], ids=["laughs", "xxe", "doctype"]
 )
 def test_doctype_and_entities_are_rejected(template: str) -> None:
-    with pytest.raises(InvalidDocument, match="document type declarations"):
+    with pytest.raises(DocumentError, match="document type declarations"):
         documents.parse_status(template.format(d=DELIVERY))
 
 
 def test_doctype_rejected_in_job_documents_too() -> None:
     xml = documents.render_job(make_job()).replace("?>", '?>\n<!DOCTYPE job [<!ENTITY e "x">]>', 1)
-    with pytest.raises(InvalidDocument, match="document type declarations"):
+    with pytest.raises(DocumentError, match="document type declarations"):
         documents.parse_job(xml)
 
 
 def test_undeclared_entity_is_malformed() -> None:
     xml = documents.render_status(make_status(reason="PLACEHOLDER")).replace("PLACEHOLDER", "&xxe;")
-    with pytest.raises(InvalidDocument):
+    with pytest.raises(DocumentError):
         documents.parse_status(xml)
 
 
@@ -192,9 +193,9 @@ def test_size_cap() -> None:
     padding = "x" * (documents.MAX_DOCUMENT_BYTES + 1)
     xml = documents.render_status(make_status(output=padding))
     assert len(xml.encode()) > documents.MAX_DOCUMENT_BYTES
-    with pytest.raises(InvalidDocument, match="larger than"):
+    with pytest.raises(DocumentError, match="larger than"):
         documents.parse_status(xml)
-    with pytest.raises(InvalidDocument, match="larger than"):
+    with pytest.raises(DocumentError, match="larger than"):
         documents.parse_job(xml.encode())
 
 
@@ -237,7 +238,7 @@ def _swap(xml: str, old: str, new: str) -> str:
 )
 def test_schema_invalid_job(old: str, new: str) -> None:
     xml = _swap(documents.render_job(make_job()), old, new)
-    with pytest.raises(InvalidDocument, match="not valid against job.xsd"):
+    with pytest.raises(DocumentError, match="not valid against job.xsd"):
         documents.parse_job(xml)
 
 
@@ -255,24 +256,25 @@ def test_schema_invalid_job(old: str, new: str) -> None:
 )
 def test_schema_invalid_status(old: str, new: str) -> None:
     xml = _swap(documents.render_status(make_status()), old, new)
-    with pytest.raises(InvalidDocument, match="not valid against status.xsd"):
+    with pytest.raises(DocumentError, match="not valid against status.xsd"):
         documents.parse_status(xml)
 
 
 def test_status_is_not_a_job() -> None:
-    with pytest.raises(InvalidDocument, match="job.xsd"):
+    with pytest.raises(DocumentError, match="job.xsd"):
         documents.parse_job(documents.render_status(make_status()))
 
 
 def test_reason_over_1000_characters_is_invalid() -> None:
     xml = documents.render_status(make_status(reason="PLACEHOLDER"))
     xml = xml.replace("PLACEHOLDER", "r" * 1001)
-    with pytest.raises(InvalidDocument, match="status.xsd"):
+    with pytest.raises(DocumentError, match="status.xsd"):
         documents.parse_status(xml)
 
 
 def test_invalid_document_fault_code() -> None:
-    with pytest.raises(InvalidDocument) as info:
+    with pytest.raises(DocumentError) as info:
         documents.parse_status("<")
-    assert info.value.code == 5
-    assert re.search(r"malformed XML: .+", info.value.message)
+    fault = from_schema_error(info.value)  # how the server answers it
+    assert fault.code == 5
+    assert re.search(r"malformed XML: .+", fault.message)

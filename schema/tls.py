@@ -1,15 +1,19 @@
-"""The one place TLS contexts are made, and certificates turned into identities.
+"""The one place TLS contexts are made, certificates turned into identities,
+and XML-RPC carried over TLS.
 
-Both programs use it: the server's listener, the agent's and the admin CLI's
-connections, and the daemon-mode agent's ``poll_now`` listener.
+Both programs use it: the server's listener, and the agent's and the admin
+CLI's connections (through ``TLSTransport``).
 """
 
 from __future__ import annotations
 
+import http.client
 import ssl
+import xmlrpc.client
 from pathlib import Path
+from typing import Any
 
-from scire_server import pki
+from scire_schema import certs
 
 
 def server_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
@@ -53,4 +57,21 @@ def client_context(
 
 def peer_fingerprint(sock: ssl.SSLSocket) -> str | None:
     der = sock.getpeercert(binary_form=True)
-    return pki.fingerprint(der) if der else None
+    return certs.fingerprint(der) if der else None
+
+
+class TLSTransport(xmlrpc.client.SafeTransport):
+    """``xmlrpc.client`` over TLS with the caller's context and a socket timeout.
+
+    The stdlib transport keeps one HTTP/1.1 connection open between calls, so
+    a run's many polls and reports reuse one TLS session.
+    """
+
+    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(context=context)
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout  # read when the socket is opened
+        return conn

@@ -4,7 +4,7 @@
 
 Both programs use this module. Parsing is hardened: no DTDs, no entities, no
 network, bounded size; a document either matches its schema or raises
-``InvalidDocument`` with the reason.
+``errors.DocumentError`` with the reason.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from scire_server.exceptions import InvalidDocument
+from scire_schema.errors import DocumentError
+from scire_schema.protocol import format_time, parse_time
 
 JOB_NS = "urn:scire:job:1"
 STATUS_NS = "urn:scire:status:1"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
-STATUS_STATES = ("running", "succeeded", "failed", "timed_out", "cancelled")
 
 # Characters XML 1.0 cannot carry; job output is arbitrary bytes, so they are replaced.
 _NOT_XML_CHAR = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -31,21 +31,6 @@ _NOT_XML_CHAR = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U0001
 
 def xml_safe(text: str) -> str:
     return _NOT_XML_CHAR.sub("\ufffd", text)
-
-
-def format_time(value: dt.datetime) -> str:
-    """UTC, ISO 8601 with a Z. Naive datetimes are taken as UTC (the store keeps UTC)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
-    return value.isoformat(timespec="microseconds") + "Z"
-
-
-def parse_time(text: str) -> dt.datetime:
-    """The inverse of ``format_time``: a naive UTC datetime."""
-    value = dt.datetime.fromisoformat(text.strip())
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
-    return value
 
 
 @dataclass(frozen=True)
@@ -119,19 +104,17 @@ def _parser() -> etree.XMLParser:
 def _parse(text: str | bytes, schema_name: str) -> etree._Element:
     data = text.encode("utf-8") if isinstance(text, str) else text
     if len(data) > MAX_DOCUMENT_BYTES:
-        raise InvalidDocument(f"document larger than {MAX_DOCUMENT_BYTES} bytes")
+        raise DocumentError(f"document larger than {MAX_DOCUMENT_BYTES} bytes")
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise InvalidDocument("document type declarations and entities are not allowed")
+        raise DocumentError("document type declarations and entities are not allowed")
     try:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as exc:
-        raise InvalidDocument(f"malformed XML: {exc}") from exc
+        raise DocumentError(f"malformed XML: {exc}") from exc
     schema = _schema(schema_name)
     if not schema.validate(root):
         error = schema.error_log.last_error
-        raise InvalidDocument(
-            f"not valid against {schema_name}: line {error.line}: {error.message}"
-        )
+        raise DocumentError(f"not valid against {schema_name}: line {error.line}: {error.message}")
     return root
 
 

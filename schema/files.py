@@ -1,0 +1,48 @@
+"""Durable file writes: a crash leaves the old or the new file, never half of one.
+
+Both programs keep state in files (the server's CA and keys, the agent's key,
+certificates and spool), always written through here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new
+    file, never half of one; the file has ``mode`` from its first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or removal in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A secret (key, user bundle): mode 0600."""
+    write_atomic(path, data, 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """A certificate or request: mode 0644."""
+    write_atomic(path, data, 0o644)

@@ -1,0 +1,109 @@
+"""The words of the wire, typed once for both programs.
+
+Fault codes, the statuses and actions the agent API answers with, the states
+a status report may carry and the time format of every document and answer.
+Members are ``StrEnum``/``IntEnum``, so they compare equal to the plain
+values the wire carries; ``xmlrpc.client`` cannot marshal enum members, so a
+sender passes ``.value``. See docs/PROTOCOL.md for what each means.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+
+class FaultCode(enum.IntEnum):
+    """The XML-RPC fault codes a server answers with."""
+
+    AUTHENTICATION_REQUIRED = 1  #: no or unknown client certificate
+    FORBIDDEN = 2  #: known caller, not allowed (revoked, not admin, wrong namespace)
+    NOT_FOUND = 3
+    INVALID_ARGUMENT = 4
+    INVALID_DOCUMENT = 5  #: malformed, hostile or schema-invalid XML
+    NOT_HELD = 6  #: report on an assignment the caller does not hold
+    ILLEGAL_TRANSITION = 7
+    CONFLICT = 8  #: the thing exists already
+    ENROLLMENT_REFUSED = 9
+    UNAVAILABLE = 10  #: try again later (database busy, shutting down)
+    INSTANCE_CONFLICT = 11  #: another live daemon holds this instance key
+    MALFORMED_REQUEST = 12  #: the XML-RPC request body cannot be parsed
+    INTERNAL = 99
+
+
+#: Faults after which the same call can never succeed, on this server or another:
+#: the agent drops what it sent instead of retrying or failing over.
+#: ``MALFORMED_REQUEST`` is one: the agent would send the same bytes again.
+PERMANENT_FAULTS = frozenset(
+    {
+        FaultCode.AUTHENTICATION_REQUIRED,
+        FaultCode.FORBIDDEN,
+        FaultCode.NOT_FOUND,
+        FaultCode.INVALID_ARGUMENT,
+        FaultCode.INVALID_DOCUMENT,
+        FaultCode.NOT_HELD,
+        FaultCode.ILLEGAL_TRANSITION,
+        FaultCode.CONFLICT,
+        FaultCode.ENROLLMENT_REFUSED,
+        FaultCode.MALFORMED_REQUEST,
+    }
+)
+
+
+class EnrollmentStatus(enum.StrEnum):
+    """A client's enrollment, as ``agent.register`` and ``agent.fetch_certificate`` answer it."""
+
+    PENDING = "pending"  #: waits for an administrator
+    ACCEPTED = "accepted"  #: signed; the certificate is ready
+    REJECTED = "rejected"
+    REVOKED = "revoked"
+
+
+#: Statuses after which a request never becomes accepted.
+REFUSED_STATUSES = frozenset({EnrollmentStatus.REJECTED, EnrollmentStatus.REVOKED})
+
+
+class ReconcileAction(enum.StrEnum):
+    """What the server says of a job the agent named in a poll."""
+
+    CANCELLED = "cancelled"  #: do not run it; stop it if it runs
+    EXPIRED = "expired"  #: do not start it
+    UNKNOWN = "unknown"  #: the server has no live assignment of it for this agent
+
+
+class ReportResult(enum.StrEnum):
+    """What ``agent.report`` did with a status report."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  #: the same outcome was recorded already
+    IGNORED = "ignored"  #: late for cancelled or expired work; recorded, not applied
+
+
+class ReportedState(enum.StrEnum):
+    """The states a status report may carry (the enumeration in ``status.xsd``)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+def utc_now() -> dt.datetime:
+    """The current time, aware, in UTC: what every party stamps."""
+    return dt.datetime.now(dt.UTC)
+
+
+def format_time(value: dt.datetime) -> str:
+    """UTC, ISO 8601 with a Z. Naive datetimes are taken as UTC (the store keeps UTC)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="microseconds") + "Z"
+
+
+def parse_time(text: str) -> dt.datetime:
+    """The inverse of ``format_time``: a naive UTC datetime. ValueError when it is not one."""
+    value = dt.datetime.fromisoformat(text.strip())
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value

@@ -3,7 +3,7 @@
 Every party proves who it is with a certificate from the Scire CA; the
 identity stored in the database is the SHA-256 fingerprint of the DER
 certificate. Keys are ECDSA P-256: small, fast, and accepted by every TLS 1.2+
-stack. Making the CA and signing are the server's (``scire_server.ca``); what
+stack. Making the CA and signing belong to the server (its ``ca`` module); what
 is here is what an agent needs too. Bad input raises ``errors.CertificateError``.
 """
 

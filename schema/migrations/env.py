@@ -13,7 +13,7 @@ target_metadata = config.attributes.get("target_metadata")
 if target_metadata is None:
     raise RuntimeError(
         "no target_metadata in the Alembic config: run migrations through "
-        "scire_server.migrations (scire-server or scire-admin db), not the alembic command"
+        "the server (scire-server or scire-admin db), not the alembic command"
     )
 
 

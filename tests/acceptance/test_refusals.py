@@ -3,7 +3,7 @@ another CA, revoked agents, agents reporting on jobs they do not hold, hostile
 or malformed status documents, and non-admin users calling admin methods.
 
 The tests speak XML-RPC to a real server with ``xmlrpc.client`` and TLS
-contexts from ``scire_server.tls``, as an agent or an intruder would.
+contexts from ``scire_schema.tls``, as an agent or an intruder would.
 """
 
 from __future__ import annotations

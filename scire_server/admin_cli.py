@@ -22,18 +22,9 @@ from typing import Any
 from scire_server import __version__, migrations, pki, store, tls
 from scire_server.config import AdminConfig, ServerConfig
 from scire_server.exceptions import FAULT_NAMES, ScireError
+from scire_server.states import FINAL_SUMMARIES
 
 DEFAULT_BUNDLE = Path("~/.config/scire/admin.pem")
-FINAL_JOB_STATES = {
-    "succeeded",
-    "failed",
-    "timed_out",
-    "denied",
-    "expired",
-    "cancelled",
-    "mixed",
-    "empty",
-}
 
 
 class CLIError(Exception):
@@ -169,14 +160,14 @@ def cmd_init(args: argparse.Namespace) -> None:
     )
     pki.write_private(config.key_file, pki.key_to_pem(server_key))
     pki.write_public(config.cert_file, pki.cert_to_pem(server_cert))
-    store.upgrade_database(config.database_url)
+    migrations.upgrade(config.database_url)
     user_key = pki.generate_key()
     user_cert = pki.sign_csr(
         ca_key, ca_cert, pki.make_csr(user_key, args.admin), args.admin, pki.ROLE_USER
     )
     db = store.Store(store.make_engine(config.database_url), "scire-admin init")
     try:
-        db.add_user(args.admin, pki.fingerprint(user_cert), True, "scire-admin init")
+        db.directory.add_user(args.admin, pki.fingerprint(user_cert), True, "scire-admin init")
     finally:
         db.close()
     ca_pem = pki.cert_to_pem(ca_cert).decode()
@@ -203,7 +194,7 @@ def cmd_db(args: argparse.Namespace) -> None:
     config = server_config(args)
     if args.db_command == "upgrade":
         before, head = migrations.current(config.database_url)
-        store.upgrade_database(config.database_url)
+        migrations.upgrade(config.database_url)
         show(args, {"database": config.database_url, "from": before or "empty", "to": head})
     else:
         current, head = migrations.current(config.database_url)
@@ -341,11 +332,11 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
         deadline = time.monotonic() + args.timeout
         while True:
             detail = call(proxy, "admin.job_show", args.id)
-            if detail["state"] in FINAL_JOB_STATES or time.monotonic() > deadline:
+            if detail["state"] in FINAL_SUMMARIES or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         show_job(args, detail)
-        if detail["state"] not in FINAL_JOB_STATES:
+        if detail["state"] not in FINAL_SUMMARIES:
             raise CLIError(f"job {args.id} still {detail['state']} after {args.timeout} s")
 
 

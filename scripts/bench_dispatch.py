@@ -28,7 +28,7 @@ import xmlrpc.client
 from pathlib import Path
 
 from scire_server import documents, pki, store, tls
-from scire_server.store import JobSpec
+from scire_server.store import Certificate, JobSpec
 
 
 def free_port() -> int:
@@ -69,36 +69,23 @@ def main() -> int:
     db = store.Store(store.make_engine(url), "bench")
     ca_key = pki.load_key((state / "ca.key").read_bytes())
     ca_cert = pki.load_cert((state / "ca.pem").read_bytes())
-    owner, _ = db.caller_by_fingerprint(db.users()[0]["fingerprint"])
+    owner, _ = db.directory.caller_by_fingerprint(db.directory.users()[0]["fingerprint"])
     assert owner is not None
     agents = []
     for i in range(args.agents):
         name = f"bench{i}"
         key = pki.generate_key()
         csr = pki.make_csr(key, name).decode()
-        db.register_client(name, csr, {}, None)
+        db.directory.register_client(name, csr, {}, None)
         cert = pki.sign_csr(ca_key, ca_cert, csr, name, pki.ROLE_CLIENT)
-        db.decide_client(
-            name, "accepted", "bench", pki.cert_to_pem(cert).decode(), pki.fingerprint(cert)
-        )
+        certificate = Certificate(csr, pki.cert_to_pem(cert).decode(), pki.fingerprint(cert))
+        db.directory.accept_client(name, certificate, "bench")
         pki.write_private(root / f"{name}.key", pki.key_to_pem(key))
         pki.write_public(root / f"{name}.pem", pki.cert_to_pem(cert))
         agents.append(name)
-    spec = JobSpec(
-        name="bench",
-        script="true",
-        interpreter="/bin/sh",
-        privilege="run",
-        priority=0,
-        timeout=60,
-        output_limit=1024,
-        max_attempts=3,
-        not_before=None,
-        expires_at=None,
-        rerun_on_agent_crash=False,
-    )
+    spec = JobSpec(script="true", name="bench", timeout=60, output_limit=1024)
     for _ in range(args.jobs):
-        db.submit_job(owner, spec, agents, [])
+        db.jobs.submit(owner, spec, agents, [])
     db.close()
 
     server = subprocess.Popen(

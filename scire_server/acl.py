@@ -1,15 +1,14 @@
 """The access check: may this job's owner use this privilege on this client?
 
 A pure function of plain values, so the same rule serves submission and
-dispatch and is tested without a database. ``store.py`` gathers the facts.
+dispatch and is tested without a database. The store gathers the facts
+(``store/directory.py``) and words its own refusals.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from scire_server.exceptions import Forbidden
 
 #: A grant of this privilege allows every privilege.
 ANY_PRIVILEGE = "*"
@@ -61,7 +60,3 @@ def permitted(
         if grant.client_id == target.client_id or grant.client_group_id in target.group_ids:
             return True
     return False
-
-
-def denied_error(user: str, privilege: str, refused: list[str]) -> Forbidden:
-    return Forbidden(f"{user} may not {privilege} on any target: " + "; ".join(refused))

@@ -23,18 +23,9 @@ from scire_schema import certs, files, tls
 from scire_server import __version__, ca, migrations, store
 from scire_server.config import AdminConfig, ServerConfig
 from scire_server.exceptions import FAULT_NAMES, ScireError
+from scire_server.states import FINAL_SUMMARIES
 
 DEFAULT_BUNDLE = Path("~/.config/scire/admin.pem")
-FINAL_JOB_STATES = {
-    "succeeded",
-    "failed",
-    "timed_out",
-    "denied",
-    "expired",
-    "cancelled",
-    "mixed",
-    "empty",
-}
 
 
 class CLIError(Exception):
@@ -159,14 +150,14 @@ def cmd_init(args: argparse.Namespace) -> None:
     )
     files.write_private(config.key_file, certs.key_to_pem(server_key))
     files.write_public(config.cert_file, certs.cert_to_pem(server_cert))
-    store.upgrade_database(config.database_url)
+    migrations.upgrade(config.database_url)
     user_key = certs.generate_key()
     user_cert = ca.sign_csr(
         ca_key, ca_cert, certs.make_csr(user_key, args.admin), args.admin, ca.ROLE_USER
     )
     db = store.Store(store.make_engine(config.database_url), "scire-admin init")
     try:
-        db.add_user(args.admin, certs.fingerprint(user_cert), True, "scire-admin init")
+        db.directory.add_user(args.admin, certs.fingerprint(user_cert), True, "scire-admin init")
     finally:
         db.close()
     ca_pem = certs.cert_to_pem(ca_cert).decode()
@@ -195,7 +186,7 @@ def cmd_db(args: argparse.Namespace) -> None:
     config = server_config(args)
     if args.db_command == "upgrade":
         before, head = migrations.current(config.database_url)
-        store.upgrade_database(config.database_url)
+        migrations.upgrade(config.database_url)
         show(args, {"database": config.database_url, "from": before or "empty", "to": head})
     else:
         current, head = migrations.current(config.database_url)
@@ -333,11 +324,11 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
         deadline = time.monotonic() + args.timeout
         while True:
             detail = call(proxy, "admin.job_show", args.id)
-            if detail["state"] in FINAL_JOB_STATES or time.monotonic() > deadline:
+            if detail["state"] in FINAL_SUMMARIES or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         show_job(args, detail)
-        if detail["state"] not in FINAL_JOB_STATES:
+        if detail["state"] not in FINAL_SUMMARIES:
             raise CLIError(f"job {args.id} still {detail['state']} after {args.timeout} s")
 
 

@@ -1,8 +1,12 @@
-"""What each remote method does: argument checks, then the store or the PKI.
+"""The remote methods: who the caller is, argument checks, one store call,
+and the answer.
 
-``rpc.py`` decides who the caller is and whether the method is open to them;
-the methods here get that caller as their first argument and never trust an
-identity passed in the arguments.
+A call comes down once and goes back once: ``rpc.py`` (listener, audiences,
+errors to faults) → :class:`RemoteMethods` (identifies the caller, records
+refusals, checks arguments, signs certificates) → one store transaction →
+back here, where job files are rendered after the transaction has committed
+→ ``rpc.py``. The methods get the caller as their first argument and never
+trust an identity passed in the arguments.
 """
 
 from __future__ import annotations
@@ -17,12 +21,22 @@ from typing import Any
 
 from cryptography import x509
 
-from scire_schema import certs, documents
+from scire_schema import certs, documents, protocol
 from scire_schema.errors import SchemaError
 from scire_server import ca
 from scire_server.config import ServerConfig
-from scire_server.exceptions import InvalidArgument, InvalidDocument, NotFound, from_schema_error
-from scire_server.store import Caller, JobSpec, Store
+from scire_server.exceptions import (
+    AuthenticationRequired,
+    Forbidden,
+    InvalidArgument,
+    InvalidDocument,
+    NotFound,
+    ScireError,
+    Unavailable,
+    from_schema_error,
+)
+from scire_server.states import ClientStatus
+from scire_server.store import Caller, Certificate, JobSpec, Store
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +68,7 @@ def _time(value: Any, what: str) -> dt.datetime | None:
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be an ISO 8601 time")
     try:
-        return documents.parse_time(value)
+        return protocol.parse_time(value)
     except ValueError as exc:
         raise InvalidArgument(f"{what}: {value!r} is not an ISO 8601 time") from exc
 
@@ -73,8 +87,8 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class Service:
-    """The remote methods. ``OPEN``, ``AGENT`` and ``ADMIN`` name who may call what."""
+class RemoteMethods:
+    """The remote methods, and who may call each (``open``, ``agent``, ``user``, ``admin``)."""
 
     def __init__(self, config: ServerConfig, store: Store) -> None:
         self.config = config
@@ -83,7 +97,7 @@ class Service:
         self.ca_key = certs.load_key(config.ca_key_file.read_bytes())
         self.ca_pem = certs.cert_to_pem(self.ca_cert).decode()
 
-    def methods(self) -> dict[str, tuple[str, Callable[..., Any]]]:
+    def table(self) -> dict[str, tuple[str, Callable[..., Any]]]:
         """Remote name -> (who may call it, the function)."""
         table: dict[str, tuple[str, Callable[..., Any]]] = {
             "agent.ca_certificate": ("open", self.ca_certificate),
@@ -107,6 +121,43 @@ class Service:
             table[f"admin.{name}"] = ("admin", getattr(self, name))
         return table
 
+    # --- the caller -------------------------------------------------------------
+
+    def identify(self, fingerprint: str | None) -> Caller:
+        """The caller presenting the certificate with this fingerprint, or the
+        refusal: no or an unknown certificate, a revoked or unaccepted identity."""
+        if fingerprint is None:
+            raise AuthenticationRequired(
+                "this method needs a client certificate; without one only agent.register, "
+                "agent.fetch_certificate and agent.ca_certificate are open"
+            )
+        caller, why = self.store.directory.caller_by_fingerprint(fingerprint)
+        if caller is None:
+            if why:
+                raise Forbidden(f"certificate refused: {why}")
+            raise AuthenticationRequired("certificate not known to this server")
+        return caller
+
+    def record_refusal(
+        self, method: str, caller: Caller | None, peer: str, exc: ScireError
+    ) -> None:
+        """Log a refused call and write its audit row (not for ``Unavailable``:
+        a busy database would only be made busier)."""
+        who = caller.actor if caller else f"anonymous@{peer}"
+        log.warning("%s refused %s: %s (fault %d)", who, method, exc.message, exc.code)
+        if isinstance(exc, Unavailable):
+            return
+        try:
+            self.store.audit.record(
+                who,
+                "refused",
+                client=caller.name if caller and caller.kind == "client" else None,
+                job_id=exc.job_id,
+                detail=f"{method}: fault {exc.code}: {exc.message}"[:2000],
+            )
+        except ScireError:
+            log.warning("could not record the refusal of %s by %s", method, who)
+
     # --- open: enrollment ----------------------------------------------------
 
     def ca_certificate(self, _caller: None) -> str:
@@ -129,26 +180,24 @@ class Service:
         facts = facts if isinstance(facts, dict) else {}
         facts = {str(k)[:64]: str(v)[:255] for k, v in list(facts.items())[:50]}
         digest = token_hash(token) if isinstance(token, str) and token else None
-        status, token_ok = self.store.register_client(name, csr_pem, facts, digest)
-        if token_ok:
-            self._sign_client(name, csr_pem, "token")
-            status = "accepted"
+        # Signed before the store's transaction, so the token is spent in the
+        # same transaction that stores the certificate, or not at all.
+        certificate = self._sign_client(name, csr_pem) if digest else None
+        status = self.store.directory.register_client(name, csr_pem, facts, digest, certificate)
         log.info("client %s: enrollment request, status %s", name, status)
         return {"name": name, "status": status}
 
-    def _sign_client(self, name: str, csr_pem: str, actor: str) -> None:
+    def _sign_client(self, name: str, csr_pem: str) -> Certificate:
         cert = ca.sign_csr(self.ca_key, self.ca_cert, csr_pem, name, ca.ROLE_CLIENT)
-        self.store.decide_client(
-            name, "accepted", actor, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert)
-        )
+        return Certificate(csr_pem, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert))
 
     def fetch_certificate(self, _caller: None, name: Any, csr_pem: Any) -> dict[str, Any]:
         name = check_name(name, "client name")
-        row = self.store.client_enrollment(name)
+        row = self.store.directory.enrollment(name)
         # Only the holder of the request learns its answer.
         if row["csr_pem"] != csr_pem:
             raise NotFound(f"no enrollment request for {name} with this key")
-        accepted = row["status"] == "accepted"
+        accepted = row["status"] == ClientStatus.ACCEPTED
         return {"status": row["status"], "certificate": row["cert_pem"] if accepted else ""}
 
     # --- agent ----------------------------------------------------------------
@@ -159,9 +208,12 @@ class Service:
         held_ids = _ids(held or [], "held")
         running_ids = _ids(running or [], "running")
         limit = _int(limit, "limit", 0, self.config.poll_batch_max)
-        result = self.store.poll(caller, held_ids, running_ids, limit, self.config.ack_timeout)
+        result = self.store.assignments.poll(
+            caller, held_ids, running_ids, limit, self.config.ack_timeout
+        )
+        # Rendered after the claim has committed: never under the write lock.
         return {
-            "jobs": [d.xml for d in result.deliveries],
+            "jobs": [documents.render_job(job) for job in result.deliveries],
             "reconcile": result.reconcile,
             "poll_interval": self.config.poll_interval,
         }
@@ -174,7 +226,7 @@ class Service:
             if not isinstance(item, dict) or not isinstance(item.get("delivery_id"), str):
                 raise InvalidArgument("each delivery needs job_id and delivery_id")
             pairs.append((_int(item.get("job_id"), "job_id", 1, 2**31 - 1), item["delivery_id"]))
-        return {"acknowledged": self.store.acknowledge(caller, pairs)}
+        return {"acknowledged": self.store.assignments.acknowledge(caller, pairs)}
 
     def report(self, caller: Caller, status_xml: Any) -> dict[str, Any]:
         if not isinstance(status_xml, str):
@@ -183,7 +235,7 @@ class Service:
             report = documents.parse_status(status_xml)
         except SchemaError as exc:
             raise from_schema_error(exc) from exc
-        result = self.store.report(caller, report)
+        result = self.store.assignments.report(caller, report)
         return {"job_id": report.job_id, "state": report.state, "result": result}
 
     # --- admin: jobs ------------------------------------------------------------
@@ -234,47 +286,48 @@ class Service:
             expires_at=expires,
             rerun_on_agent_crash=bool(spec.get("rerun_on_agent_crash", False)),
         )
-        result = self.store.submit_job(caller, job, hosts, groups)
+        result = self.store.jobs.submit(caller, job, hosts, groups)
         return {"job_id": result.job_id, "accepted": result.accepted, "refused": result.refused}
 
     def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
-        rows = self.store.jobs(caller, _int(limit, "limit", 1, 10_000), state or None)
-        return rows
+        return self.store.jobs.listing(caller, _int(limit, "limit", 1, 10_000), state or None)
 
     def job_show(self, caller: Caller, job_id: Any) -> dict[str, Any]:
-        return self.store.job_detail(caller, _int(job_id, "job id", 1, 2**31 - 1))
+        return self.store.jobs.detail(caller, _int(job_id, "job id", 1, 2**31 - 1))
 
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
-        count = self.store.cancel_job(caller, _int(job_id, "job id", 1, 2**31 - 1))
+        count = self.store.jobs.cancel(caller, _int(job_id, "job id", 1, 2**31 - 1))
         return {"job_id": job_id, "cancelled": count}
 
     # --- admin: clients -----------------------------------------------------------
 
     def client_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return self.store.clients()
+        return self.store.directory.clients()
 
     def client_show(self, caller: Caller, name: Any) -> dict[str, Any]:
-        return self.store.client_detail(check_name(name))
+        return self.store.directory.client_detail(check_name(name))
 
     def client_accept(self, caller: Caller, name: Any) -> dict[str, Any]:
-        row = self.store.client_enrollment(check_name(name))
-        if row["status"] == "accepted":
+        row = self.store.directory.enrollment(check_name(name))
+        if row["status"] == ClientStatus.ACCEPTED:
             return {"name": name, "status": "accepted"}
-        if row["status"] != "pending":
+        if row["status"] != ClientStatus.PENDING:
             raise InvalidArgument(f"client {name} is {row['status']}, not pending")
-        self._sign_client(name, row["csr_pem"], f"user:{caller.name}")
+        # Signed first; the acceptance is then one transaction.
+        certificate = self._sign_client(name, row["csr_pem"])
+        self.store.directory.accept_client(name, certificate, caller.actor)
         return {"name": name, "status": "accepted"}
 
     def client_reject(self, caller: Caller, name: Any) -> dict[str, Any]:
-        self.store.decide_client(check_name(name), "rejected", f"user:{caller.name}")
+        self.store.directory.reject_client(check_name(name), caller.actor)
         return {"name": name, "status": "rejected"}
 
     def client_revoke(self, caller: Caller, name: Any) -> dict[str, Any]:
-        self.store.decide_client(check_name(name), "revoked", f"user:{caller.name}")
+        self.store.directory.revoke_client(check_name(name), caller.actor)
         return {"name": name, "status": "revoked"}
 
     def client_delete(self, caller: Caller, name: Any) -> dict[str, Any]:
-        self.store.delete_client(check_name(name), f"user:{caller.name}")
+        self.store.directory.delete_client(check_name(name), caller.actor)
         return {"name": name, "status": "deleted"}
 
     def client_token(self, caller: Caller, uses: Any = 1, ttl: Any = 0) -> dict[str, Any]:
@@ -283,7 +336,7 @@ class Service:
         # Hex, not base64url: a token that starts with "-" reads as an option
         # on the command line (scire-client --token TOKEN), 1 time in 64.
         token = secrets.token_hex(24)
-        expires = self.store.add_token(token_hash(token), ttl, uses, f"user:{caller.name}")
+        expires = self.store.directory.add_token(token_hash(token), ttl, uses, caller.actor)
         return {
             "token": token,
             "uses": uses,
@@ -300,11 +353,11 @@ class Service:
         return str(kind)
 
     def group_create(self, caller: Caller, kind: Any, name: Any) -> dict[str, Any]:
-        self.store.create_group(self._kind(kind), check_name(name, "group"), f"user:{caller.name}")
+        self.store.directory.create_group(self._kind(kind), check_name(name, "group"), caller.actor)
         return {"kind": kind, "name": name}
 
     def group_delete(self, caller: Caller, kind: Any, name: Any) -> dict[str, Any]:
-        self.store.delete_group(self._kind(kind), check_name(name, "group"), f"user:{caller.name}")
+        self.store.directory.delete_group(self._kind(kind), check_name(name, "group"), caller.actor)
         return {"kind": kind, "name": name}
 
     def _member(
@@ -312,14 +365,13 @@ class Service:
     ) -> dict[str, Any]:
         if not isinstance(member, str):
             raise InvalidArgument("member must be a name, or @group for a nested client group")
-        is_group = member.startswith("@")
-        self.store.change_member(
+        prefix = "@" if member.startswith("@") else ""
+        change = self.store.directory.add_member if add else self.store.directory.remove_member
+        change(
             self._kind(kind),
             check_name(group, "group"),
-            check_name(member[1:] if is_group else member, "member"),
-            is_group,
-            add,
-            f"user:{caller.name}",
+            prefix + check_name(member.removeprefix("@"), "member"),
+            caller.actor,
         )
         return {"kind": kind, "group": group, "member": member}
 
@@ -330,7 +382,7 @@ class Service:
         return self._member(caller, kind, group, member, False)
 
     def group_list(self, caller: Caller, kind: Any) -> list[dict[str, Any]]:
-        return self.store.groups(self._kind(kind))
+        return self.store.directory.groups(self._kind(kind))
 
     def user_add(
         self, caller: Caller, name: Any, csr_pem: Any, is_admin: Any = False
@@ -339,7 +391,7 @@ class Service:
         if not isinstance(csr_pem, str):
             raise InvalidArgument("csr_pem must be a PEM string")
         cert = self.issue_user(name, csr_pem)
-        self.store.add_user(name, certs.fingerprint(cert), bool(is_admin), f"user:{caller.name}")
+        self.store.directory.add_user(name, certs.fingerprint(cert), bool(is_admin), caller.actor)
         return {"name": name, "certificate": certs.cert_to_pem(cert).decode(), "ca": self.ca_pem}
 
     def issue_user(self, name: str, csr_pem: str) -> x509.Certificate:
@@ -349,13 +401,13 @@ class Service:
             raise from_schema_error(exc) from exc
 
     def user_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return self.store.users()
+        return self.store.directory.users()
 
     def user_revoke(self, caller: Caller, name: Any) -> dict[str, Any]:
         name = check_name(name, "user name")
         if name == caller.name:
             raise InvalidArgument("you cannot revoke yourself")
-        self.store.revoke_user(name, f"user:{caller.name}")
+        self.store.directory.revoke_user(name, caller.actor)
         return {"name": name, "status": "revoked"}
 
     def grant_add(
@@ -367,25 +419,24 @@ class Service:
             check_name(value.removeprefix("@"), what)
         if not isinstance(privilege, str) or not PRIVILEGE_RE.match(privilege):
             raise InvalidArgument(f"privilege {privilege!r} is not valid")
-        grant_id = self.store.add_grant(subject, privilege, target, f"user:{caller.name}")
+        grant_id = self.store.directory.add_grant(subject, privilege, target, caller.actor)
         return {"id": grant_id, "subject": subject, "privilege": privilege, "target": target}
 
     def grant_remove(self, caller: Caller, grant_id: Any) -> dict[str, Any]:
-        self.store.remove_grant(_int(grant_id, "grant id", 1, 2**31 - 1), f"user:{caller.name}")
+        self.store.directory.remove_grant(_int(grant_id, "grant id", 1, 2**31 - 1), caller.actor)
         return {"id": grant_id}
 
     def grant_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return self.store.grants()
+        return self.store.directory.grants()
 
     def audit(
         self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100
     ) -> list[dict[str, Any]]:
-        rows = self.store.events(
+        return self.store.audit.events(
             _int(job_id, "job id", 0, 2**31 - 1) or None,
             check_name(client, "client") if client else None,
             _int(limit, "limit", 1, 100_000),
         )
-        return rows
 
     def server_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return self.store.servers()
+        return self.store.servers.listing()

@@ -12,8 +12,8 @@ from types import FrameType
 
 from scire_schema import tls
 from scire_schema.errors import SchemaError
-from scire_server import __version__, recovery, store, timed
-from scire_server.api import Service
+from scire_server import __version__, migrations, recovery, store, timed
+from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
 from scire_server.rpc import ScireRPCServer
@@ -66,7 +66,7 @@ def serve(config: ServerConfig) -> int:
             "no CA or server certificate in %s: run 'scire-admin init' first", config.state_dir
         )
         return 2
-    store.upgrade_database(config.database_url)
+    migrations.upgrade(config.database_url)
     db = store.Store(store.make_engine(config.database_url), config.instance_key)
     try:
         recovery.start_up(db, config)
@@ -78,8 +78,7 @@ def serve(config: ServerConfig) -> int:
     server = ScireRPCServer(
         (config.listen_host, config.listen_port),
         context,
-        Service(config, db),
-        db,
+        RemoteMethods(config, db),
         config.max_threads,
         config.request_timeout,
     )
@@ -108,7 +107,7 @@ def serve(config: ServerConfig) -> int:
         clean = server.drain(config.shutdown_grace)
         server.server_close()
         scheduler.shutdown(wait=True)
-        db.stop_server()
+        db.servers.stop()
         db.close()
         log.info("stopped %s", "cleanly" if clean else "after cutting off in-flight calls")
     return 0

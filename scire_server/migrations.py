@@ -10,7 +10,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from scire_server import models, store
+from scire_server import models
+from scire_server.store.database import make_engine
 
 
 def alembic_config(url: str) -> Config:
@@ -25,7 +26,7 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     config = alembic_config(url)
-    engine = store.make_engine(url)
+    engine = make_engine(url)
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
@@ -38,7 +39,7 @@ def current(url: str) -> tuple[str | None, str | None]:
     """(the database's revision, the newest revision this code knows)."""
     config = alembic_config(url)
     head = ScriptDirectory.from_config(config).get_current_head()
-    engine = store.make_engine(url)
+    engine = make_engine(url)
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision(), head

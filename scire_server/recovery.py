@@ -15,12 +15,13 @@ import socket
 from typing import Any
 
 from scire_server.config import ServerConfig
-from scire_server.store import Store
+from scire_server.store import SERVER, Store
 
 log = logging.getLogger(__name__)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -35,24 +36,16 @@ def start_up(store: Store, config: ServerConfig) -> dict[str, Any]:
 
     Raises ``InstanceConflict`` when another live daemon holds the instance key.
     """
-    hostname = socket.gethostname()
-    known = store.server_pid(config.instance_key)
-    alive = (
-        known is not None
-        and known[0] == hostname
-        and known[1] != os.getpid()
-        and _pid_alive(known[1])
-    )
-    previous = store.start_server(
+    previous = store.servers.start(
         config.instance_key,
-        hostname,
+        socket.gethostname(),
         os.getpid(),
         config.public_url,
         config.instance_stale_after,
-        pid_alive=alive,
+        is_alive=pid_alive,
     )
-    leases = store.return_leases(own_previous_life=True)
-    expired = store.expire_jobs()
+    leases = store.sweeps.return_leases(own_previous_life=True)
+    expired = store.sweeps.expire()
     counts = {
         "previous_state": previous.get("previous_state") or "new",
         "leases_returned": leases["returned"],
@@ -60,16 +53,16 @@ def start_up(store: Store, config: ServerConfig) -> dict[str, Any]:
         "expired": expired,
     }
     detail = ", ".join(f"{k}={v}" for k, v in counts.items())
-    store.record("server", "recovery", detail=detail)
+    store.audit.record(SERVER, "recovery", detail=detail)
     log.info("recovery of %s done: %s", config.instance_key, detail)
     return counts
 
 
 def sweep(store: Store, config: ServerConfig) -> dict[str, int]:
     """One pass of continuous recovery; safe to run on several daemons at once."""
-    leases = store.return_leases()
-    expired = store.expire_jobs()
-    lost = store.mark_lost(config.lost_after)
+    leases = store.sweeps.return_leases()
+    expired = store.sweeps.expire()
+    lost = store.sweeps.mark_lost(config.lost_after)
     counts = leases | lost | {"expired": expired}
     if any(counts.values()):
         log.info("sweep: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
@@ -77,7 +70,8 @@ def sweep(store: Store, config: ServerConfig) -> dict[str, int]:
 
 
 def retention(store: Store, config: ServerConfig) -> dict[str, int]:
-    counts = store.purge(config.retention_days)
+    """Purge old output and audit rows (``retention_days``)."""
+    counts = store.sweeps.purge(config.retention_days)
     log.info(
         "retention: purged the output of %d assignment(s) and %d audit row(s) older than %d day(s)",
         counts["outputs"],

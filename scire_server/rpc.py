@@ -2,8 +2,9 @@
 the one place errors become faults.
 
 The caller's identity is the SHA-256 fingerprint of the certificate it
-presented in the TLS handshake, looked up in the database on every call.
-Arguments never name the caller.
+presented in the TLS handshake; the API layer (``RemoteMethods.identify``)
+looks it up on every call, and records each refusal. Arguments never name the
+caller. This module talks to the API layer only, never to the store.
 """
 
 from __future__ import annotations
@@ -21,16 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
-from scire_schema import documents, tls
-from scire_server.api import Service
-from scire_server.exceptions import (
-    AuthenticationRequired,
-    Forbidden,
-    InvalidArgument,
-    ScireError,
-    Unavailable,
-)
-from scire_server.store import Caller, Store
+from scire_schema import protocol, tls
+from scire_server.api import Caller, RemoteMethods
+from scire_server.exceptions import Forbidden, InvalidArgument, ScireError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +82,14 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
         self,
         address: tuple[str, int],
         context: ssl.SSLContext,
-        service: Service,
-        store: Store,
+        methods: RemoteMethods,
         max_threads: int,
         request_timeout: float,
     ) -> None:
         self.context = context
-        self.service = service
-        self.store = store
+        self.methods = methods
         self.request_timeout = request_timeout
-        self.table = service.methods()
+        self.table = methods.table()
         self.pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="rpc")
         self.stopping = threading.Event()
         self._in_flight = 0
@@ -160,7 +152,7 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
                 raise Forbidden(f"no method {method!r}")
             audience, function = entry
             if audience != "open":
-                caller = self._identify(conn)
+                caller = self.methods.identify(tls.peer_fingerprint(conn))
                 if audience == "agent" and caller.kind != "client":
                     raise Forbidden(f"{method} is for agents")
                 if audience in ("user", "admin") and caller.kind != "user":
@@ -171,7 +163,7 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
                 inspect.signature(function).bind(caller, *params)
             except TypeError as exc:
                 raise InvalidArgument(f"wrong arguments for {method}: {exc}") from None
-            return plain(function(caller, *params))
+            return to_xmlrpc(function(caller, *params))
         except ScireError as exc:
             raise self._fault(method, caller, address, exc) from None
         except Exception:
@@ -183,36 +175,10 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
             with self._lock:
                 self._in_flight -= 1
 
-    def _identify(self, conn: ssl.SSLSocket) -> Caller:
-        fingerprint = tls.peer_fingerprint(conn)
-        if fingerprint is None:
-            raise AuthenticationRequired(
-                "this method needs a client certificate; without one only agent.register, "
-                "agent.fetch_certificate and agent.ca_certificate are open"
-            )
-        caller, why = self.store.caller_by_fingerprint(fingerprint)
-        if caller is None:
-            if why:
-                raise Forbidden(f"certificate refused: {why}")
-            raise AuthenticationRequired("certificate not known to this server")
-        return caller
-
     def _fault(
         self, method: str, caller: Caller | None, address: Any, exc: ScireError
     ) -> xmlrpc.client.Fault:
-        who = f"{caller.kind}:{caller.name}" if caller else f"anonymous@{address[0]}"
-        log.warning("%s refused %s: %s (fault %d)", who, method, exc.message, exc.code)
-        if not isinstance(exc, Unavailable):
-            try:
-                self.store.record(
-                    who,
-                    "refused",
-                    client=caller.name if caller and caller.kind == "client" else None,
-                    job_id=exc.job_id,
-                    detail=f"{method}: fault {exc.code}: {exc.message}"[:2000],
-                )
-            except ScireError:
-                log.warning("could not record the refusal of %s by %s", method, who)
+        self.methods.record_refusal(method, caller, address[0], exc)
         return xmlrpc.client.Fault(exc.code, exc.message)
 
     # Shutdown.
@@ -239,12 +205,12 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
         return clean
 
 
-def plain(value: Any) -> Any:
-    """XML-RPC-safe values: times as ISO strings (UTC, Z), ``None`` kept (allow_none)."""
+def to_xmlrpc(value: Any) -> Any:
+    """What XML-RPC can carry: times as ISO strings (UTC, Z), ``None`` kept (allow_none)."""
     if isinstance(value, dt.datetime):
-        return documents.format_time(value)
+        return protocol.format_time(value)
     if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): to_xmlrpc(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        return [to_xmlrpc(v) for v in value]
     return value

@@ -1,4 +1,5 @@
-"""Assignment states and the transitions allowed between them.
+"""Assignment states and the transitions allowed between them, the statuses of
+clients, users and server daemons, and the one-word summary of a job.
 
 An assignment is one (job, client) pair. No transition goes backwards into
 the past except the two retries the design names: a lease that runs out
@@ -9,6 +10,7 @@ the past except the two retries the design names: a lease that runs out
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 from scire_schema.protocol import ReportedState
 
@@ -60,3 +62,42 @@ _ALLOWED: dict[State, frozenset[State]] = {
 
 def allowed(old: State | str, new: State | str) -> bool:
     return State(new) in _ALLOWED.get(State(old), frozenset())
+
+
+class ClientStatus(enum.StrEnum):
+    PENDING = "pending"  #: enrollment requested, waiting for an administrator or a token
+    ACCEPTED = "accepted"  #: signed; the client may call the agent methods
+    REJECTED = "rejected"  #: refused; a new request may replace it
+    REVOKED = "revoked"  #: its certificate is refused from the next call on
+
+
+class UserStatus(enum.StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"  #: refused at every call, and its jobs are denied at dispatch
+
+
+class ServerState(enum.StrEnum):
+    RUNNING = "running"  #: the daemon is up (or died without saying so: see its heartbeat)
+    STOPPED = "stopped"  #: the daemon stopped cleanly
+
+
+#: Job summaries that no longer change: the final assignment states, plus
+#: ``mixed`` (final assignments in different states) and ``empty`` (none at all).
+FINAL_SUMMARIES = frozenset({s.value for s in FINAL} | {"mixed", "empty"})
+
+# The state a job with unfinished assignments is summarized by, most advanced first.
+_ACTIVE_ORDER = (State.RUNNING, State.ACKNOWLEDGED, State.SENT, State.LOST, State.PENDING)
+
+
+def job_summary(states: Mapping[str, int]) -> str:
+    """One word for a job from the count of its assignments in each state."""
+    active = [s for s in states if State(s) not in FINAL]
+    if active:
+        for s in _ACTIVE_ORDER:
+            if s.value in active:
+                return s.value
+    if not states:
+        return "empty"
+    if len(states) == 1:
+        return next(iter(states))
+    return "mixed"

@@ -37,7 +37,7 @@ def start(store: Store, config: ServerConfig) -> BackgroundScheduler:
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
     scheduler.add_job(
-        _guarded("heartbeat", store.heartbeat),
+        _guarded("heartbeat", store.servers.heartbeat),
         "interval",
         seconds=config.heartbeat_interval,
         id="heartbeat",

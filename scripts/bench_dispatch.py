@@ -29,7 +29,7 @@ from pathlib import Path
 
 from scire_schema import certs, documents, files, tls
 from scire_server import ca, store
-from scire_server.store import JobSpec
+from scire_server.store import Certificate, JobSpec
 
 
 def free_port() -> int:
@@ -70,36 +70,23 @@ def main() -> int:
     db = store.Store(store.make_engine(url), "bench")
     ca_key = certs.load_key((state / "ca.key").read_bytes())
     ca_cert = certs.load_cert((state / "ca.pem").read_bytes())
-    owner, _ = db.caller_by_fingerprint(db.users()[0]["fingerprint"])
+    owner, _ = db.directory.caller_by_fingerprint(db.directory.users()[0]["fingerprint"])
     assert owner is not None
     agents = []
     for i in range(args.agents):
         name = f"bench{i}"
         key = certs.generate_key()
         csr = certs.make_csr(key, name).decode()
-        db.register_client(name, csr, {}, None)
+        db.directory.register_client(name, csr, {}, None)
         cert = ca.sign_csr(ca_key, ca_cert, csr, name, ca.ROLE_CLIENT)
-        db.decide_client(
-            name, "accepted", "bench", certs.cert_to_pem(cert).decode(), certs.fingerprint(cert)
-        )
+        certificate = Certificate(csr, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert))
+        db.directory.accept_client(name, certificate, "bench")
         files.write_private(root / f"{name}.key", certs.key_to_pem(key))
         files.write_public(root / f"{name}.pem", certs.cert_to_pem(cert))
         agents.append(name)
-    spec = JobSpec(
-        name="bench",
-        script="true",
-        interpreter="/bin/sh",
-        privilege="run",
-        priority=0,
-        timeout=60,
-        output_limit=1024,
-        max_attempts=3,
-        not_before=None,
-        expires_at=None,
-        rerun_on_agent_crash=False,
-    )
+    spec = JobSpec(script="true", name="bench", timeout=60, output_limit=1024)
     for _ in range(args.jobs):
-        db.submit_job(owner, spec, agents, [])
+        db.jobs.submit(owner, spec, agents, [])
     db.close()
 
     server = subprocess.Popen(

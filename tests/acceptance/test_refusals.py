@@ -201,3 +201,19 @@ def test_non_admin_user_cannot_administer(running: Deployment, wire: Wire) -> No
     # holds key, certificate and CA in one PEM file.
     fault = _fault(wire.proxy(alice, alice).admin.client_accept, "host1")
     assert fault.faultCode == FAULT_FORBIDDEN
+
+
+def test_revoked_agent_refusal_is_audited(running: Deployment, wire: Wire) -> None:
+    dep = running
+    dep.enroll("host1")
+    dep.admin("client", "revoke", "host1")
+
+    fault = _fault(wire.agent("host1").agent.poll, [], [], 10)
+    assert fault.faultCode == FAULT_FORBIDDEN
+    assert fault.faultString == "certificate refused: client host1 is revoked"
+    refused = [e for e in dep.admin("audit") if e["action"] == "refused"]
+    assert refused[-1]["actor"] == "anonymous@127.0.0.1"
+    assert refused[-1]["client"] is None
+    assert refused[-1]["detail"] == (
+        "agent.poll: fault 2: certificate refused: client host1 is revoked"
+    )

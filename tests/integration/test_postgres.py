@@ -6,7 +6,7 @@ import threading
 
 from scire_schema import certs
 from scire_server import ca, migrations, store
-from scire_server.store import Caller, JobSpec, Store
+from scire_server.store import Caller, Certificate, JobSpec, Store
 
 
 def _store(url: str, name: str) -> Store:
@@ -17,38 +17,25 @@ def _seed(db: Store, clients: int) -> tuple[Caller, list[Caller]]:
     key = certs.generate_key()
     ca_key, ca_cert = ca.create_ca()
     user_cert = ca.sign_csr(ca_key, ca_cert, certs.make_csr(key, "root"), "root", ca.ROLE_USER)
-    db.add_user("root", certs.fingerprint(user_cert), True, "test")
+    db.directory.add_user("root", certs.fingerprint(user_cert), True, "test")
     callers = []
     for i in range(clients):
         name = f"host{i}"
         csr = certs.make_csr(certs.generate_key(), name).decode()
-        db.register_client(name, csr, {}, None)
+        db.directory.register_client(name, csr, {}, None)
         cert = ca.sign_csr(ca_key, ca_cert, csr, name, ca.ROLE_CLIENT)
-        db.decide_client(
-            name, "accepted", "test", certs.cert_to_pem(cert).decode(), certs.fingerprint(cert)
-        )
-        caller, _ = db.caller_by_fingerprint(certs.fingerprint(cert))
+        certificate = Certificate(csr, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert))
+        db.directory.accept_client(name, certificate, "test")
+        caller, _ = db.directory.caller_by_fingerprint(certs.fingerprint(cert))
         assert caller is not None
         callers.append(caller)
-    owner, _ = db.caller_by_fingerprint(certs.fingerprint(user_cert))
+    owner, _ = db.directory.caller_by_fingerprint(certs.fingerprint(user_cert))
     assert owner is not None
     return owner, callers
 
 
 def _spec(name: str, priority: int = 0) -> JobSpec:
-    return JobSpec(
-        name=name,
-        script="true",
-        interpreter="/bin/sh",
-        privilege="run",
-        priority=priority,
-        timeout=60,
-        output_limit=1024,
-        max_attempts=3,
-        not_before=None,
-        expires_at=None,
-        rerun_on_agent_crash=False,
-    )
+    return JobSpec(script="true", name=name, priority=priority, timeout=60, output_limit=1024)
 
 
 def test_migrations_match_models_on_postgres(postgres_url: str) -> None:
@@ -63,12 +50,12 @@ def test_two_daemons_never_claim_the_same_assignment(postgres_url: str) -> None:
     first, second = _store(postgres_url, "a"), _store(postgres_url, "b")
     owner, (client,) = _seed(first, 1)
     for i in range(40):
-        first.submit_job(owner, _spec(f"job{i}", priority=i % 3), ["host0"], [])
+        first.jobs.submit(owner, _spec(f"job{i}", priority=i % 3), ["host0"], [])
     claimed: dict[str, list[int]] = {"a": [], "b": []}
 
     def poll(db: Store, key: str) -> None:
         while True:
-            result = db.poll(client, [], [], 3, 60)
+            result = db.assignments.poll(client, [], [], 3, 60)
             if not result.deliveries:
                 return
             claimed[key].extend(d.job_id for d in result.deliveries)
@@ -91,9 +78,9 @@ def test_poll_order_on_postgres(postgres_url: str) -> None:
     migrations.upgrade(postgres_url)
     db = _store(postgres_url, "a")
     owner, (client,) = _seed(db, 1)
-    low = db.submit_job(owner, _spec("low", 1), ["host0"], []).job_id
-    high = db.submit_job(owner, _spec("high", 9), ["host0"], []).job_id
-    mid = db.submit_job(owner, _spec("mid", 5), ["host0"], []).job_id
-    result = db.poll(client, [], [], 10, 60)
+    low = db.jobs.submit(owner, _spec("low", 1), ["host0"], []).job_id
+    high = db.jobs.submit(owner, _spec("high", 9), ["host0"], []).job_id
+    mid = db.jobs.submit(owner, _spec("mid", 5), ["host0"], []).job_id
+    result = db.assignments.poll(client, [], [], 10, 60)
     assert [d.job_id for d in result.deliveries] == [high, mid, low]
     db.close()

@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from scire_schema import documents
+from scire_server import migrations
 from scire_server.exceptions import Forbidden, IllegalTransition, NotHeld
-from scire_server.store import Caller, JobSpec, Store, make_engine, upgrade_database, utcnow
+from scire_server.store import Caller, Certificate, JobSpec, Store, make_engine, utcnow
+from scire_server.store.jobs import no_target_error
 
 ACK_TIMEOUT = 60  # seconds
 
@@ -41,15 +43,16 @@ class World:
 
 
 def _caller(store: Store, name: str) -> Caller:
-    caller, why = store.caller_by_fingerprint(fingerprint(name))
+    caller, why = store.directory.caller_by_fingerprint(fingerprint(name))
     assert caller is not None, why
     return caller
 
 
 def add_client(store: Store, name: str) -> Caller:
-    status, token_ok = store.register_client(name, f"CSR of {name}", {"os": "Linux"}, None)
-    assert (status, token_ok) == ("pending", False)
-    store.decide_client(name, "accepted", "user:admin", f"CERT of {name}", fingerprint(name))
+    status = store.directory.register_client(name, f"CSR of {name}", {"os": "Linux"}, None)
+    assert status == "pending"
+    certificate = Certificate(f"CSR of {name}", f"CERT of {name}", fingerprint(name))
+    store.directory.accept_client(name, certificate, "user:admin")
     return _caller(store, name)
 
 
@@ -60,11 +63,13 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
         url = f"sqlite:///{tmp_path / 'scire.db'}"
     else:
         url = request.getfixturevalue("postgres").new_database()
-    upgrade_database(url)
+    migrations.upgrade(url)
     store = Store(make_engine(url), "test-server")
-    store.start_server("test-server", "localhost", 1, "https://localhost:8443/", 30, False)
-    store.add_user("admin", fingerprint("admin"), True, "test")
-    store.add_user("alice", fingerprint("alice"), False, "test")
+    store.servers.start(
+        "test-server", "localhost", 1, "https://localhost:8443/", 30, is_alive=lambda _pid: False
+    )
+    store.directory.add_user("admin", fingerprint("admin"), True, "test")
+    store.directory.add_user("alice", fingerprint("alice"), False, "test")
     try:
         yield World(
             store,
@@ -98,7 +103,7 @@ def spec(**changes: Any) -> JobSpec:
 def submit(
     w: World, owner: Caller | None = None, hosts: tuple[str, ...] = ("web-17",), **changes: Any
 ) -> int:
-    return w.store.submit_job(owner or w.admin, spec(**changes), list(hosts), []).job_id
+    return w.store.jobs.submit(owner or w.admin, spec(**changes), list(hosts), []).job_id
 
 
 def poll(
@@ -108,17 +113,20 @@ def poll(
     running: list[int] | None = None,
     limit: int = 10,
 ) -> list[documents.JobDocument]:
-    result = w.store.poll(client or w.web, held or [], running or [], limit, ACK_TIMEOUT)
-    return [documents.parse_job(d.xml) for d in result.deliveries]  # each valid against job.xsd
+    result = w.store.assignments.poll(
+        client or w.web, held or [], running or [], limit, ACK_TIMEOUT
+    )
+    # Rendered as the API renders them, each valid against job.xsd.
+    return [documents.parse_job(documents.render_job(d)) for d in result.deliveries]
 
 
 def state(w: World, job_id: int, client: str = "web-17") -> str:
-    detail = w.store.job_detail(w.admin, job_id)
+    detail = w.store.jobs.detail(w.admin, job_id)
     return next(str(a["state"]) for a in detail["assignments"] if a["client"] == client)
 
 
 def assignment(w: World, job_id: int, client: str = "web-17") -> dict[str, Any]:
-    detail = w.store.job_detail(w.admin, job_id)
+    detail = w.store.jobs.detail(w.admin, job_id)
     return next(a for a in detail["assignments"] if a["client"] == client)
 
 
@@ -130,11 +138,11 @@ def report(
     )
     # Through the wire format, as the server gets it.
     parsed = documents.parse_status(documents.render_status(status))
-    return w.store.report(client or w.web, parsed)
+    return w.store.assignments.report(client or w.web, parsed)
 
 
 def actions(w: World, job_id: int) -> list[str]:
-    return [e["action"] for e in w.store.events(job_id=job_id)]
+    return [e["action"] for e in w.store.audit.events(job_id=job_id)]
 
 
 def later(seconds: float) -> dt.datetime:
@@ -194,8 +202,8 @@ def test_submit_without_grant_is_refused(world: World) -> None:
 
 
 def test_submit_names_refused_targets(world: World) -> None:
-    world.store.add_grant("alice", "run", "web-17", "user:admin")
-    result = world.store.submit_job(world.alice, spec(), ["web-17", "db-1"], [])
+    world.store.directory.add_grant("alice", "run", "web-17", "user:admin")
+    result = world.store.jobs.submit(world.alice, spec(), ["web-17", "db-1"], [])
     assert result.accepted == ["web-17"]
     assert result.refused == ["db-1 (no grant: alice may not run)"]
     assert "submit_refused" in actions(world, result.job_id)
@@ -203,27 +211,27 @@ def test_submit_names_refused_targets(world: World) -> None:
 
 def test_submit_to_a_nested_group_through_a_group_grant(world: World) -> None:
     store = world.store
-    store.create_group("client", "web", "user:admin")
-    store.create_group("client", "prod", "user:admin")
-    store.change_member("client", "web", "web-17", False, True, "user:admin")
-    store.change_member("client", "prod", "web", True, True, "user:admin")
-    store.change_member("client", "prod", "db-1", False, True, "user:admin")
-    store.create_group("user", "ops", "user:admin")
-    store.change_member("user", "ops", "alice", False, True, "user:admin")
-    store.add_grant("@ops", "run", "@prod", "user:admin")
-    result = store.submit_job(world.alice, spec(), [], ["prod"])
+    store.directory.create_group("client", "web", "user:admin")
+    store.directory.create_group("client", "prod", "user:admin")
+    store.directory.add_member("client", "web", "web-17", "user:admin")
+    store.directory.add_member("client", "prod", "@web", "user:admin")
+    store.directory.add_member("client", "prod", "db-1", "user:admin")
+    store.directory.create_group("user", "ops", "user:admin")
+    store.directory.add_member("user", "ops", "alice", "user:admin")
+    store.directory.add_grant("@ops", "run", "@prod", "user:admin")
+    result = store.jobs.submit(world.alice, spec(), [], ["prod"])
     assert sorted(result.accepted) == ["db-1", "web-17"]
     assert [d.client for d in poll(world, world.web)] == ["web-17"]
 
 
 def test_acl_denial_at_dispatch(world: World) -> None:
-    grant = world.store.add_grant("alice", "run", "web-17", "user:admin")
+    grant = world.store.directory.add_grant("alice", "run", "web-17", "user:admin")
     job = submit(world, owner=world.alice)
-    world.store.remove_grant(grant, "user:admin")
-    result = world.store.poll(world.web, [], [], 10, ACK_TIMEOUT)
+    world.store.directory.remove_grant(grant, "user:admin")
+    result = world.store.assignments.poll(world.web, [], [], 10, ACK_TIMEOUT)
     assert result.deliveries == [] and result.denied == 1
     assert state(world, job) == "denied"
-    deny = [e for e in world.store.events(job_id=job) if e["action"] == "deny"]
+    deny = [e for e in world.store.audit.events(job_id=job) if e["action"] == "deny"]
     assert len(deny) == 1
     assert deny[0]["old_state"] == "pending" and deny[0]["new_state"] == "denied"
     assert "alice may not run on web-17 at dispatch" in deny[0]["detail"]
@@ -231,9 +239,9 @@ def test_acl_denial_at_dispatch(world: World) -> None:
 
 
 def test_revoked_owner_is_denied_at_dispatch(world: World) -> None:
-    world.store.add_grant("alice", "*", "web-17", "user:admin")
+    world.store.directory.add_grant("alice", "*", "web-17", "user:admin")
     job = submit(world, owner=world.alice)
-    world.store.revoke_user("alice", "user:admin")
+    world.store.directory.revoke_user("alice", "user:admin")
     assert poll(world) == []
     assert state(world, job) == "denied"
 
@@ -245,8 +253,8 @@ def test_acknowledge_is_idempotent(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
     pair = [(job, doc.delivery_id)]
-    assert world.store.acknowledge(world.web, pair) == [job]
-    assert world.store.acknowledge(world.web, pair) == [job]
+    assert world.store.assignments.acknowledge(world.web, pair) == [job]
+    assert world.store.assignments.acknowledge(world.web, pair) == [job]
     assert state(world, job) == "acknowledged"
     assert actions(world, job).count("acknowledge") == 1
 
@@ -254,15 +262,15 @@ def test_acknowledge_is_idempotent(world: World) -> None:
 def test_acknowledge_with_a_wrong_delivery_or_client_changes_nothing(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
-    assert world.store.acknowledge(world.web, [(job, "0" * 32)]) == []
-    assert world.store.acknowledge(world.db, [(job, doc.delivery_id)]) == []
+    assert world.store.assignments.acknowledge(world.web, [(job, "0" * 32)]) == []
+    assert world.store.assignments.acknowledge(world.db, [(job, doc.delivery_id)]) == []
     assert state(world, job) == "sent"
 
 
 def test_report_transitions_and_duplicates(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
-    world.store.acknowledge(world.web, [(job, doc.delivery_id)])
+    world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)])
     started = dt.datetime(2026, 1, 1, 12, 0, 0)
     assert report(world, doc, "running", started=started) == "applied"
     assert report(world, doc, "running", started=started) == "duplicate"
@@ -279,7 +287,7 @@ def test_report_transitions_and_duplicates(world: World) -> None:
     assert row["state"] == "succeeded" and row["exit_code"] == 0 and row["output"] == "hello\n"
     assert row["started_at"] == started
     assert actions(world, job).count("report") == 2
-    assert world.store.job_detail(world.admin, job)["state"] == "succeeded"
+    assert world.store.jobs.detail(world.admin, job)["state"] == "succeeded"
 
 
 def test_report_without_acknowledgement_implies_it(world: World) -> None:
@@ -311,12 +319,12 @@ def test_report_on_a_job_not_held(world: World) -> None:
 def test_late_report_after_cancel_is_ignored(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
-    world.store.acknowledge(world.web, [(job, doc.delivery_id)])
-    assert world.store.cancel_job(world.admin, job) == 1
+    world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)])
+    assert world.store.jobs.cancel(world.admin, job) == 1
     assert report(world, doc, "succeeded", exit_code=0) == "ignored"
     assert report(world, doc, "running") == "ignored"
     assert state(world, job) == "cancelled"
-    late = [e for e in world.store.events(job_id=job) if e["action"] == "late_report"]
+    late = [e for e in world.store.audit.events(job_id=job) if e["action"] == "late_report"]
     assert [(e["old_state"], e["new_state"]) for e in late] == [
         ("cancelled", "succeeded"),
         ("cancelled", "running"),
@@ -326,7 +334,7 @@ def test_late_report_after_cancel_is_ignored(world: World) -> None:
 def test_cancelled_report_from_the_agent_is_a_duplicate(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
-    world.store.cancel_job(world.admin, job)
+    world.store.jobs.cancel(world.admin, job)
     assert report(world, doc, "cancelled") == "duplicate"
 
 
@@ -336,14 +344,14 @@ def test_cancelled_report_from_the_agent_is_a_duplicate(world: World) -> None:
 def test_return_leases_then_undeliverable(world: World) -> None:
     job = submit(world, max_attempts=2)
     (first,) = poll(world)
-    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1)) == {
+    assert world.store.sweeps.return_leases(now=later(ACK_TIMEOUT + 1)) == {
         "returned": 1,
         "undeliverable": 0,
     }
     assert state(world, job) == "pending"
     (second,) = poll(world)
     assert second.attempt == 2 and second.delivery_id != first.delivery_id
-    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1)) == {
+    assert world.store.sweeps.return_leases(now=later(ACK_TIMEOUT + 1)) == {
         "returned": 0,
         "undeliverable": 1,
     }
@@ -357,9 +365,9 @@ def test_return_leases_leaves_live_leases_and_acknowledged_jobs(world: World) ->
     sent = submit(world)
     acked = submit(world)
     docs = {d.job_id: d for d in poll(world)}
-    world.store.acknowledge(world.web, [(acked, docs[acked].delivery_id)])
-    assert world.store.return_leases() == {"returned": 0, "undeliverable": 0}
-    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1)) == {
+    world.store.assignments.acknowledge(world.web, [(acked, docs[acked].delivery_id)])
+    assert world.store.sweeps.return_leases() == {"returned": 0, "undeliverable": 0}
+    assert world.store.sweeps.return_leases(now=later(ACK_TIMEOUT + 1)) == {
         "returned": 1,
         "undeliverable": 0,
     }
@@ -369,15 +377,18 @@ def test_return_leases_leaves_live_leases_and_acknowledged_jobs(world: World) ->
 def test_acknowledgement_after_the_lease_ran_out_still_counts(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
-    world.store.return_leases(now=later(ACK_TIMEOUT + 1))
-    assert world.store.acknowledge(world.web, [(job, doc.delivery_id)]) == [job]
+    world.store.sweeps.return_leases(now=later(ACK_TIMEOUT + 1))
+    assert world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)]) == [job]
     assert state(world, job) == "acknowledged"
 
 
 def test_return_leases_of_this_daemons_previous_life(world: World) -> None:
     job = submit(world)
     poll(world)
-    assert world.store.return_leases(own_previous_life=True) == {"returned": 1, "undeliverable": 0}
+    assert world.store.sweeps.return_leases(own_previous_life=True) == {
+        "returned": 1,
+        "undeliverable": 0,
+    }
     assert state(world, job) == "pending"
 
 
@@ -385,22 +396,25 @@ def test_restarts_never_deliver_past_max_attempts(world: World) -> None:
     job = submit(world, max_attempts=1)
     (doc,) = poll(world)
     # The last attempt stays with its lease across a restart ...
-    assert world.store.return_leases(own_previous_life=True) == {"returned": 0, "undeliverable": 0}
+    assert world.store.sweeps.return_leases(own_previous_life=True) == {
+        "returned": 0,
+        "undeliverable": 0,
+    }
     assert state(world, job) == "sent"
     assert poll(world) == []
     # ... and fails as undeliverable when the lease runs out.
-    assert world.store.return_leases(now=later(ACK_TIMEOUT + 1))["undeliverable"] == 1
+    assert world.store.sweeps.return_leases(now=later(ACK_TIMEOUT + 1))["undeliverable"] == 1
     assert assignment(world, job)["attempt"] == 1
     assert doc.attempt == 1
 
 
 def test_token_given_on_a_second_registration_is_used(world: World) -> None:
-    world.store.add_token(fingerprint("token"), 3600, 1, "user:admin")
-    assert world.store.register_client("new", "CSR of new", {}, None) == ("pending", False)
-    assert world.store.register_client("new", "CSR of new", {}, fingerprint("token")) == (
-        "pending",
-        True,
-    )
+    world.store.directory.add_token(fingerprint("token"), 3600, 1, "user:admin")
+    directory = world.store.directory
+    assert directory.register_client("new", "CSR of new", {}, None) == "pending"
+    certificate = Certificate("CSR of new", "CERT of new", fingerprint("new"))
+    token = fingerprint("token")
+    assert directory.register_client("new", "CSR of new", {}, token, certificate) == "accepted"
 
 
 # --- expiry ---------------------------------------------------------------------------
@@ -412,8 +426,8 @@ def test_expire_jobs_leaves_running_ones(world: World) -> None:
     (doc,) = poll(world, limit=1)
     assert doc.job_id == runs and doc.expires is not None
     report(world, doc, "running")
-    assert world.store.expire_jobs() == 0
-    assert world.store.expire_jobs(now=later(7200)) == 1
+    assert world.store.sweeps.expire() == 0
+    assert world.store.sweeps.expire(now=later(7200)) == 1
     assert (state(world, waiting), state(world, runs)) == ("expired", "running")
     assert assignment(world, waiting)["reason"] == "expired before it started"
 
@@ -431,37 +445,37 @@ def test_poll_expires_instead_of_sending(world: World) -> None:
 def _running(w: World, **changes: Any) -> tuple[int, documents.JobDocument]:
     job = submit(w, **changes)
     (doc,) = poll(w)
-    w.store.acknowledge(w.web, [(job, doc.delivery_id)])
+    w.store.assignments.acknowledge(w.web, [(job, doc.delivery_id)])
     report(w, doc, "running")
     return job, doc
 
 
 def test_mark_lost_without_rerun_then_the_late_report_lands(world: World) -> None:
     job, doc = _running(world)
-    assert world.store.mark_lost(300) == {"lost": 0, "requeued": 0}  # the agent just polled
-    assert world.store.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 0}
+    assert world.store.sweeps.mark_lost(300) == {"lost": 0, "requeued": 0}  # the agent just polled
+    assert world.store.sweeps.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 0}
     assert state(world, job) == "lost"
-    assert world.store.job_detail(world.admin, job)["state"] == "lost"
+    assert world.store.jobs.detail(world.admin, job)["state"] == "lost"
     assert report(world, doc, "succeeded", exit_code=0) == "applied"
     assert state(world, job) == "succeeded"
 
 
 def test_mark_lost_with_rerun_requeues(world: World) -> None:
     job, first = _running(world, rerun_on_agent_crash=True, max_attempts=2)
-    assert world.store.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 1}
+    assert world.store.sweeps.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 1}
     assert state(world, job) == "pending"
     assert actions(world, job)[-2:] == ["lost", "retry"]
     (second,) = poll(world)
     assert second.attempt == 2
     report(world, second, "running")
     # No attempts left: lost stays lost.
-    assert world.store.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 0}
+    assert world.store.sweeps.mark_lost(300, now=later(600)) == {"lost": 1, "requeued": 0}
     assert state(world, job) == "lost"
 
 
 def test_lost_job_comes_back_when_the_agent_names_it_running(world: World) -> None:
     job, _ = _running(world)
-    world.store.mark_lost(300, now=later(600))
+    world.store.sweeps.mark_lost(300, now=later(600))
     poll(world, running=[job], limit=0)
     assert state(world, job) == "running"
     assert actions(world, job)[-1] == "reconcile"
@@ -474,10 +488,10 @@ def test_reconcile_answers_cancelled_expired_unknown(world: World) -> None:
     cancelled = submit(world, name="c")
     expired = submit(world, name="e", expires_at=later(3600))
     docs = {d.job_id: d for d in poll(world)}
-    world.store.acknowledge(world.web, [(j, d.delivery_id) for j, d in docs.items()])
-    world.store.cancel_job(world.admin, cancelled)
-    world.store.expire_jobs(now=later(7200))
-    result = world.store.poll(world.web, [cancelled, expired, 9999], [], 0, ACK_TIMEOUT)
+    world.store.assignments.acknowledge(world.web, [(j, d.delivery_id) for j, d in docs.items()])
+    world.store.jobs.cancel(world.admin, cancelled)
+    world.store.sweeps.expire(now=later(7200))
+    result = world.store.assignments.poll(world.web, [cancelled, expired, 9999], [], 0, ACK_TIMEOUT)
     assert sorted(result.reconcile, key=lambda r: r["job_id"]) == [
         {"job_id": cancelled, "action": "cancelled"},
         {"job_id": expired, "action": "expired"},
@@ -487,8 +501,8 @@ def test_reconcile_answers_cancelled_expired_unknown(world: World) -> None:
 
 def test_reconcile_running_job_named_cancelled(world: World) -> None:
     job, _ = _running(world)
-    world.store.cancel_job(world.admin, job)
-    result = world.store.poll(world.web, [], [job], 0, ACK_TIMEOUT)
+    world.store.jobs.cancel(world.admin, job)
+    result = world.store.assignments.poll(world.web, [], [job], 0, ACK_TIMEOUT)
     assert result.reconcile == [{"job_id": job, "action": "cancelled"}]
 
 
@@ -496,7 +510,7 @@ def test_reconcile_running_job_named_cancelled(world: World) -> None:
 def test_reconcile_job_the_agent_no_longer_holds(world: World, rerun: bool, expected: str) -> None:
     job = submit(world, rerun_on_agent_crash=rerun)
     (doc,) = poll(world)
-    world.store.acknowledge(world.web, [(job, doc.delivery_id)])
+    world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)])
     poll(world, held=[], limit=0)  # the spool was wiped
     assert state(world, job) == expected
 
@@ -543,10 +557,17 @@ def test_retention_purges_old_output_and_audit_rows(world: World) -> None:
     report(world, doc, "succeeded", exit_code=0, output="kept until retention\n")
     pending = submit(world, hosts=("db-1",))
     assert assignment(world, job)["output"] == "kept until retention\n"
-    assert world.store.purge(older_than_days=1) == {"outputs": 0, "events": 0}
-    counts = world.store.purge(older_than_days=-1)  # everything counts as old
+    assert world.store.sweeps.purge(older_than_days=1) == {"outputs": 0, "events": 0}
+    counts = world.store.sweeps.purge(older_than_days=-1)  # everything counts as old
     assert counts["outputs"] == 1 and counts["events"] > 0
     row = assignment(world, job)
     assert (row["state"], row["output"], row["exit_code"]) == ("succeeded", None, 0)
-    assert world.store.events(job_id=job) == []
+    assert world.store.audit.events(job_id=job) == []
     assert state(world, pending, "db-1") == "pending"  # unfinished work is never purged
+
+
+def test_no_target_error_names_user_privilege_and_targets() -> None:
+    error = no_target_error("alice", "run", ["web-17 (no grant)", "db-1 (client is pending)"])
+    assert error.code == 2
+    assert "alice may not run" in error.message
+    assert "web-17 (no grant); db-1 (client is pending)" in error.message

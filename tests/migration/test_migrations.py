@@ -47,7 +47,7 @@ def test_current_reports_empty_then_head(tmp_path: Path) -> None:
     head = ScriptDirectory.from_config(migrations.alembic_config(url)).get_current_head()
     assert head is not None
     assert migrations.current(url) == (None, head)
-    store.upgrade_database(url)
+    migrations.upgrade(url)
     assert migrations.current(url) == (head, head)
 
 

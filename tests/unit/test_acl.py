@@ -79,10 +79,3 @@ def test_revoked_user_may_run_nothing(is_admin: bool) -> None:
     revoked = Subject(user_id=1, group_ids=frozenset({10}), is_admin=is_admin, active=False)
     grants = [user_grant(privilege=acl.ANY_PRIVILEGE), GrantRule(None, 10, "run", 100, None)]
     assert not acl.permitted(revoked, "run", WEB, grants)
-
-
-def test_denied_error_names_user_privilege_and_targets() -> None:
-    error = acl.denied_error("alice", "run", ["web-17 (no grant)", "db-1 (client is pending)"])
-    assert error.code == 2
-    assert "alice may not run" in error.message
-    assert "web-17 (no grant); db-1 (client is pending)" in error.message

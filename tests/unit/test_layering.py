@@ -27,13 +27,20 @@ def _modules(*folders: str) -> list[Path]:
 
 def _imports(path: Path) -> set[str]:
     """Every top-level package ``path`` imports."""
+    return {name.split(".")[0] for name in _imported_modules(path)}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, by its full dotted name (``from a import b`` gives
+    both ``a`` and ``a.b``: ``b`` may be a module)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif (
             isinstance(node, ast.Call)
             and (
@@ -44,7 +51,7 @@ def _imports(path: Path) -> set[str]:
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
         ):
-            found.add(node.args[0].value.split(".")[0])
+            found.add(node.args[0].value)
     return found
 
 
@@ -83,3 +90,10 @@ def _may_use_the_database(path: Path) -> bool:
 def test_only_the_store_models_and_migrations_import_the_database_libraries(path: Path) -> None:
     used = _imports(path) & set(DATABASE_LIBRARIES)
     assert not used or _may_use_the_database(path), f"{_name(path)} imports {sorted(used)}"
+
+
+def test_the_listener_talks_to_the_api_only() -> None:
+    """rpc.py identifies callers and records refusals through the API, never the store."""
+    used = _imported_modules(ROOT / "scire_server" / "rpc.py")
+    assert not {m for m in used if m == "scire_server.store" or m.startswith("scire_server.store.")}
+    assert "scire_server.api" in used

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from scire_server.states import FINAL, REPORTED_FINAL, State, allowed
+from scire_server.states import FINAL, FINAL_SUMMARIES, REPORTED_FINAL, State, allowed, job_summary
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,23 @@ def test_forbidden_transitions(old: str, new: str) -> None:
 def test_unknown_state_is_an_error() -> None:
     with pytest.raises(ValueError):
         allowed("pending", "exploded")
+
+
+@pytest.mark.parametrize(
+    ("states", "summary"),
+    [
+        ({}, "empty"),
+        ({"succeeded": 3}, "succeeded"),
+        ({"succeeded": 2, "failed": 1}, "mixed"),
+        ({"pending": 1, "running": 1, "succeeded": 4}, "running"),
+        ({"pending": 2, "lost": 1}, "lost"),
+        ({"sent": 1, "acknowledged": 1}, "acknowledged"),
+    ],
+)
+def test_job_summary(states: dict[str, int], summary: str) -> None:
+    assert job_summary(states) == summary
+
+
+def test_final_summaries_are_the_words_that_no_longer_change() -> None:
+    assert FINAL_SUMMARIES == {s.value for s in FINAL} | {"mixed", "empty"}
+    assert not {s.value for s in State if s not in FINAL} & FINAL_SUMMARIES

@@ -1,0 +1,341 @@
+"""The agent's side of an assignment: the poll (reconcile, claim, the ACL at
+dispatch), the acknowledgement and the status report.
+
+The poll returns job values (:class:`documents.JobDocument`), not XML: the API
+renders the job files after the claim has committed, so rendering never holds
+the SQLite write lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from scire_schema import documents
+from scire_server import acl
+from scire_server.exceptions import IllegalTransition, NotHeld
+from scire_server.models import Assignment, Client, Job, User
+from scire_server.states import FINAL, State, allowed
+from scire_server.store import directory
+from scire_server.store.audit import AuditTrail
+from scire_server.store.database import Database, utcnow
+from scire_server.store.records import SERVER, Caller, PollResult
+
+log = logging.getLogger(__name__)
+
+#: Report results: the report changed the assignment, changed nothing (the same
+#: state again), or came after the assignment was cancelled, expired or denied.
+APPLIED, DUPLICATE, IGNORED = "applied", "duplicate", "ignored"
+
+
+class Assignments:
+    """What the agents' calls write: claims, acknowledgements, reports."""
+
+    def __init__(self, database: Database, audit: AuditTrail) -> None:
+        self.db = database
+        self.audit = audit
+
+    def poll(
+        self,
+        client: Caller,
+        held: Sequence[int],
+        running: Sequence[int],
+        limit: int,
+        ack_timeout: int,
+    ) -> PollResult:
+        """Reconcile what the agent holds, then claim up to ``limit`` due jobs for it.
+
+        Claiming, the ACL check, and marking ``sent`` happen in this one
+        transaction, so a crash leaves each assignment either pending or sent
+        with a lease that the sweeper will return.
+        """
+        now = utcnow()
+        result = PollResult()
+        with self.db.tx() as session:
+            _seen(session, client, now)
+            self._reconcile(session, client, set(held), set(running), now, result)
+            if limit <= 0:
+                return result
+            claim = (
+                select(Assignment, Job)
+                .join(Job, Job.id == Assignment.job_id)
+                .where(
+                    Assignment.client_id == client.id,
+                    Assignment.state == State.PENDING.value,
+                    sa.or_(Job.not_before.is_(None), Job.not_before <= now),
+                )
+                .order_by(Assignment.priority.desc(), Assignment.job_created_at, Assignment.id)
+                .limit(limit)
+            )
+            rows = session.execute(self.db.for_update(claim, skip_locked=True)).all()
+            if not rows:
+                return result
+            target = directory.acl_targets(session, [client.id])[client.id]
+            grants = directory.acl_grants(session, [target])
+            subjects: dict[int, acl.Subject] = {}
+            owners: dict[int, str] = {}
+            deadline = now + dt.timedelta(seconds=ack_timeout)
+            for assignment, job in rows:
+                if job.expires_at is not None and job.expires_at <= now:
+                    self.audit.move(
+                        session,
+                        assignment,
+                        State.EXPIRED,
+                        by=SERVER,
+                        client=client.name,
+                        action="expire",
+                        why="expired before dispatch",
+                        now=now,
+                    )
+                    continue
+                if job.owner_id not in subjects:
+                    subjects[job.owner_id] = directory.acl_subject(session, job.owner_id)
+                    owners[job.owner_id] = session.get(User, job.owner_id).name  # type: ignore[union-attr]
+                if not acl.permitted(subjects[job.owner_id], job.privilege, target, grants):
+                    why = (
+                        f"{owners[job.owner_id]} may not {job.privilege} on {client.name}"
+                        " at dispatch"
+                    )
+                    self.audit.move(
+                        session,
+                        assignment,
+                        State.DENIED,
+                        by=SERVER,
+                        client=client.name,
+                        action="deny",
+                        why=why,
+                        now=now,
+                    )
+                    log.warning("job %s (%s) on %s: denied: %s", job.id, job.name, client.name, why)
+                    assignment.reason = why
+                    assignment.finished_at = now
+                    result.denied += 1
+                    continue
+                assignment.attempt += 1
+                assignment.delivery_id = uuid.uuid4().hex
+                assignment.ack_deadline = deadline
+                assignment.sent_at = now
+                assignment.server_id = self.db.server_id
+                self.audit.move(
+                    session,
+                    assignment,
+                    State.SENT,
+                    by=client.actor,
+                    client=client.name,
+                    action="send",
+                    why=f"attempt {assignment.attempt}",
+                    now=now,
+                )
+                result.deliveries.append(
+                    documents.JobDocument(
+                        job_id=job.id,
+                        delivery_id=assignment.delivery_id,
+                        attempt=assignment.attempt,
+                        name=job.name,
+                        owner=owners[job.owner_id],
+                        client=client.name,
+                        privilege=job.privilege,
+                        priority=job.priority,
+                        timeout=job.timeout,
+                        output_limit=job.output_limit,
+                        interpreter=job.interpreter,
+                        created=job.created_at,
+                        script=job.script,
+                        not_before=job.not_before,
+                        expires=job.expires_at,
+                        rerun_on_agent_crash=job.rerun_on_agent_crash,
+                    )
+                )
+        return result
+
+    def _reconcile(
+        self,
+        session: Session,
+        client: Caller,
+        held: set[int],
+        running: set[int],
+        now: dt.datetime,
+        result: PollResult,
+    ) -> None:
+        rows = session.execute(
+            self.db.for_update(
+                select(Assignment, Job)
+                .join(Job, Job.id == Assignment.job_id)
+                .where(
+                    Assignment.client_id == client.id,
+                    sa.or_(
+                        Assignment.job_id.in_(held | running),
+                        Assignment.state.in_(
+                            [State.ACKNOWLEDGED.value, State.RUNNING.value, State.LOST.value]
+                        ),
+                    ),
+                )
+            )
+        ).all()
+        known = set()
+        for assignment, job in rows:
+            known.add(assignment.job_id)
+            state = State(assignment.state)
+            claimed = assignment.job_id in held or assignment.job_id in running
+            if claimed and state in (State.CANCELLED, State.EXPIRED):
+                result.reconcile.append({"job_id": job.id, "action": state.value})
+            elif claimed and state == State.DENIED:
+                result.reconcile.append({"job_id": job.id, "action": "unknown"})
+            elif state == State.LOST and assignment.job_id in running:
+                self.audit.move(
+                    session,
+                    assignment,
+                    State.RUNNING,
+                    by=client.actor,
+                    client=client.name,
+                    action="reconcile",
+                    why="agent is back",
+                    now=now,
+                )
+            elif state in (State.ACKNOWLEDGED, State.RUNNING) and not claimed:
+                # The agent no longer has the job: its spool was lost or wiped.
+                gone = "agent no longer holds it"
+                if job.rerun_on_agent_crash and assignment.attempt < job.max_attempts:
+                    if state == State.RUNNING:
+                        self._server_move(session, assignment, State.LOST, client, gone, now)
+                    self._server_move(
+                        session, assignment, State.PENDING, client, f"{gone}; rerun", now
+                    )
+                else:
+                    self._server_move(session, assignment, State.FAILED, client, gone, now)
+                    assignment.reason = "agent no longer holds the job"
+                    assignment.finished_at = now
+        for job_id in sorted((held | running) - known):
+            result.reconcile.append({"job_id": job_id, "action": "unknown"})
+
+    def _server_move(
+        self,
+        session: Session,
+        assignment: Assignment,
+        to: State,
+        client: Caller,
+        why: str,
+        now: dt.datetime,
+    ) -> None:
+        self.audit.move(
+            session,
+            assignment,
+            to,
+            by=SERVER,
+            client=client.name,
+            action="reconcile",
+            why=why,
+            now=now,
+        )
+
+    def acknowledge(self, client: Caller, deliveries: Sequence[tuple[int, str]]) -> list[int]:
+        """Mark delivered jobs ``acknowledged``; returns the job ids the agent may keep."""
+        now = utcnow()
+        acked: list[int] = []
+        with self.db.tx() as session:
+            _seen(session, client, now)
+            for job_id, delivery_id in deliveries:
+                assignment = session.scalars(
+                    self.db.for_update(
+                        select(Assignment).where(
+                            Assignment.job_id == job_id, Assignment.client_id == client.id
+                        )
+                    )
+                ).first()
+                if assignment is None or assignment.delivery_id != delivery_id:
+                    continue
+                state = State(assignment.state)
+                if state in (State.SENT, State.PENDING):
+                    self.audit.move(
+                        session,
+                        assignment,
+                        State.ACKNOWLEDGED,
+                        by=client.actor,
+                        client=client.name,
+                        action="acknowledge",
+                        now=now,
+                    )
+                    assignment.acknowledged_at = now
+                    acked.append(job_id)
+                elif state in (State.ACKNOWLEDGED, State.RUNNING, State.LOST) or state in FINAL:
+                    acked.append(job_id)  # a repeated acknowledgement changes nothing
+        return acked
+
+    def report(self, client: Caller, report: documents.StatusReport) -> str:
+        """Apply a status report; returns ``applied``, ``duplicate`` or ``ignored``."""
+        now = utcnow()
+        new = State(report.state)
+        with self.db.tx() as session:
+            _seen(session, client, now)
+            assignment = session.scalars(
+                self.db.for_update(
+                    select(Assignment).where(
+                        Assignment.job_id == report.job_id, Assignment.client_id == client.id
+                    )
+                )
+            ).first()
+            if assignment is None or assignment.delivery_id is None:
+                raise NotHeld(
+                    f"client {client.name} holds no job {report.job_id}", job_id=report.job_id
+                )
+            old = State(assignment.state)
+            if old == new:
+                return DUPLICATE
+            if old in (State.CANCELLED, State.EXPIRED, State.DENIED) or (
+                old in FINAL and new == State.RUNNING
+            ):
+                self.audit.write(
+                    session,
+                    client.actor,
+                    "late_report",
+                    job_id=report.job_id,
+                    client=client.name,
+                    old=old.value,
+                    new=new.value,
+                    detail=f"report of {new.value} after {old.value}; not applied",
+                )
+                log.info(
+                    "job %s on %s: late report %s ignored, stays %s",
+                    report.job_id,
+                    client.name,
+                    new.value,
+                    old.value,
+                )
+                return IGNORED
+            if not allowed(old, new):
+                raise IllegalTransition(
+                    f"job {report.job_id} on {client.name} is {old.value}; cannot become {new.value}",
+                    job_id=report.job_id,
+                )
+            self.audit.move(
+                session,
+                assignment,
+                new,
+                by=client.actor,
+                client=client.name,
+                action="report",
+                why=report.reason,
+                now=now,
+            )
+            if new == State.RUNNING:
+                assignment.started_at = report.started or now
+                assignment.acknowledged_at = assignment.acknowledged_at or now
+            else:
+                assignment.started_at = report.started or assignment.started_at
+                assignment.finished_at = report.finished or now
+                assignment.exit_code = report.exit_code
+                assignment.output = report.output
+                assignment.output_truncated = report.truncated
+                assignment.reason = report.reason
+            return APPLIED
+
+
+def _seen(session: Session, client: Caller, now: dt.datetime) -> None:
+    """Note that the client called (``last_seen_at``, read by ``mark_lost``)."""
+    session.execute(update(Client).where(Client.id == client.id).values(last_seen_at=now))

@@ -1,0 +1,638 @@
+"""Who is who: users, clients and their enrollment (with tokens), groups,
+grants, and the facts the ACL needs.
+
+Client groups nest; :func:`reachable_groups` is the one walk of that graph
+(down for a submission's targets and the cycle check, up for the groups a
+client is in). User groups do not nest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from scire_server import acl
+from scire_server.exceptions import (
+    Conflict,
+    EnrollmentRefused,
+    IllegalTransition,
+    InvalidArgument,
+    NotFound,
+)
+from scire_server.models import (
+    Assignment,
+    Client,
+    ClientGroup,
+    ClientGroupMember,
+    EnrollmentToken,
+    Grant,
+    Job,
+    User,
+    UserGroup,
+    UserGroupMember,
+)
+from scire_server.states import ClientStatus, State, UserStatus
+from scire_server.store.audit import AuditTrail
+from scire_server.store.database import Database, row_dict, utcnow
+from scire_server.store.records import Caller, Certificate, actor
+
+log = logging.getLogger(__name__)
+
+#: Actor of an acceptance by enrollment token.
+TOKEN = "token"
+
+_ACTIVE_STATES = [State.PENDING, State.SENT, State.ACKNOWLEDGED, State.RUNNING]
+
+
+class Directory:
+    """Users, clients, groups and grants of one database."""
+
+    def __init__(self, database: Database, audit: AuditTrail) -> None:
+        self.db = database
+        self.audit = audit
+
+    # --- identities ---------------------------------------------------------
+
+    def caller_by_fingerprint(self, fingerprint: str) -> tuple[Caller | None, str | None]:
+        """The accepted client or active user with this certificate.
+
+        Returns (caller, None), or (None, why) for a known but refused identity,
+        or (None, None) for an unknown certificate.
+        """
+        with self.db.tx(write=False) as session:
+            client = session.scalars(
+                select(Client).where(Client.fingerprint == fingerprint)
+            ).first()
+            if client is not None:
+                if client.status != ClientStatus.ACCEPTED:
+                    return None, f"client {client.name} is {client.status}"
+                return Caller("client", client.id, client.name), None
+            user = session.scalars(select(User).where(User.fingerprint == fingerprint)).first()
+            if user is not None:
+                if user.status != UserStatus.ACTIVE:
+                    return None, f"user {user.name} is {user.status}"
+                return Caller("user", user.id, user.name, user.is_admin), None
+            return None, None
+
+    # --- users ----------------------------------------------------------------
+
+    def add_user(self, name: str, fingerprint: str, is_admin: bool, by: str) -> None:
+        """Add an active user with this certificate fingerprint."""
+        with self.db.tx() as session:
+            if session.scalars(select(User).where(User.name == name)).first():
+                raise Conflict(f"user {name} exists already")
+            session.add(
+                User(
+                    name=name,
+                    fingerprint=fingerprint,
+                    is_admin=is_admin,
+                    status=UserStatus.ACTIVE.value,
+                    created_at=utcnow(),
+                )
+            )
+            self.audit.write(session, by, "user_add", detail=f"user {name} admin={is_admin}")
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every user with their groups, by name."""
+        with self.db.tx(write=False) as session:
+            users = session.scalars(select(User).order_by(User.name)).all()
+            groups: dict[int, list[str]] = {}
+            for user_id, group in session.execute(
+                select(UserGroupMember.user_id, UserGroup.name)
+                .join(UserGroup, UserGroup.id == UserGroupMember.group_id)
+                .order_by(UserGroup.name)
+            ):
+                groups.setdefault(user_id, []).append(group)
+            return [
+                row_dict(u, "name", "is_admin", "status", "created_at", "fingerprint")
+                | {"groups": groups.get(u.id, [])}
+                for u in users
+            ]
+
+    def revoke_user(self, name: str, by: str) -> None:
+        """Revoke a user: refused at every call, their jobs denied at dispatch."""
+        with self.db.tx() as session:
+            user = find_user(session, name)
+            if user.status == UserStatus.REVOKED:
+                return
+            user.status = UserStatus.REVOKED.value
+            self.audit.write(session, by, "user_revoke", detail=f"user {name}")
+
+    # --- clients and enrollment -----------------------------------------------
+
+    def add_token(self, token_hash: str, ttl: int, uses: int, by: str) -> dt.datetime:
+        """Store an enrollment token (its hash) good for ``uses`` clients; returns its expiry."""
+        now = utcnow()
+        expires = now + dt.timedelta(seconds=ttl)
+        with self.db.tx() as session:
+            session.add(
+                EnrollmentToken(
+                    token_hash=token_hash,
+                    created_by=by,
+                    created_at=now,
+                    expires_at=expires,
+                    uses_left=uses,
+                )
+            )
+            self.audit.write(
+                session,
+                by,
+                "token_create",
+                detail=f"enrollment token for {uses} client(s), valid until {expires:%Y-%m-%d %H:%M} UTC",
+            )
+        return expires
+
+    def register_client(
+        self,
+        name: str,
+        csr_pem: str,
+        facts: dict[str, Any],
+        token_hash: str | None,
+        certificate: Certificate | None = None,
+    ) -> str:
+        """Record an enrollment request and, with a valid token, accept it; returns the status.
+
+        The caller signs ``csr_pem`` before the call when it carries a token, so
+        spending the token and storing the certificate commit together: a token
+        is never spent without an accepted client. The same request again is
+        answered with its current status; a new request for a name that is
+        pending or rejected replaces the old one. An accepted or revoked name
+        cannot be taken over.
+        """
+        if certificate is not None and certificate.csr_pem != csr_pem:
+            raise InvalidArgument("the certificate does not answer this enrollment request")
+        now = utcnow()
+        with self.db.tx() as session:
+            client = session.scalars(select(Client).where(Client.name == name)).first()
+            if (
+                client is not None
+                and client.csr_pem == csr_pem
+                and client.status != ClientStatus.PENDING
+            ):
+                return client.status
+            if client is not None and client.status in (
+                ClientStatus.ACCEPTED,
+                ClientStatus.REVOKED,
+            ):
+                raise EnrollmentRefused(
+                    f"client {name} is {client.status} with another key; "
+                    f"an administrator must remove it first (scire-admin client delete {name})"
+                )
+            token_ok = False
+            if token_hash and certificate is not None:
+                token = session.scalars(
+                    select(EnrollmentToken).where(EnrollmentToken.token_hash == token_hash)
+                ).first()
+                if token is not None and token.expires_at > now and token.uses_left > 0:
+                    token.uses_left -= 1
+                    token_ok = True
+            if client is not None and client.csr_pem == csr_pem and not token_ok:
+                return ClientStatus.PENDING.value  # the same request again, still waiting
+            if client is None:
+                client = Client(
+                    name=name,
+                    status=ClientStatus.PENDING.value,
+                    csr_pem=csr_pem,
+                    facts=facts,
+                    registered_at=now,
+                )
+                session.add(client)
+            else:
+                client.csr_pem, client.facts = csr_pem, facts
+                client.status = ClientStatus.PENDING.value
+                client.registered_at, client.decided_at, client.decided_by = now, None, None
+            self.audit.write(
+                session,
+                actor("client", name),
+                "register",
+                client=name,
+                new=ClientStatus.PENDING.value,
+                detail="with a valid enrollment token"
+                if token_ok
+                else ("with an invalid or used token" if token_hash else None),
+            )
+            if token_ok:
+                assert certificate is not None
+                self._decide(session, client, ClientStatus.ACCEPTED, TOKEN, certificate)
+            return client.status
+
+    def enrollment(self, name: str) -> dict[str, Any]:
+        """A client's enrollment: name, status, request and certificate."""
+        with self.db.tx(write=False) as session:
+            return row_dict(find_client(session, name), "name", "status", "csr_pem", "cert_pem")
+
+    def accept_client(self, name: str, certificate: Certificate, by: str) -> None:
+        """Accept a pending client with the certificate signed for its request."""
+        with self.db.tx() as session:
+            client = find_client(session, name)
+            if client.status == ClientStatus.ACCEPTED:
+                return
+            if client.csr_pem != certificate.csr_pem:
+                raise Conflict(f"the enrollment request of {name} changed while it was signed")
+            self._decide(session, client, ClientStatus.ACCEPTED, by, certificate)
+
+    def reject_client(self, name: str, by: str) -> None:
+        """Reject a pending client's request."""
+        with self.db.tx() as session:
+            self._decide(session, find_client(session, name), ClientStatus.REJECTED, by)
+
+    def revoke_client(self, name: str, by: str) -> None:
+        """Revoke a client: its certificate is refused from its next call on."""
+        with self.db.tx() as session:
+            self._decide(session, find_client(session, name), ClientStatus.REVOKED, by)
+
+    _DECIDABLE_FROM = {
+        ClientStatus.ACCEPTED: (ClientStatus.PENDING,),
+        ClientStatus.REJECTED: (ClientStatus.PENDING,),
+        ClientStatus.REVOKED: (ClientStatus.ACCEPTED, ClientStatus.PENDING),
+    }
+    _DECISION_ACTIONS = {
+        ClientStatus.ACCEPTED: "client_accept",
+        ClientStatus.REJECTED: "client_reject",
+        ClientStatus.REVOKED: "client_revoke",
+    }
+
+    def _decide(
+        self,
+        session: Session,
+        client: Client,
+        status: ClientStatus,
+        by: str,
+        certificate: Certificate | None = None,
+    ) -> None:
+        if client.status == status:
+            return
+        if client.status not in self._DECIDABLE_FROM[status]:
+            raise IllegalTransition(
+                f"client {client.name} is {client.status}, cannot become {status.value}"
+            )
+        old = client.status
+        client.status, client.decided_at, client.decided_by = status.value, utcnow(), by
+        if certificate is not None:
+            client.cert_pem, client.fingerprint = certificate.cert_pem, certificate.fingerprint
+        self.audit.write(
+            session,
+            by,
+            self._DECISION_ACTIONS[status],
+            client=client.name,
+            old=old,
+            new=status.value,
+        )
+        log.info("client %s: %s -> %s by %s", client.name, old, status.value, by)
+
+    def delete_client(self, name: str, by: str) -> None:
+        """Delete a client that is not accepted (revoke it first)."""
+        with self.db.tx() as session:
+            client = find_client(session, name)
+            if client.status == ClientStatus.ACCEPTED:
+                raise IllegalTransition(f"client {name} is accepted; revoke it first")
+            session.delete(client)
+            self.audit.write(session, by, "client_delete", client=name, old=client.status)
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Every client with its count of unfinished jobs, by name."""
+        with self.db.tx(write=False) as session:
+            clients = session.scalars(select(Client).order_by(Client.name)).all()
+            counts = dict(
+                session.execute(
+                    select(Assignment.client_id, sa.func.count())
+                    .where(Assignment.state.in_(_ACTIVE_STATES))
+                    .group_by(Assignment.client_id)
+                ).all()
+            )
+            return [
+                row_dict(c, "name", "status", "registered_at", "last_seen_at", "fingerprint")
+                | {"active_jobs": counts.get(c.id, 0)}
+                for c in clients
+            ]
+
+    def client_detail(self, name: str) -> dict[str, Any]:
+        """One client: enrollment, facts, the groups it is in directly, its 20 newest jobs."""
+        with self.db.tx(write=False) as session:
+            client = find_client(session, name)
+            groups = [
+                g
+                for (g,) in session.execute(
+                    select(ClientGroup.name)
+                    .join(ClientGroupMember, ClientGroupMember.group_id == ClientGroup.id)
+                    .where(ClientGroupMember.client_id == client.id)
+                    .order_by(ClientGroup.name)
+                )
+            ]
+            recent = session.execute(
+                select(Assignment.job_id, Job.name, Assignment.state, Assignment.updated_at)
+                .join(Job, Job.id == Assignment.job_id)
+                .where(Assignment.client_id == client.id)
+                .order_by(Assignment.id.desc())
+                .limit(20)
+            ).all()
+            return row_dict(
+                client,
+                "name",
+                "status",
+                "fingerprint",
+                "facts",
+                "registered_at",
+                "decided_at",
+                "decided_by",
+                "last_seen_at",
+            ) | {
+                "groups": groups,
+                "recent_jobs": [
+                    {"job_id": j, "name": n, "state": s, "updated_at": u} for j, n, s, u in recent
+                ],
+            }
+
+    # --- groups ----------------------------------------------------------------
+
+    def create_group(self, kind: str, name: str, by: str) -> None:
+        """Create an empty client or user group (``kind`` is "client" or "user")."""
+        model = ClientGroup if kind == "client" else UserGroup
+        with self.db.tx() as session:
+            if session.scalars(select(model).where(model.name == name)).first():
+                raise Conflict(f"{kind} group {name} exists already")
+            session.add(model(name=name, created_at=utcnow()))
+            self.audit.write(session, by, "group_create", detail=f"{kind} group {name}")
+
+    def delete_group(self, kind: str, name: str, by: str) -> None:
+        """Delete a group, its memberships and the grants that name it."""
+        with self.db.tx() as session:
+            session.delete(find_group(session, kind, name))
+            self.audit.write(session, by, "group_delete", detail=f"{kind} group {name}")
+
+    def add_member(self, kind: str, group: str, member: str, by: str) -> None:
+        """Put a user, a client or (``@name``) a client group into a group."""
+        with self.db.tx() as session:
+            self._change_member(session, kind, group, member, True, by)
+
+    def remove_member(self, kind: str, group: str, member: str, by: str) -> None:
+        """Take a user, a client or (``@name``) a client group out of a group."""
+        with self.db.tx() as session:
+            self._change_member(session, kind, group, member, False, by)
+
+    def _change_member(
+        self, session: Session, kind: str, group_name: str, member: str, add: bool, by: str
+    ) -> None:
+        is_group = member.startswith("@")
+        name = member.removeprefix("@")
+        group = find_group(session, kind, group_name)
+        if kind == "user":
+            if is_group:
+                raise InvalidArgument("user groups do not nest")
+            user = find_user(session, name)
+            cond = (UserGroupMember.group_id == group.id) & (UserGroupMember.user_id == user.id)
+            existing = session.scalars(select(UserGroupMember).where(cond)).first()
+            if add and existing is None:
+                session.add(UserGroupMember(group_id=group.id, user_id=user.id))
+            elif not add and existing is not None:
+                session.delete(existing)
+        else:
+            if is_group:
+                child = find_group(session, "client", name)
+                below = reachable_groups(session, [child.id], up=False)[child.id]
+                if child.id == group.id or group.id in below:
+                    raise InvalidArgument(f"adding group {name} to {group_name} makes a cycle")
+                cond = (ClientGroupMember.group_id == group.id) & (
+                    ClientGroupMember.member_group_id == child.id
+                )
+                new = ClientGroupMember(group_id=group.id, member_group_id=child.id)
+            else:
+                client = find_client(session, name)
+                cond = (ClientGroupMember.group_id == group.id) & (
+                    ClientGroupMember.client_id == client.id
+                )
+                new = ClientGroupMember(group_id=group.id, client_id=client.id)
+            existing_member = session.scalars(select(ClientGroupMember).where(cond)).first()
+            if add and existing_member is None:
+                session.add(new)
+            elif not add and existing_member is not None:
+                session.delete(existing_member)
+        self.audit.write(
+            session,
+            by,
+            "group_add" if add else "group_remove",
+            detail=f"{kind} group {group_name}: {'group ' if is_group else ''}{name}",
+        )
+
+    def groups(self, kind: str) -> list[dict[str, Any]]:
+        """Every group of this kind with its members (``@name`` for a nested group)."""
+        with self.db.tx(write=False) as session:
+            if kind == "user":
+                out: dict[str, list[str]] = {
+                    g.name: [] for g in session.scalars(select(UserGroup).order_by(UserGroup.name))
+                }
+                for group, user in session.execute(
+                    select(UserGroup.name, User.name)
+                    .join(UserGroupMember, UserGroupMember.group_id == UserGroup.id)
+                    .join(User, User.id == UserGroupMember.user_id)
+                    .order_by(User.name)
+                ):
+                    out[group].append(user)
+                return [{"name": g, "members": m} for g, m in out.items()]
+            names = {
+                g.id: g.name
+                for g in session.scalars(select(ClientGroup).order_by(ClientGroup.name))
+            }
+            members: dict[int, list[str]] = {gid: [] for gid in names}
+            client_names = dict(session.execute(select(Client.id, Client.name)).all())
+            for row in session.scalars(select(ClientGroupMember)):
+                label = (
+                    client_names[row.client_id]
+                    if row.client_id is not None
+                    else f"@{names[row.member_group_id or 0]}"
+                )
+                members[row.group_id].append(label)
+            return [{"name": names[gid], "members": sorted(members[gid])} for gid in names]
+
+    # --- grants ----------------------------------------------------------------
+
+    def add_grant(self, subject: str, privilege: str, target: str, by: str) -> int:
+        """Let ``subject`` (user or ``@usergroup``) use ``privilege`` on ``target``
+        (client or ``@clientgroup``); returns the grant's id."""
+        with self.db.tx() as session:
+            grant = Grant(privilege=privilege, created_by=by, created_at=utcnow())
+            if subject.startswith("@"):
+                grant.user_group_id = find_group(session, "user", subject[1:]).id
+            else:
+                grant.user_id = find_user(session, subject).id
+            if target.startswith("@"):
+                grant.client_group_id = find_group(session, "client", target[1:]).id
+            else:
+                grant.client_id = find_client(session, target).id
+            session.add(grant)
+            session.flush()
+            self.audit.write(
+                session,
+                by,
+                "grant_add",
+                detail=f"grant {grant.id}: {subject} may {privilege} on {target}",
+            )
+            return grant.id
+
+    def remove_grant(self, grant_id: int, by: str) -> None:
+        """Remove one grant by id."""
+        with self.db.tx() as session:
+            grant = session.get(Grant, grant_id)
+            if grant is None:
+                raise NotFound(f"no grant {grant_id}")
+            session.delete(grant)
+            self.audit.write(session, by, "grant_remove", detail=f"grant {grant_id}")
+
+    def grants(self) -> list[dict[str, Any]]:
+        """Every grant, oldest first, with names (``@name`` for a group)."""
+        with self.db.tx(write=False) as session:
+            users = dict(session.execute(select(User.id, User.name)).all())
+            ugroups = dict(session.execute(select(UserGroup.id, UserGroup.name)).all())
+            clients = dict(session.execute(select(Client.id, Client.name)).all())
+            cgroups = dict(session.execute(select(ClientGroup.id, ClientGroup.name)).all())
+            return [
+                {
+                    "id": g.id,
+                    "subject": users[g.user_id]
+                    if g.user_id
+                    else f"@{ugroups[g.user_group_id or 0]}",
+                    "privilege": g.privilege,
+                    "target": clients[g.client_id]
+                    if g.client_id
+                    else f"@{cgroups[g.client_group_id or 0]}",
+                    "created_by": g.created_by,
+                    "created_at": g.created_at,
+                }
+                for g in session.scalars(select(Grant).order_by(Grant.id))
+            ]
+
+
+# Lookups and ACL facts inside another part's transaction.
+
+
+def find_client(session: Session, name: str) -> Client:
+    """The client of this name, or ``NotFound``."""
+    client = session.scalars(select(Client).where(Client.name == name)).first()
+    if client is None:
+        raise NotFound(f"no client {name}")
+    return client
+
+
+def find_user(session: Session, name: str) -> User:
+    """The user of this name, or ``NotFound``."""
+    user = session.scalars(select(User).where(User.name == name)).first()
+    if user is None:
+        raise NotFound(f"no user {name}")
+    return user
+
+
+def find_group(session: Session, kind: str, name: str) -> ClientGroup | UserGroup:
+    """The client or user group of this name, or ``NotFound``."""
+    group: ClientGroup | UserGroup | None
+    if kind == "client":
+        group = session.scalars(select(ClientGroup).where(ClientGroup.name == name)).first()
+    else:
+        group = session.scalars(select(UserGroup).where(UserGroup.name == name)).first()
+    if group is None:
+        raise NotFound(f"no {kind} group {name}")
+    return group
+
+
+def reachable_groups(session: Session, start: Iterable[int], up: bool) -> dict[int, set[int]]:
+    """For each client group in ``start``, every group reachable through nesting:
+    ``up`` to the groups that contain it, else down to the groups inside it.
+
+    One query per nesting level, on indexed columns and only the rows on the
+    way, so a poll pays for its own client's groups, not for the fleet.
+    """
+    starts = set(start)
+    edges: dict[int, set[int]] = {}
+    seen: set[int] = set()
+    frontier = set(starts)
+    while frontier:
+        seen |= frontier
+        query: sa.Select[Any, Any]
+        if up:
+            query = select(ClientGroupMember.member_group_id, ClientGroupMember.group_id).where(
+                ClientGroupMember.member_group_id.in_(frontier)
+            )
+        else:
+            query = select(ClientGroupMember.group_id, ClientGroupMember.member_group_id).where(
+                ClientGroupMember.group_id.in_(frontier),
+                ClientGroupMember.member_group_id.is_not(None),
+            )
+        found = [(int(a), int(b)) for a, b in session.execute(query).all() if a and b]
+        for source, reached in found:
+            edges.setdefault(source, set()).add(reached)
+        frontier = {reached for _, reached in found} - seen
+    out: dict[int, set[int]] = {}
+    for group_id in starts:
+        reached_set: set[int] = set()
+        todo = [group_id]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in reached_set:
+                    reached_set.add(nxt)
+                    todo.append(nxt)
+        out[group_id] = reached_set
+    return out
+
+
+def clients_in_groups(session: Session, names: Iterable[str]) -> set[int]:
+    """The ids of every client in the named client groups, nested groups included."""
+    group_ids = [find_group(session, "client", name).id for name in names]
+    below = reachable_groups(session, group_ids, up=False)
+    every = set(group_ids).union(*below.values())
+    return {
+        cid
+        for (cid,) in session.execute(
+            select(ClientGroupMember.client_id).where(
+                ClientGroupMember.group_id.in_(every), ClientGroupMember.client_id.is_not(None)
+            )
+        )
+        if cid is not None
+    }
+
+
+def acl_targets(session: Session, client_ids: Iterable[int]) -> dict[int, acl.Target]:
+    """For each client, the ACL's target: the client and every group it is in, nesting resolved."""
+    ids = list(client_ids)
+    direct: dict[int, set[int]] = {cid: set() for cid in ids}
+    for group_id, client_id in session.execute(
+        select(ClientGroupMember.group_id, ClientGroupMember.client_id).where(
+            ClientGroupMember.client_id.in_(ids)
+        )
+    ):
+        direct[client_id or 0].add(group_id)
+    above = reachable_groups(session, set().union(*direct.values()), up=True)
+    return {
+        cid: acl.Target(cid, frozenset(groups.union(*(above[g] for g in groups))))
+        for cid, groups in direct.items()
+    }
+
+
+def acl_subject(session: Session, user_id: int) -> acl.Subject:
+    """The ACL's subject for a job owner: the user, their groups, admin and active flags."""
+    user = session.get(User, user_id)
+    assert user is not None  # jobs.owner_id is a foreign key
+    group_ids = frozenset(
+        session.scalars(select(UserGroupMember.group_id).where(UserGroupMember.user_id == user_id))
+    )
+    active = user.status == UserStatus.ACTIVE
+    return acl.Subject(user.id, group_ids, user.is_admin and active, active)
+
+
+def acl_grants(session: Session, targets: Iterable[acl.Target]) -> list[acl.GrantRule]:
+    """The grants that name one of ``targets`` or one of their groups."""
+    targets = list(targets)
+    client_ids = [t.client_id for t in targets]
+    group_ids = set().union(*(t.group_ids for t in targets)) if client_ids else set()
+    return [
+        acl.GrantRule(g.user_id, g.user_group_id, g.privilege, g.client_id, g.client_group_id)
+        for g in session.scalars(
+            select(Grant).where(
+                sa.or_(Grant.client_id.in_(client_ids), Grant.client_group_id.in_(group_ids))
+            )
+        )
+    ]

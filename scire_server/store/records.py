@@ -1,0 +1,79 @@
+"""The plain values the store takes and hands out, so no caller touches an
+ORM object after its session has closed."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from scire_schema import documents
+from scire_server import config
+
+#: The actor of the server's own moves (sweeps, reconcile, dispatch checks).
+SERVER = "server"
+
+
+def actor(kind: str, name: str) -> str:
+    """How a client or user is named in the audit trail and the log: ``client:web-17``."""
+    return f"{kind}:{name}"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An enrolled client or an active user, as identified by its certificate."""
+
+    kind: str  # "client" | "user"
+    id: int
+    name: str
+    is_admin: bool = False
+
+    @property
+    def actor(self) -> str:
+        """This caller in the audit trail and the log."""
+        return actor(self.kind, self.name)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job definition as submitted; the defaults are the server's."""
+
+    script: str
+    name: str = "job"
+    interpreter: str = config.DEFAULT_INTERPRETER
+    privilege: str = "run"
+    priority: int = 0
+    timeout: int = config.DEFAULT_TIMEOUT
+    output_limit: int = config.DEFAULT_OUTPUT_LIMIT
+    max_attempts: int = config.DEFAULT_MAX_ATTEMPTS
+    not_before: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    rerun_on_agent_crash: bool = False
+
+
+@dataclass
+class SubmitResult:
+    """The new job and which targets took it (``refused`` says why not)."""
+
+    job_id: int
+    accepted: list[str]
+    refused: list[str]
+
+
+@dataclass
+class PollResult:
+    """What one poll claimed (job values, rendered by the API after the commit),
+    the reconcile answers for the jobs the agent named, and how many were denied."""
+
+    deliveries: list[documents.JobDocument] = field(default_factory=list)
+    reconcile: list[dict[str, Any]] = field(default_factory=list)
+    denied: int = 0
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate the API signed for a client's request, ready to be stored."""
+
+    csr_pem: str  # the request it answers
+    cert_pem: str
+    fingerprint: str

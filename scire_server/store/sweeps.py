@@ -1,0 +1,187 @@
+"""What the sweeper writes: leases that ran out, expired jobs, lost runs, and
+retention. Each sweep is safe on several daemons at once: rows another daemon
+holds locked are skipped (it is handling them)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import select, update
+
+from scire_server.models import Assignment, Client, Event, Job
+from scire_server.states import FINAL, State
+from scire_server.store.audit import AuditTrail
+from scire_server.store.database import Database, utcnow
+from scire_server.store.records import SERVER
+
+
+class Sweeps:
+    """The server's own repairs of assignments, and the purge of old results."""
+
+    def __init__(self, database: Database, audit: AuditTrail) -> None:
+        self.db = database
+        self.audit = audit
+
+    def return_leases(
+        self, now: dt.datetime | None = None, own_previous_life: bool = False
+    ) -> dict[str, int]:
+        """Return sent assignments whose lease ran out to pending (or fail them as
+        undeliverable after the job's attempts).
+
+        With ``own_previous_life`` the leases this daemon held before a restart
+        go back too, before their deadline, unless they were the job's last
+        attempt.
+        """
+        now = now or utcnow()
+        counts = {"returned": 0, "undeliverable": 0}
+        with self.db.tx() as session:
+            lease_over = Assignment.ack_deadline <= now
+            query = (
+                select(Assignment, Job, Client.name)
+                .join(Job, Job.id == Assignment.job_id)
+                .join(Client, Client.id == Assignment.client_id)
+                .where(
+                    Assignment.state == State.SENT.value,
+                    sa.or_(lease_over, Assignment.server_id == self.db.server_id)
+                    if own_previous_life
+                    else lease_over,
+                )
+            )
+            for assignment, job, cname in session.execute(
+                self.db.for_update(query, skip_locked=True)
+            ).all():
+                deadline_passed = (
+                    assignment.ack_deadline is not None and assignment.ack_deadline <= now
+                )
+                if assignment.attempt >= job.max_attempts and not deadline_passed:
+                    # A last attempt from our previous life: its agent may still
+                    # acknowledge it; the lease decides when it runs out.
+                    continue
+                if assignment.attempt >= job.max_attempts:
+                    self.audit.move(
+                        session,
+                        assignment,
+                        State.FAILED,
+                        by=SERVER,
+                        client=cname,
+                        action="lease_expired",
+                        why=f"undeliverable after {assignment.attempt} attempt(s)",
+                        now=now,
+                    )
+                    assignment.reason = "undeliverable"
+                    assignment.finished_at = now
+                    counts["undeliverable"] += 1
+                else:
+                    self.audit.move(
+                        session,
+                        assignment,
+                        State.PENDING,
+                        by=SERVER,
+                        client=cname,
+                        action="lease_expired",
+                        why=f"no acknowledgement for attempt {assignment.attempt}",
+                        now=now,
+                    )
+                    counts["returned"] += 1
+                assignment.ack_deadline = None
+        return counts
+
+    def expire(self, now: dt.datetime | None = None) -> int:
+        """Expire the not-yet-running assignments of jobs past their expiry (a
+        running one is left to finish); returns how many."""
+        now = now or utcnow()
+        with self.db.tx() as session:
+            rows = session.execute(
+                self.db.for_update(
+                    select(Assignment, Client.name)
+                    .join(Job, Job.id == Assignment.job_id)
+                    .join(Client, Client.id == Assignment.client_id)
+                    .where(
+                        Job.expires_at.is_not(None),
+                        Job.expires_at <= now,
+                        Assignment.state.in_(
+                            [State.PENDING.value, State.SENT.value, State.ACKNOWLEDGED.value]
+                        ),
+                    ),
+                    skip_locked=True,
+                )
+            ).all()
+            for assignment, cname in rows:
+                self.audit.move(
+                    session,
+                    assignment,
+                    State.EXPIRED,
+                    by=SERVER,
+                    client=cname,
+                    action="expire",
+                    now=now,
+                )
+                assignment.finished_at = now
+                assignment.reason = "expired before it started"
+            return len(rows)
+
+    def mark_lost(self, lost_after: int, now: dt.datetime | None = None) -> dict[str, int]:
+        """Mark running assignments ``lost`` whose agent has not called for
+        ``lost_after`` seconds; those whose job allows a rerun go back to pending."""
+        now = now or utcnow()
+        bound = now - dt.timedelta(seconds=lost_after)
+        counts = {"lost": 0, "requeued": 0}
+        with self.db.tx() as session:
+            rows = session.execute(
+                self.db.for_update(
+                    select(Assignment, Job, Client.name)
+                    .join(Job, Job.id == Assignment.job_id)
+                    .join(Client, Client.id == Assignment.client_id)
+                    .where(
+                        Assignment.state == State.RUNNING.value,
+                        sa.or_(Client.last_seen_at.is_(None), Client.last_seen_at < bound),
+                    ),
+                    skip_locked=True,
+                )
+            ).all()
+            for assignment, job, cname in rows:
+                self.audit.move(
+                    session,
+                    assignment,
+                    State.LOST,
+                    by=SERVER,
+                    client=cname,
+                    action="lost",
+                    why=f"no word from the agent for {lost_after} s",
+                    now=now,
+                )
+                counts["lost"] += 1
+                if job.rerun_on_agent_crash and assignment.attempt < job.max_attempts:
+                    self.audit.move(
+                        session,
+                        assignment,
+                        State.PENDING,
+                        by=SERVER,
+                        client=cname,
+                        action="retry",
+                        why="job allows a rerun",
+                        now=now,
+                    )
+                    counts["requeued"] += 1
+            return counts
+
+    def purge(self, older_than_days: int) -> dict[str, int]:
+        """Clear the output of assignments finished before the bound and delete
+        older audit rows; jobs and assignments themselves are kept."""
+        bound = utcnow() - dt.timedelta(days=older_than_days)
+        with self.db.tx() as session:
+            outputs: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                update(Assignment)
+                .where(
+                    Assignment.state.in_([s.value for s in FINAL]),
+                    Assignment.finished_at < bound,
+                    Assignment.output.is_not(None),
+                )
+                .values(output=None)
+            )
+            events: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                sa.delete(Event).where(Event.at < bound)
+            )
+            return {"outputs": outputs.rowcount or 0, "events": events.rowcount or 0}

@@ -1,0 +1,169 @@
+"""The remote methods (``api.RemoteMethods``) on a real CA and a real SQLite
+store, without the listener: enrollment in one transaction, job files rendered
+after the claim commits, and the caller's identity with its refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scire_schema import certs, documents, files
+from scire_server import api, ca, migrations
+from scire_server.api import RemoteMethods
+from scire_server.config import ServerConfig
+from scire_server.exceptions import AuthenticationRequired, Forbidden, Unavailable
+from scire_server.store import Caller, Store, make_engine
+from scire_server.store.audit import AuditTrail
+
+
+@dataclasses.dataclass
+class Api:
+    methods: RemoteMethods
+    store: Store
+    admin: Caller
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Api]:
+    config = ServerConfig.load(state_dir=tmp_path)
+    ca_key, ca_cert = ca.create_ca()
+    files.write_private(config.ca_key_file, certs.key_to_pem(ca_key))
+    files.write_public(config.ca_cert_file, certs.cert_to_pem(ca_cert))
+    migrations.upgrade(config.database_url)
+    store = Store(make_engine(config.database_url), "test-server")
+    store.servers.start("test-server", "localhost", 1, "https://localhost/", 30, lambda _: False)
+    admin_fingerprint = hashlib.sha256(b"admin").hexdigest()
+    store.directory.add_user("admin", admin_fingerprint, True, "test")
+    methods = RemoteMethods(config, store)
+    try:
+        yield Api(methods, store, methods.identify(admin_fingerprint))
+    finally:
+        store.close()
+
+
+def _csr(name: str) -> str:
+    return certs.make_csr(certs.generate_key(), name).decode()
+
+
+def _fail_in_transaction(
+    monkeypatch: pytest.MonkeyPatch, audit: AuditTrail, action: str
+) -> list[str]:
+    """Make the next audit row ``action`` fail as a busy database would: inside the
+    store's transaction, after everything before it (the token spent) was done."""
+    failures: list[str] = []
+    write = audit.write
+
+    def failing_write(session: Any, actor: str, what: str, **fields: Any) -> None:
+        if what == action and not failures:
+            failures.append(what)
+            raise Unavailable("database busy, try again")
+        write(session, actor, what, **fields)
+
+    monkeypatch.setattr(audit, "write", failing_write)
+    return failures
+
+
+@pytest.mark.parametrize("failure", ["sign", "commit"])
+def test_a_one_use_token_survives_a_failed_enrollment(
+    server: Api, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    token = server.methods.client_token(server.admin, 1)["token"]
+    csr = _csr("web-17")
+    if failure == "sign":
+        sign = ca.sign_csr
+
+        def failing_sign(*args: Any) -> Any:
+            monkeypatch.setattr(ca, "sign_csr", sign)
+            raise OSError("the CA key could not be read")
+
+        monkeypatch.setattr(ca, "sign_csr", failing_sign)
+        with pytest.raises(OSError):
+            server.methods.register(None, "web-17", csr, {}, token)
+    else:
+        failures = _fail_in_transaction(monkeypatch, server.store.audit, "client_accept")
+        with pytest.raises(Unavailable):
+            server.methods.register(None, "web-17", csr, {}, token)
+        assert failures == ["client_accept"]
+
+    # The agent asks again with the same request and the same one-use token.
+    assert server.methods.register(None, "web-17", csr, {}, token)["status"] == "accepted"
+    answer = server.methods.fetch_certificate(None, "web-17", csr)
+    assert answer["status"] == "accepted"
+    cert = certs.load_cert(answer["certificate"].encode())
+    assert server.methods.identify(certs.fingerprint(cert)).name == "web-17"
+    # ... and the token is spent now: the next host waits for an administrator.
+    assert server.methods.register(None, "db-1", _csr("db-1"), {}, token)["status"] == "pending"
+
+
+def test_client_accept_is_one_transaction(server: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    csr = _csr("web-17")
+    assert server.methods.register(None, "web-17", csr, {}, "")["status"] == "pending"
+    _fail_in_transaction(monkeypatch, server.store.audit, "client_accept")
+    with pytest.raises(Unavailable):
+        server.methods.client_accept(server.admin, "web-17")
+    assert server.methods.fetch_certificate(None, "web-17", csr) == {
+        "status": "pending",
+        "certificate": "",
+    }
+    assert server.methods.client_accept(server.admin, "web-17")["status"] == "accepted"
+    assert server.methods.fetch_certificate(None, "web-17", csr)["status"] == "accepted"
+
+
+def _enroll(server: Api, name: str) -> str:
+    """Enroll a client through the remote methods; returns its certificate's fingerprint."""
+    csr = _csr(name)
+    server.methods.register(None, name, csr, {}, "")
+    server.methods.client_accept(server.admin, name)
+    cert = server.methods.fetch_certificate(None, name, csr)["certificate"]
+    return certs.fingerprint(certs.load_cert(cert.encode()))
+
+
+def test_job_files_are_rendered_after_the_claim_commits(
+    server: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = server.methods.identify(_enroll(server, "web-17"))
+    submitted = [
+        server.methods.job_submit(server.admin, {"script": "true", "hosts": ["web-17"]})["job_id"]
+        for _ in range(3)
+    ]
+    render = documents.render_job
+    seen: list[tuple[int, str, str | None]] = []
+
+    def watching_render(job: documents.JobDocument) -> str:
+        # Another transaction sees only what has been committed.
+        (row,) = server.store.jobs.detail(server.admin, job.job_id)["assignments"]
+        seen.append((job.job_id, row["state"], row["delivery_id"]))
+        return render(job)
+
+    monkeypatch.setattr(api.documents, "render_job", watching_render)
+    answer = server.methods.poll(client, [], [], 10)
+    jobs = [documents.parse_job(xml) for xml in answer["jobs"]]
+    assert [j.job_id for j in jobs] == submitted
+    assert seen == [(j.job_id, "sent", j.delivery_id) for j in jobs]
+
+
+def test_identify_refuses_with_the_reason_and_records_it(server: Api) -> None:
+    fingerprint = _enroll(server, "web-17")
+    assert server.methods.identify(fingerprint).actor == "client:web-17"
+    with pytest.raises(AuthenticationRequired, match="needs a client certificate"):
+        server.methods.identify(None)
+    with pytest.raises(AuthenticationRequired, match="not known to this server"):
+        server.methods.identify("0" * 64)
+
+    server.methods.client_revoke(server.admin, "web-17")
+    with pytest.raises(Forbidden) as refused:
+        server.methods.identify(fingerprint)
+    assert refused.value.message == "certificate refused: client web-17 is revoked"
+    server.methods.record_refusal("agent.poll", None, "192.0.2.7", refused.value)
+    row = server.store.audit.events()[-1]
+    assert (row["actor"], row["action"], row["client"]) == ("anonymous@192.0.2.7", "refused", None)
+    assert row["detail"] == "agent.poll: fault 2: certificate refused: client web-17 is revoked"
+
+    # A busy database is not recorded: the refusal would only make it busier.
+    server.methods.record_refusal("agent.poll", None, "192.0.2.7", Unavailable())
+    assert server.store.audit.events()[-1] == row

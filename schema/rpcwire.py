@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import datetime as dt
 import logging
 import math
@@ -82,6 +83,7 @@ _INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 _DOUBLE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
 _DATETIME = re.compile(r"([0-9]{4})-?([0-9]{2})-?([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})")
 _METHOD_NAME = re.compile(r"[A-Za-z0-9_.:/]+")
+_UTF8_SLICE = 64 * 1024
 _BASE64_SPACE = re.compile(r"[ \t\r\n]+")
 #: Characters XML 1.0 cannot carry, not even as character references.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
@@ -354,6 +356,22 @@ def _scalar(tag: str, text: str) -> Any:
     return None
 
 
+def _check_utf8(body: bytes) -> None:
+    """Refuse a body that is not UTF-8, in slices, so no copy of it is made."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    offset = 0
+    try:
+        for offset in range(0, len(body), _UTF8_SLICE):
+            decoder.decode(view[offset : offset + _UTF8_SLICE])
+        offset = len(body)
+        decoder.decode(b"", True)
+    except UnicodeDecodeError as exc:
+        # The position is within the slice (and the bytes the decoder held back).
+        where = max(0, offset - len(decoder.getstate()[0])) + exc.start
+        raise MalformedRequest(f"request body is not valid UTF-8 (byte {where})") from None
+
+
 def parse_call(body: bytes, limits: WireLimits | None = None) -> RPCCall:
     """Parse one XML-RPC ``methodCall``. Raises :class:`MalformedRequest`
     (and nothing else) when the body is not a bounded, well-formed call."""
@@ -362,10 +380,7 @@ def parse_call(body: bytes, limits: WireLimits | None = None) -> RPCCall:
         raise MalformedRequest("empty request body")
     if len(body) > limits.max_body_bytes:
         raise MalformedRequest(f"request body over {limits.max_body_bytes} bytes")
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MalformedRequest(f"request body is not valid UTF-8 (byte {exc.start})") from None
+    _check_utf8(body)
     target = _CallParser(limits)
     parser = expat.ParserCreate(encoding="UTF-8")
     parser.buffer_text = True

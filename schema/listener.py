@@ -396,6 +396,8 @@ class Listener:
         self._server = await asyncio.start_server(self._serve, sock=sock, limit=_READ_CHUNK)
 
     async def _drain(self, grace: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self._draining = True
         if self._server is not None:
             self._server.close()
@@ -406,17 +408,22 @@ class Listener:
         if self._busy:
             self._quiet.clear()
             try:
-                async with asyncio.timeout(grace):
+                async with asyncio.timeout_at(deadline):
                     await self._quiet.wait()
             except TimeoutError:
                 pass
         clean = self._busy == 0
         for conn in list(self._connections.values()):
             self._close(conn)
+        # What is left are connections whose last answer is still leaving;
+        # give them a moment (they are bounded by _CLOSE_SECONDS anyway).
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            flush = min(max(deadline - loop.time(), 0.5), _CLOSE_SECONDS)
+            _, pending = await asyncio.wait(tasks, timeout=flush)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         return clean
 
     # Connections.

@@ -514,11 +514,27 @@ def test_drain_finishes_in_flight_requests_and_closes_the_rest(
         status, headers, body = read_response(busy)
         assert (status, body) == (200, b"slow done\n")
         assert headers["connection"] == "close"
+        busy.close()  # as a client does on "Connection: close"; the drain need not wait
         drainer.join(WAIT)
         assert result == [True]
     finally:
         idle.close()
         busy.close()
+
+
+def test_drain_cuts_off_what_outlasts_the_grace(listeners: Listeners, certs: Certs) -> None:
+    listener = listeners.start()
+    with tls_socket(listener, client_context(certs)) as busy:
+        busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert listeners.gate.entered.acquire(timeout=WAIT)
+        result: list[bool] = []
+        drainer = threading.Thread(target=lambda: result.append(listener.drain(0.2)))
+        drainer.start()
+        assert closed_by_server(busy)
+        # The handler itself is waited for: the program must not be torn down under it.
+        listeners.gate.release.set()
+        drainer.join(WAIT)
+    assert result == [False]
 
 
 # The log.

@@ -273,7 +273,9 @@ def test_idle_and_half_open_connections_do_not_stop_a_call(
         wait_for(lambda: listener.stats().open_connections == 400)
         answer = proxy(listener, context).echo("through")
         assert answer["params"] == ["through"]
-        assert listener.stats().open_connections == 401
+        stats = listener.stats()
+        assert stats.open_connections >= 400  # the flood is still there
+        assert (stats.accepted, stats.requests) == (401, 1)
         assert worker_threads() <= 4
     finally:
         for sock in idle + half_open:

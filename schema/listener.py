@@ -929,4 +929,6 @@ def _tls_reason(exc: BaseException) -> str:
     """A short reason for a log line (the OpenSSL reason code, not a traceback)."""
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason)[:80]
+    if isinstance(exc, _PeerGone):
+        return "peer closed the connection"
     return type(exc).__name__

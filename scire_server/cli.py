@@ -16,7 +16,7 @@ from scire_server import __version__, migrations, recovery, store, timed
 from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
-from scire_server.rpc import ScireRPCServer
+from scire_server.rpc import ScireRPCServer, listener_limits
 
 log = logging.getLogger("scire_server")
 
@@ -79,20 +79,27 @@ def serve(config: ServerConfig) -> int:
         (config.listen_host, config.listen_port),
         context,
         RemoteMethods(config, db),
-        config.max_threads,
-        config.request_timeout,
+        listener_limits(config),
     )
+    try:
+        server.start()
+    except OSError as exc:
+        log.error(
+            "cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc.strerror
+        )
+        db.servers.stop()
+        db.close()
+        return 1
     scheduler = timed.start(db, config)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("%s received: shutting down", signal.Signals(signum).name)
         stop.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    host, port = server.server_address[:2]
+    host, port = server.address
     log.info(
         "scire-server %s (instance %s) listening on https://%s:%s/ with %d threads",
         __version__,
@@ -102,10 +109,10 @@ def serve(config: ServerConfig) -> int:
         config.max_threads,
     )
     try:
-        server.serve_forever(poll_interval=0.2)
+        while not stop.wait(1.0):
+            pass
     finally:
         clean = server.drain(config.shutdown_grace)
-        server.server_close()
         scheduler.shutdown(wait=True)
         db.servers.stop()
         db.close()

@@ -28,7 +28,12 @@ SWEEP_INTERVAL = 5  # seconds between lease/expiry/lost sweeps
 RETENTION_DAYS = 30
 RETENTION_INTERVAL = 3600  # seconds between retention purges
 SHUTDOWN_GRACE = 10  # seconds in-flight calls get on SIGTERM
-REQUEST_TIMEOUT = 30  # seconds a connection may idle or take for one request
+REQUEST_TIMEOUT = 30  # seconds one whole request (headers and body) may take to arrive
+HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
+IDLE_TIMEOUT = 60  # seconds a keep-alive connection may sit idle between requests
+MAX_CONNECTIONS = 4000  # open connections in all; the oldest idle one is closed to make room
+MAX_CONNECTIONS_PER_PEER = 256  # from one address (agents behind one NAT share an address)
+MAX_QUEUED_REQUESTS = 64  # complete requests waiting for a thread; then 503 with Retry-After
 DEFAULT_TIMEOUT = 3600  # seconds a job may run
 DEFAULT_OUTPUT_LIMIT = 64 * 1024  # bytes of output kept per job and host
 DEFAULT_MAX_ATTEMPTS = 3
@@ -71,6 +76,11 @@ class ServerConfig:
     retention_interval: int = RETENTION_INTERVAL
     shutdown_grace: int = SHUTDOWN_GRACE
     request_timeout: int = REQUEST_TIMEOUT
+    handshake_timeout: int = HANDSHAKE_TIMEOUT
+    idle_timeout: int = IDLE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
+    max_queued_requests: int = MAX_QUEUED_REQUESTS
     default_timeout: int = DEFAULT_TIMEOUT
     default_output_limit: int = DEFAULT_OUTPUT_LIMIT
     default_max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -107,9 +117,15 @@ class ServerConfig:
             "retention_days",
             "retention_interval",
             "request_timeout",
+            "handshake_timeout",
+            "idle_timeout",
+            "max_connections",
+            "max_connections_per_peer",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.max_queued_requests < 0:
+            raise ConfigError("max_queued_requests must not be negative")
         if not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"listen_port {self.listen_port} is out of range")
         if self.instance_stale_after <= self.heartbeat_interval:

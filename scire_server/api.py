@@ -20,6 +20,7 @@ from cryptography import x509
 from scire_server import documents, pki
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InvalidArgument, InvalidDocument, NotFound
+from scire_server.states import State
 from scire_server.store import Caller, JobSpec, Store
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ MAX_SCRIPT_BYTES = 1024 * 1024
 # Output bytes become up to 4 bytes each in the status document ("&lt;") and
 # twice that inside the XML-RPC envelope: 2 MiB keeps both under their caps.
 MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
+#: What ``job_list`` may filter on: a job's one-word state (an assignment
+#: state its hosts share or the furthest along, "mixed" or "empty").
+JOB_LIST_STATES = (*(s.value for s in State), "mixed", "empty")
 
 
 def check_name(value: Any, what: str = "name") -> str:
@@ -96,11 +100,12 @@ class Service:
             "admin.job_show": ("user", self.job_show),
             "admin.job_cancel": ("user", self.job_cancel),
             "admin.client_list": ("user", self.client_list),
+            "admin.grant_list": ("user", self.grant_list),
         }
         for name in (
             "client_show client_accept client_reject client_revoke client_delete client_token "
             "group_create group_delete group_add group_remove group_list "
-            "user_add user_list user_revoke grant_add grant_remove grant_list audit server_list"
+            "user_add user_list user_revoke grant_add grant_remove audit server_list"
         ).split():
             table[f"admin.{name}"] = ("admin", getattr(self, name))
         return table
@@ -230,6 +235,8 @@ class Service:
         return {"job_id": result.job_id, "accepted": result.accepted, "refused": result.refused}
 
     def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
+        if state and state not in JOB_LIST_STATES:
+            raise InvalidArgument(f"state {state!r} is not one of {', '.join(JOB_LIST_STATES)}")
         rows = self.store.jobs(caller, _int(limit, "limit", 1, 10_000), state or None)
         return rows
 
@@ -364,7 +371,15 @@ class Service:
         return {"id": grant_id}
 
     def grant_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return self.store.grants()
+        """Every grant for an administrator; a user sees the grants that apply to them."""
+        grants = self.store.grants()
+        if caller.is_admin:
+            return grants
+        # User groups do not nest, so direct membership is all there is.
+        mine = {caller.name} | {
+            f"@{g['name']}" for g in self.store.groups("user") if caller.name in g["members"]
+        }
+        return [g for g in grants if g["subject"] in mine]
 
     def audit(
         self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100

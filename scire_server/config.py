@@ -180,3 +180,12 @@ class AdminConfig:
     def check(self) -> None:
         if self.bundle is not None:
             self.bundle = Path(self.bundle).expanduser()
+        if not self.server.startswith("https://"):
+            # xmlrpc.client would quietly talk TLS to an http:// URL anyway.
+            raise InvalidArgument(
+                f"server {self.server!r}: Scire speaks only HTTPS; use https://HOST:PORT/"
+            )
+        if not self.timeout > 0:
+            raise InvalidArgument(
+                f"timeout must be a positive number of seconds, not {self.timeout}"
+            )

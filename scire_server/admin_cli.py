@@ -401,7 +401,7 @@ def _read_script(args: argparse.Namespace) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CLIError(
-            f"the script {where} is not UTF-8 text (byte {exc.start} is not): Scire sends "
+            f"the script {where} is not UTF-8 text (at byte {exc.start}): Scire sends "
             "scripts as text; for a binary, ship it another way and submit a script that runs it",
             ExitCode.USAGE,
         ) from exc
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "run a command on a group and follow it live",
                 "scire-admin job submit --group web --command 'uptime' && scire-admin job watch 1",
             ),
-            ("the same, for a script", "scire-admin --json job list --state failed"),
+            ("the failed jobs, as JSON for a script", "scire-admin --json job list --state failed"),
         )
         + "\n\nconfiguration:\n"
         f"  {DEFAULT_CONFIG} (an [admin] section: server, bundle, timeout) is read when it\n"

@@ -24,6 +24,7 @@ from typing import Any
 
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_schema.tls_errors import explain
+from sqlalchemy.exc import SQLAlchemyError
 
 from scire_server import __version__, job_watch, migrations, pki, store, tls
 from scire_server.api import JOB_LIST_STATES
@@ -206,9 +207,15 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
     if config.ca_key_file.exists():
         raise CLIError(f"{config.state_dir} holds a CA already; init does not overwrite it")
     check_bundle_target(bundle)
+    check_writable(bundle)
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.state_dir, 0o700)
+    except OSError as exc:
+        raise CLIError(
+            f"cannot make the state directory {config.state_dir}: {exc.strerror}"
+        ) from exc
+    try:
         ca_key, ca_cert = pki.create_ca()
         pki.write_private(config.ca_key_file, pki.key_to_pem(ca_key))
         pki.write_public(config.ca_cert_file, pki.cert_to_pem(ca_cert))
@@ -223,20 +230,21 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         )
         pki.write_private(config.key_file, pki.key_to_pem(server_key))
         pki.write_public(config.cert_file, pki.cert_to_pem(server_cert))
-    except OSError as exc:
+        store.upgrade_database(config.database_url)
+        user_key = pki.generate_key()
+        user_cert = pki.sign_csr(
+            ca_key, ca_cert, pki.make_csr(user_key, args.admin), args.admin, pki.ROLE_USER
+        )
+        db = store.Store(store.make_engine(config.database_url), "scire-admin init")
+        try:
+            db.add_user(args.admin, pki.fingerprint(user_cert), True, "scire-admin init")
+        finally:
+            db.close()
+    except (OSError, SQLAlchemyError, ScireError) as exc:
         raise CLIError(
-            f"cannot write to the state directory {config.state_dir}: {exc.strerror}"
+            f"init stopped half-way: {_why(exc)}; fix that (disk full? read-only?), "
+            f"remove {config.state_dir} and run init again"
         ) from exc
-    store.upgrade_database(config.database_url)
-    user_key = pki.generate_key()
-    user_cert = pki.sign_csr(
-        ca_key, ca_cert, pki.make_csr(user_key, args.admin), args.admin, pki.ROLE_USER
-    )
-    db = store.Store(store.make_engine(config.database_url), "scire-admin init")
-    try:
-        db.add_user(args.admin, pki.fingerprint(user_cert), True, "scire-admin init")
-    finally:
-        db.close()
     ca_pem = pki.cert_to_pem(ca_cert).decode()
     write_bundle(bundle, pki.key_to_pem(user_key), pki.cert_to_pem(user_cert).decode(), ca_pem)
     answer = {
@@ -251,6 +259,16 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         answer["admin_config"] = write_admin_config(config.public_url, bundle)
     show(args, answer)
     return ExitCode.OK
+
+
+def _why(exc: BaseException) -> str:
+    """One line for a disk or database failure, without SQLAlchemy's SQL and links."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    if isinstance(exc, SQLAlchemyError):
+        orig = getattr(exc, "orig", None)
+        return f"the database failed: {orig or exc.__class__.__name__}"
+    return str(exc)
 
 
 def write_admin_config(server: str, bundle: Path) -> str:
@@ -273,13 +291,17 @@ def check_bundle_target(path: Path) -> None:
 
 def cmd_db(args: argparse.Namespace) -> ExitCode:
     config = server_config(args)
-    if args.db_command == "upgrade":
-        before, head = migrations.current(config.database_url)
-        store.upgrade_database(config.database_url)
-        show(args, {"database": config.database_url, "from": before or "empty", "to": head})
-    else:
-        current, head = migrations.current(config.database_url)
-        show(args, {"database": config.database_url, "current": current or "empty", "head": head})
+    try:
+        if args.db_command == "upgrade":
+            before, head = migrations.current(config.database_url)
+            store.upgrade_database(config.database_url)
+            answer = {"database": config.database_url, "from": before or "empty", "to": head}
+        else:
+            current, head = migrations.current(config.database_url)
+            answer = {"database": config.database_url, "current": current or "empty", "head": head}
+    except (OSError, SQLAlchemyError) as exc:
+        raise CLIError(f"{config.database_url}: {_why(exc)}") from exc
+    show(args, answer)
     return ExitCode.OK
 
 

@@ -206,12 +206,12 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
     bundle = args.bundle.expanduser()
     if config.ca_key_file.exists():
         raise CLIError(f"{config.state_dir} holds a CA already; init does not overwrite it")
-    check_bundle_target(bundle)
-    check_writable(bundle)
+    reserve_bundle(bundle)
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(config.state_dir, 0o700)
     except OSError as exc:
+        bundle.unlink()
         raise CLIError(
             f"cannot make the state directory {config.state_dir}: {exc.strerror}"
         ) from exc
@@ -241,6 +241,7 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         finally:
             db.close()
     except (OSError, SQLAlchemyError, ScireError) as exc:
+        bundle.unlink(missing_ok=True)
         raise CLIError(
             f"init stopped half-way: {_why(exc)}; fix that (disk full? read-only?), "
             f"remove {config.state_dir} and run init again"
@@ -373,24 +374,38 @@ def cmd_user(args: argparse.Namespace, proxy: Any) -> ExitCode:
         show(args, call(proxy, "admin.user_revoke", args.name))
     else:
         out = (args.out or Path(f"{args.name}.pem")).expanduser()
-        check_bundle_target(out)
-        check_writable(out)
+        reserve_bundle(out)
         key = pki.generate_key()
-        answer = call(
-            proxy, "admin.user_add", args.name, pki.make_csr(key, args.name).decode(), args.admin
-        )
+        try:
+            answer = call(
+                proxy,
+                "admin.user_add",
+                args.name,
+                pki.make_csr(key, args.name).decode(),
+                args.admin,
+            )
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
         write_bundle(out, pki.key_to_pem(key), answer["certificate"], answer["ca"])
         show(args, {"name": args.name, "admin": args.admin, "bundle": str(out)})
     return ExitCode.OK
 
 
-def check_writable(path: Path) -> None:
-    """Refuse a bundle path we cannot write before the server makes the user."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CLIError(f"cannot write the bundle {path}: {folder} is not writable")
+def reserve_bundle(path: Path) -> None:
+    """Make an empty 0600 file where the bundle goes, before anything else is made.
+
+    Asking ``os.access`` is not enough (root may "write" to /proc, a read-only
+    mount says yes to it), so this really creates the file; ``write_bundle``
+    then replaces it. Refuses a path that exists.
+    """
+    check_bundle_target(path)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise CLIError(f"cannot write the bundle {path}: {exc.strerror}") from exc
 
 
 def cmd_grant(args: argparse.Namespace, proxy: Any) -> ExitCode:
@@ -642,7 +657,12 @@ def _command(
 def _area(sub: Any, name: str, summary: str, *examples: tuple[str, str]) -> Any:
     """A command area ("client", "job", ...) whose sub-commands follow."""
     parser = _command(sub, name, summary, *examples)
-    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+    return parser.add_subparsers(
+        dest=f"{name}_command",
+        metavar="COMMAND",
+        required=True,
+        help=f"one of these (scire-admin {name} COMMAND --help):",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -686,7 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output (anywhere)")
     p.add_argument("--version", action="version", version=f"scire-admin {__version__}")
-    sub = p.add_subparsers(dest="area", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(
+        dest="area", metavar="COMMAND", required=True, help="one of these (COMMAND --help):"
+    )
 
     def offline(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(

@@ -111,7 +111,12 @@ def render(snap: dict[str, Any]) -> Any:
         (f"job {snap['job_id']} ({snap['name']})", "bold"),
         f"  {snap['state']}  {snap['done']}/{snap['total']} hosts final",
     )
-    bar = ProgressBar(total=max(snap["total"], 1), completed=snap["done"], width=60)
+    # A grid row of its own: a bare ProgressBar ends no line, so what follows would share it.
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        ProgressBar(total=max(snap["total"], 1), completed=snap["done"], width=50),
+        f"{100 * snap['done'] // max(snap['total'], 1)}%",
+    )
     counts = Text("  ").join(
         Text(f"{column} {count}", style=_STYLE[column] if count else "dim")
         for column, count in snap["counts"].items()

@@ -1,14 +1,16 @@
 """``scire-client``: the agent's command line.
 
 Commands: ``run`` (the default: enroll if needed, then normal mode),
-``enroll`` (enroll only) and ``spool`` (list the spool). Exit codes: 0 ok,
-1 error, 2 bad configuration or usage, 3 enrollment pending, 4 enrollment
-refused. Errors are one line on stderr, never a traceback.
+``enroll`` (enroll only) and ``spool`` (list the spool). Exit codes come from
+``scire_schema.exitcodes``: 0 ok, 1 error (also when ``run`` carried on past a
+disk or spool failure, such as a job it could not spool), 2 bad configuration or usage, 3 enrollment
+pending, 4 enrollment refused. Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,18 +24,20 @@ from scire_client.exceptions import (
     ConfigError,
     EnrollmentPending,
     EnrollmentRefused,
+    SpoolError,
 )
 from scire_client.spool import Spool
 from scire_schema import inifile
 from scire_schema.errors import SchemaError
+from scire_schema.exitcodes import ExitCode, epilog
 
 log = logging.getLogger("scire_client")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_PENDING = 3
-EXIT_REFUSED = 4
+EXIT_OK = ExitCode.OK
+EXIT_ERROR = ExitCode.ERROR
+EXIT_USAGE = ExitCode.USAGE
+EXIT_PENDING = ExitCode.ENROLLMENT_PENDING
+EXIT_REFUSED = ExitCode.ENROLLMENT_REFUSED
 #: Read when -c is not given and the file exists.
 DEFAULT_CONFIG = Path("/etc/scire/client.ini")
 LOG_FORMAT = "%(asctime)s scire-client[%(process)d] %(levelname)s %(message)s"
@@ -43,9 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scire-client",
         description="Scire agent: enroll, poll the server for jobs, run them, report.",
-        epilog=f"Configuration: the [client] section of FILE (default {DEFAULT_CONFIG} if it "
-        "exists); flags override it. Exit codes: 0 ok, 1 error, 2 bad configuration or usage, "
-        "3 enrollment pending, 4 enrollment refused.",
+        epilog="examples:\n"
+        "  # enroll with a token from 'scire-admin client token'\n"
+        "  scire-client --server https://scire:8443/ --state-dir /var/lib/scire-client \\\n"
+        "      --name web-17 --token TOKEN --ca-fingerprint FINGERPRINT enroll\n"
+        "  # poll once, run what came, report (cron does this every minute)\n"
+        "  scire-client -c /etc/scire/client.ini run\n"
+        "  # what the spool holds, as JSON\n"
+        "  scire-client --state-dir /var/lib/scire-client spool --json\n\n"
+        f"configuration:\n  the [client] section of FILE (default {DEFAULT_CONFIG} if it exists);\n"
+        "  flags override it.\n\n"
+        + epilog("scire-client")
+        + "\n  run exits 1 after a disk or spool failure, e.g. a job it could not spool.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-c", "--config", type=Path, metavar="FILE", help="INI file")
     parser.add_argument(
@@ -69,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for an administrator to accept the enrollment",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--json", action="store_true", help="spool: machine-readable output")
     parser.add_argument("--version", action="version", version=f"scire-client {__version__}")
     parser.add_argument(
         "command",
@@ -100,16 +115,45 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
     )
 
 
-def cmd_run(config: ClientConfig) -> int:
+class _SpoolFailures(logging.Handler):
+    """Counts the local disk or spool failures the agent logs and carries on past,
+    such as a job it could not spool (disk full): the error's object is in the
+    record's arguments."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if any(isinstance(arg, (OSError, SpoolError)) for arg in args):
+            self.count += 1
+
+
+def cmd_run(config: ClientConfig, args: argparse.Namespace) -> int:
+    # The agent logs and carries on past a job it cannot spool (the server
+    # sends it again); the exit code must still tell cron or a script.
+    errors = _SpoolFailures()
+    log.addHandler(errors)
     try:
-        return agent.run(config)
+        code = agent.run(config)
     except AgentBusy as exc:
         # Cron started us while the last run still works: that run does the job.
         log.info("%s; leaving the work to it", exc)
         return EXIT_OK
+    finally:
+        log.removeHandler(errors)
+    if code == EXIT_OK and errors.count:
+        print(
+            f"scire-client: error: {errors.count} spool or disk failure(s) during the run "
+            "(see above)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    return code
 
 
-def cmd_enroll(config: ClientConfig) -> int:
+def cmd_enroll(config: ClientConfig, args: argparse.Namespace) -> int:
     with lock.hold(config.lock_file):
         if enroll.ensure_enrolled(config):
             print(f"enrolled as {config.name}: {config.cert_file}")
@@ -118,14 +162,32 @@ def cmd_enroll(config: ClientConfig) -> int:
     return EXIT_OK
 
 
-def cmd_spool(config: ClientConfig) -> int:
-    if not config.spool_dir.exists():
+def cmd_spool(config: ClientConfig, args: argparse.Namespace) -> int:
+    spool = Spool(config.spool_dir) if config.spool_dir.exists() else None
+    entries = spool.entries() if spool else []
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "job_id": e.job_id,
+                        "name": e.name,
+                        "state": e.state,
+                        "priority": e.priority,
+                        "delivery_id": e.delivery_id,
+                        "received_at": e.created.isoformat(),
+                        "started_at": e.started_at.isoformat() if e.started_at else None,
+                        "cancelled": spool.cancel_reason(e.job_id) if spool else None,
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return EXIT_OK
-    spool = Spool(config.spool_dir)
-    rows = [
-        (str(e.job_id), e.state, spool.cancel_reason(e.job_id) or "", e.name)
-        for e in spool.entries()
-    ]
+    if spool is None:
+        return EXIT_OK
+    rows = [(str(e.job_id), e.state, spool.cancel_reason(e.job_id) or "", e.name) for e in entries]
     table = [("JOB", "STATE", "CANCELLED", "NAME"), *rows]
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
@@ -148,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = load_config(args)
-        return COMMANDS[args.command](config)
+        return COMMANDS[args.command](config, args)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     except EnrollmentPending as exc:

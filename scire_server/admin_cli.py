@@ -1,13 +1,16 @@
 """``scire-admin``: the administrator's command line.
 
-Everything but ``init`` and ``db`` goes through the server's admin API over
-mutual TLS with a user bundle (key, certificate and CA in one 0600 PEM file).
-``init`` and ``db`` work offline on the state directory and the database.
+Everything but ``init``, ``db`` and ``completion`` goes through the server's
+admin API over mutual TLS with a user bundle (key, certificate and CA in one
+0600 PEM file). ``init`` and ``db`` work offline on the state directory and
+the database. Exit codes come from ``scire_schema.exitcodes``; every failure
+is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import http.client
 import json
 import os
@@ -20,16 +23,42 @@ from pathlib import Path
 from typing import Any
 
 from scire_schema import certs, files, tls
-from scire_server import __version__, ca, migrations, store
+from scire_schema.exitcodes import ExitCode, epilog
+from scire_schema.tls_errors import explain
+from scire_server import __version__, ca, job_watch, migrations, store
 from scire_server.config import AdminConfig, ServerConfig
-from scire_server.exceptions import FAULT_NAMES, ScireError
-from scire_server.states import FINAL_SUMMARIES
+from scire_server.exceptions import (
+    FAULT_NAMES,
+    AuthenticationRequired,
+    ConfigError,
+    Forbidden,
+    InvalidArgument,
+    InvalidDocument,
+    NotFound,
+    ScireError,
+    Unavailable,
+)
+from scire_server.states import FINAL_SUMMARIES, JOB_SUMMARIES
 
 DEFAULT_BUNDLE = Path("~/.config/scire/admin.pem")
+#: Read when -c is not given and the file exists, so daily use needs no flags.
+DEFAULT_CONFIG = Path("~/.config/scire/admin.conf")
 
 
 class CLIError(Exception):
-    """A failure worth one line to the operator, and exit status 1."""
+    """A failure worth one line to the operator, and its exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionFailure(CLIError):
+    """The server could not be reached or TLS with it failed; ``main`` words it."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause), ExitCode.UNREACHABLE)
+        self.cause = cause
 
 
 # --- the admin API connection -------------------------------------------------
@@ -38,7 +67,12 @@ _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.S
 
 
 def write_bundle(path: Path, key_pem: bytes, cert_pem: str, ca_pem: str) -> None:
-    files.write_private(path, key_pem + cert_pem.encode() + ca_pem.encode())
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        files.write_private(path, key_pem + cert_pem.encode() + ca_pem.encode())
+    except OSError as exc:
+        raise CLIError(f"cannot write the bundle {path}: {exc.strerror}") from exc
 
 
 def connect(config: AdminConfig) -> Any:
@@ -62,16 +96,33 @@ def connect(config: AdminConfig) -> Any:
     )
 
 
+#: What a server fault means for the exit code; any other fault is ExitCode.ERROR.
+FAULT_EXIT_CODES = {
+    AuthenticationRequired.code: ExitCode.PERMISSION_DENIED,
+    Forbidden.code: ExitCode.PERMISSION_DENIED,
+    NotFound.code: ExitCode.NOT_FOUND,
+    InvalidArgument.code: ExitCode.USAGE,
+    InvalidDocument.code: ExitCode.USAGE,
+    Unavailable.code: ExitCode.UNREACHABLE,
+}
+
+
 def call(proxy: Any, method: str, *args: Any) -> Any:
     try:
         return getattr(proxy, method)(*args)
     except xmlrpc.client.Fault as exc:
         name = FAULT_NAMES.get(exc.faultCode, "Fault")
-        raise CLIError(f"{exc.faultString} ({name}, fault {exc.faultCode})") from exc
-    except ssl.SSLError as exc:
-        raise CLIError(f"TLS with the server failed: {exc.reason or exc}") from exc
+        raise CLIError(
+            f"{exc.faultString} ({name}, fault {exc.faultCode})",
+            FAULT_EXIT_CODES.get(exc.faultCode, ExitCode.ERROR),
+        ) from exc
+    except xmlrpc.client.ProtocolError as exc:
+        raise CLIError(
+            f"{exc.url} answered HTTP {exc.errcode} {exc.errmsg}: is --server a Scire server?",
+            ExitCode.UNREACHABLE,
+        ) from exc
     except (OSError, http.client.HTTPException) as exc:
-        raise CLIError(f"cannot reach the server: {exc}") from exc
+        raise ConnectionFailure(exc) from exc
 
 
 # --- output -----------------------------------------------------------------------
@@ -129,74 +180,125 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def cmd_init(args: argparse.Namespace) -> None:
+def cmd_init(args: argparse.Namespace) -> ExitCode:
     config = server_config(args)
+    bundle = args.bundle.expanduser()
     if config.ca_key_file.exists():
         raise CLIError(f"{config.state_dir} holds a CA already; init does not overwrite it")
-    check_bundle_target(args.bundle)
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(config.state_dir, 0o700)
-    ca_key, ca_cert = ca.create_ca()
-    files.write_private(config.ca_key_file, certs.key_to_pem(ca_key))
-    files.write_public(config.ca_cert_file, certs.cert_to_pem(ca_cert))
-    server_key = certs.generate_key()
-    server_cert = ca.issue_certificate(
-        ca_key,
-        ca_cert,
-        server_key.public_key(),
-        config.alt_names[0],
-        ca.ROLE_SERVER,
-        config.alt_names,
-    )
-    files.write_private(config.key_file, certs.key_to_pem(server_key))
-    files.write_public(config.cert_file, certs.cert_to_pem(server_cert))
-    migrations.upgrade(config.database_url)
-    user_key = certs.generate_key()
-    user_cert = ca.sign_csr(
-        ca_key, ca_cert, certs.make_csr(user_key, args.admin), args.admin, ca.ROLE_USER
-    )
-    db = store.Store(store.make_engine(config.database_url), "scire-admin init")
+    reserve_bundle(bundle)
     try:
-        db.directory.add_user(args.admin, certs.fingerprint(user_cert), True, "scire-admin init")
-    finally:
-        db.close()
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.state_dir, 0o700)
+    except OSError as exc:
+        bundle.unlink()
+        raise CLIError(
+            f"cannot make the state directory {config.state_dir}: {exc.strerror}"
+        ) from exc
+    try:
+        ca_key, ca_cert = ca.create_ca()
+        files.write_private(config.ca_key_file, certs.key_to_pem(ca_key))
+        files.write_public(config.ca_cert_file, certs.cert_to_pem(ca_cert))
+        server_key = certs.generate_key()
+        server_cert = ca.issue_certificate(
+            ca_key,
+            ca_cert,
+            server_key.public_key(),
+            config.alt_names[0],
+            ca.ROLE_SERVER,
+            config.alt_names,
+        )
+        files.write_private(config.key_file, certs.key_to_pem(server_key))
+        files.write_public(config.cert_file, certs.cert_to_pem(server_cert))
+        migrations.upgrade(config.database_url)
+        user_key = certs.generate_key()
+        user_cert = ca.sign_csr(
+            ca_key, ca_cert, certs.make_csr(user_key, args.admin), args.admin, ca.ROLE_USER
+        )
+        db = store.Store(store.make_engine(config.database_url), "scire-admin init")
+        try:
+            db.directory.add_user(
+                args.admin, certs.fingerprint(user_cert), True, "scire-admin init"
+            )
+        finally:
+            db.close()
+    except (OSError, ScireError) as exc:
+        bundle.unlink(missing_ok=True)
+        raise CLIError(
+            f"init stopped half-way: {_why(exc)}; fix that (disk full? read-only?), "
+            f"remove {config.state_dir} and run init again"
+        ) from exc
     ca_pem = certs.cert_to_pem(ca_cert).decode()
-    write_bundle(
-        args.bundle, certs.key_to_pem(user_key), certs.cert_to_pem(user_cert).decode(), ca_pem
-    )
-    show(
-        args,
-        {
-            "state_dir": str(config.state_dir),
-            "database": config.database_url,
-            "server_names": config.alt_names,
-            "admin": args.admin,
-            "bundle": str(args.bundle),
-            "ca_fingerprint": certs.fingerprint(ca_cert),
-        },
-    )
+    write_bundle(bundle, certs.key_to_pem(user_key), certs.cert_to_pem(user_cert).decode(), ca_pem)
+    answer = {
+        "state_dir": str(config.state_dir),
+        "database": config.database_url,
+        "server_names": config.alt_names,
+        "admin": args.admin,
+        "bundle": str(bundle),
+        "ca_fingerprint": certs.fingerprint(ca_cert),
+    }
+    if bundle == DEFAULT_BUNDLE.expanduser():
+        answer["admin_config"] = write_admin_config(config.public_url, bundle)
+    show(args, answer)
+    return ExitCode.OK
+
+
+def _why(exc: BaseException) -> str:
+    """One line for a disk or database failure, without SQLAlchemy's SQL and links."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    if isinstance(exc, ScireError):
+        return exc.message
+    return str(exc)
+
+
+def write_admin_config(server: str, bundle: Path) -> str:
+    """Write the default admin.conf for the bundle ``init`` made, unless one exists."""
+    path = DEFAULT_CONFIG.expanduser()
+    if path.exists():
+        return f"{path} (kept as it was)"
+    text = f"[admin]\nserver = {server}\nbundle = {bundle}\n"
+    try:
+        files.write_atomic(path, text.encode(), 0o600)
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc.strerror}") from exc
+    return str(path)
 
 
 def check_bundle_target(path: Path) -> None:
     if path.exists():
-        raise CLIError(f"{path} exists already; choose another --bundle path")
+        raise CLIError(f"{path} exists already; choose another path (--bundle or --out)")
 
 
-def cmd_db(args: argparse.Namespace) -> None:
+def cmd_db(args: argparse.Namespace) -> ExitCode:
     config = server_config(args)
-    if args.db_command == "upgrade":
-        before, head = migrations.current(config.database_url)
-        migrations.upgrade(config.database_url)
-        show(args, {"database": config.database_url, "from": before or "empty", "to": head})
-    else:
-        current, head = migrations.current(config.database_url)
-        show(args, {"database": config.database_url, "current": current or "empty", "head": head})
+    try:
+        if args.db_command == "upgrade":
+            before, head = migrations.current(config.database_url)
+            migrations.upgrade(config.database_url)
+            answer = {"database": config.database_url, "from": before or "empty", "to": head}
+        else:
+            current, head = migrations.current(config.database_url)
+            answer = {"database": config.database_url, "current": current or "empty", "head": head}
+    except (OSError, ScireError) as exc:
+        raise CLIError(f"{config.database_url}: {_why(exc)}") from exc
+    show(args, answer)
+    return ExitCode.OK
+
+
+def cmd_completion(args: argparse.Namespace) -> ExitCode:
+    # shtab writes the script from the parser itself, so completion never
+    # falls behind a new command or flag.
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return ExitCode.OK
 
 
 # --- online commands -----------------------------------------------------------------
 
 
-def cmd_client(args: argparse.Namespace, proxy: Any) -> None:
+def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
     sub = args.client_command
     if sub == "list":
         show(
@@ -208,18 +310,19 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> None:
         detail = call(proxy, "admin.client_show", args.name)
         if args.json:
             show(args, detail)
-            return
+            return ExitCode.OK
         recent = detail.pop("recent_jobs")
         show(args, detail)
         print("\nrecent jobs:")
         print(table(recent, ["job_id", "name", "state", "updated_at"]))
     elif sub == "token":
-        show(args, call(proxy, "admin.client_token", args.uses, args.ttl))
+        show(args, call(proxy, "admin.client_token", args.uses, args.ttl or 0))
     else:
         show(args, call(proxy, f"admin.client_{sub}", args.name))
+    return ExitCode.OK
 
 
-def cmd_group(args: argparse.Namespace, proxy: Any) -> None:
+def cmd_group(args: argparse.Namespace, proxy: Any) -> ExitCode:
     kind = "user" if args.user else "client"
     sub = args.group_command
     if sub == "list":
@@ -236,9 +339,10 @@ def cmd_group(args: argparse.Namespace, proxy: Any) -> None:
         else:
             for answer in answers:
                 show(args, answer)
+    return ExitCode.OK
 
 
-def cmd_user(args: argparse.Namespace, proxy: Any) -> None:
+def cmd_user(args: argparse.Namespace, proxy: Any) -> ExitCode:
     sub = args.user_command
     if sub == "list":
         show(
@@ -249,17 +353,42 @@ def cmd_user(args: argparse.Namespace, proxy: Any) -> None:
     elif sub == "revoke":
         show(args, call(proxy, "admin.user_revoke", args.name))
     else:
-        out = args.out or Path(f"{args.name}.pem")
-        check_bundle_target(out)
+        out = (args.out or Path(f"{args.name}.pem")).expanduser()
+        reserve_bundle(out)
         key = certs.generate_key()
-        answer = call(
-            proxy, "admin.user_add", args.name, certs.make_csr(key, args.name).decode(), args.admin
-        )
+        try:
+            answer = call(
+                proxy,
+                "admin.user_add",
+                args.name,
+                certs.make_csr(key, args.name).decode(),
+                args.admin,
+            )
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
         write_bundle(out, certs.key_to_pem(key), answer["certificate"], answer["ca"])
         show(args, {"name": args.name, "admin": args.admin, "bundle": str(out)})
+    return ExitCode.OK
 
 
-def cmd_grant(args: argparse.Namespace, proxy: Any) -> None:
+def reserve_bundle(path: Path) -> None:
+    """Make an empty 0600 file where the bundle goes, before anything else is made.
+
+    Asking ``os.access`` is not enough (root may "write" to /proc, a read-only
+    mount says yes to it), so this really creates the file; ``write_bundle``
+    then replaces it. Refuses a path that exists.
+    """
+    check_bundle_target(path)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise CLIError(f"cannot write the bundle {path}: {exc.strerror}") from exc
+
+
+def cmd_grant(args: argparse.Namespace, proxy: Any) -> ExitCode:
     sub = args.grant_command
     if sub == "list":
         show(
@@ -271,46 +400,41 @@ def cmd_grant(args: argparse.Namespace, proxy: Any) -> None:
         show(args, call(proxy, "admin.grant_add", args.subject, args.privilege, args.target))
     else:
         show(args, call(proxy, "admin.grant_remove", args.id))
+    return ExitCode.OK
 
 
 def _read_script(args: argparse.Namespace) -> str:
     if args.command:
         return str(args.command)
-    if str(args.script) == "-":
-        return sys.stdin.read()
+    where = "standard input" if str(args.script) == "-" else str(args.script)
     try:
-        return Path(args.script).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CLIError(f"cannot read the script {args.script}: {exc}") from exc
+        if str(args.script) == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(args.script).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read the script {where}: {exc.strerror}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(
+            f"the script {where} is not UTF-8 text (at byte {exc.start}): Scire sends "
+            "scripts as text; for a binary, ship it another way and submit a script that runs it",
+            ExitCode.USAGE,
+        ) from exc
+    if "\x00" in text:
+        raise CLIError(
+            f"the script {where} holds NUL bytes: it looks binary; Scire sends scripts as text",
+            ExitCode.USAGE,
+        )
+    return text
 
 
-def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
+def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
     sub = args.job_command
     if sub == "submit":
-        spec = {
-            "name": args.name
-            or (Path(args.script).name if args.script and str(args.script) != "-" else "command"),
-            "script": _read_script(args),
-            "hosts": args.host or [],
-            "groups": args.group or [],
-            "priority": args.priority,
-            "timeout": args.timeout,
-            "privilege": args.privilege,
-            "interpreter": args.interpreter,
-            "not_before": args.not_before,
-            "expires": args.expires,
-            "max_attempts": args.max_attempts,
-            "output_limit": args.output_limit,
-            "rerun_on_agent_crash": args.rerun_on_agent_crash,
-        }
-        answer = call(proxy, "admin.job_submit", {k: v for k, v in spec.items() if v is not None})
-        if args.json:
-            show(args, answer)
-        else:
-            print(f"job {answer['job_id']} submitted for {', '.join(answer['accepted'])}")
-            for why in answer["refused"]:
-                print(f"refused: {why}")
-    elif sub == "list":
+        return job_submit(args, proxy)
+    if sub == "list":
         show(
             args,
             call(proxy, "admin.job_list", args.limit, args.state or ""),
@@ -328,8 +452,61 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
                 break
             time.sleep(0.5)
         show_job(args, detail)
-        if detail["state"] not in FINAL_SUMMARIES:
-            raise CLIError(f"job {args.id} still {detail['state']} after {args.timeout} s")
+        return job_exit_code(detail, args.timeout)
+    elif sub == "watch":
+        return job_watch.watch(
+            args.id,
+            lambda: call(proxy, "admin.job_show", args.id),
+            as_json=args.json,
+            timeout=args.timeout,
+            is_final=lambda detail: detail["state"] in FINAL_SUMMARIES,
+            exit_code=job_exit_code,
+        )
+    return ExitCode.OK
+
+
+def job_submit(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    spec = {
+        "name": args.name
+        or (Path(args.script).name if args.script and str(args.script) != "-" else "command"),
+        "script": _read_script(args),
+        "hosts": args.host or [],
+        "groups": args.group or [],
+        "priority": args.priority,
+        "timeout": args.timeout,
+        "privilege": args.privilege,
+        "interpreter": args.interpreter,
+        "not_before": args.not_before,
+        "expires": args.expires,
+        "max_attempts": args.max_attempts,
+        "output_limit": args.output_limit,
+        "rerun_on_agent_crash": args.rerun_on_agent_crash,
+    }
+    answer = call(proxy, "admin.job_submit", {k: v for k, v in spec.items() if v is not None})
+    if args.json:
+        show(args, answer)
+    else:
+        print(f"job {answer['job_id']} submitted for {', '.join(answer['accepted'])}")
+    for why in answer["refused"]:
+        print(f"refused: {why}", file=sys.stderr if args.json else sys.stdout)
+    return ExitCode.TARGETS_REFUSED if answer["refused"] else ExitCode.OK
+
+
+def job_exit_code(detail: dict[str, Any], waited: float | None) -> ExitCode:
+    """What ``job wait`` and ``job watch`` return for a job as it now stands."""
+    if detail["state"] not in FINAL_SUMMARIES:
+        after = f" after {waited:g} s" if waited is not None else ""
+        print(f"scire-admin: job {detail['id']} still {detail['state']}{after}", file=sys.stderr)
+        return ExitCode.NOT_FINISHED
+    failed = [a["client"] for a in detail["assignments"] if a["state"] != "succeeded"]
+    if failed:
+        print(
+            f"scire-admin: job {detail['id']}: {len(failed)} of {len(detail['assignments'])} "
+            f"host(s) did not succeed: {', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return ExitCode.HOSTS_FAILED
+    return ExitCode.OK
 
 
 def show_job(args: argparse.Namespace, detail: dict[str, Any]) -> None:
@@ -354,133 +531,559 @@ def show_job(args: argparse.Namespace, detail: dict[str, Any]) -> None:
             print(a["output"].rstrip("\n"))
 
 
-def cmd_audit(args: argparse.Namespace, proxy: Any) -> None:
+def cmd_audit(args: argparse.Namespace, proxy: Any) -> ExitCode:
     show(
         args,
         call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit),
         ["at", "actor", "action", "job_id", "client", "old_state", "new_state", "detail"],
     )
+    return ExitCode.OK
 
 
-def cmd_server(args: argparse.Namespace, proxy: Any) -> None:
+def cmd_server(args: argparse.Namespace, proxy: Any) -> ExitCode:
     show(
         args,
         call(proxy, "admin.server_list"),
         ["instance_key", "hostname", "pid", "state", "heartbeat_at", "url"],
     )
+    return ExitCode.OK
+
+
+# --- argument types: refuse bad values before calling the server ---------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not -1000 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from -1000 to 1000, not {value}")
+    return value
+
+
+def _parse_time(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time, e.g. 2030-01-31T18:00 or 2030-01-31T18:00+01:00"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def iso_time(text: str) -> str:
+    _parse_time(text)
+    return text
+
+
+def future_time(text: str) -> str:
+    if _parse_time(text) <= dt.datetime.now(dt.UTC):
+        raise argparse.ArgumentTypeError(f"{text} is in the past (times without an offset are UTC)")
+    return text
+
+
+def client_group(text: str) -> str:
+    # "@web" is the group syntax of grants and nested members; here both forms mean the group.
+    return text.removeprefix("@")
 
 
 # --- arguments ---------------------------------------------------------------------------
 
+PROG = "scire-admin"
+
+
+def _examples(*pairs: tuple[str, str]) -> str:
+    lines = ["examples:"]
+    for comment, command in pairs:
+        lines += [f"  # {comment}", f"  {command}"]
+    return "\n".join(lines)
+
+
+def _command(
+    sub: Any, name: str, summary: str, *examples: tuple[str, str], more: str = ""
+) -> argparse.ArgumentParser:
+    """A sub-command with a one-line summary, examples and, where it matters, more."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + "." + (f"\n\n{more}" if more else ""),
+        epilog=_examples(*examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _area(sub: Any, name: str, summary: str, *examples: tuple[str, str]) -> Any:
+    """A command area ("client", "job", ...) whose sub-commands follow."""
+    parser = _command(sub, name, summary, *examples)
+    return parser.add_subparsers(
+        dest=f"{name}_command",
+        metavar="COMMAND",
+        required=True,
+        help=f"one of these (scire-admin {name} COMMAND --help):",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scire-admin", description="Administer a Scire server.")
-    p.add_argument("-c", "--config", type=Path, help="INI file with an [admin] section")
-    p.add_argument("--server", help="server URL (default https://127.0.0.1:8443/)")
-    p.add_argument("--bundle", type=Path, help=f"user bundle (default {DEFAULT_BUNDLE})")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Administer a Scire server: enroll agents, group them, grant rights, "
+        "run jobs and follow them.",
+        epilog=_examples(
+            (
+                "create the CA, the server certificate, the database and you, the first admin",
+                "scire-admin init --state-dir /var/lib/scire",
+            ),
+            ("let an agent enroll at once", "scire-admin client token"),
+            (
+                "run a command on a group and follow it live",
+                "scire-admin job submit --group web --command 'uptime' && scire-admin job watch 1",
+            ),
+            ("the failed jobs, as JSON for a script", "scire-admin --json job list --state failed"),
+        )
+        + "\n\nconfiguration:\n"
+        f"  {DEFAULT_CONFIG} (an [admin] section: server, bundle, timeout) is read when it\n"
+        "  exists and -c is not given; flags override it.\n\n" + epilog(PROG),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"INI file with an [admin] section (default {DEFAULT_CONFIG} if it exists)",
+    )
+    p.add_argument("--server", metavar="URL", help="server URL (default https://127.0.0.1:8443/)")
+    p.add_argument(
+        "--bundle", type=Path, metavar="FILE", help=f"user bundle (default {DEFAULT_BUNDLE})"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="how long one call may take (default 60)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output (anywhere)")
     p.add_argument("--version", action="version", version=f"scire-admin {__version__}")
-    sub = p.add_subparsers(dest="area", required=True)
+    sub = p.add_subparsers(
+        dest="area", metavar="COMMAND", required=True, help="one of these (COMMAND --help):"
+    )
 
     def offline(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--server-config", type=Path, help="the server's INI file ([server])")
-        sp.add_argument("--state-dir", type=Path)
-        sp.add_argument("--database-url")
-        sp.add_argument("--alt-name", action="append", help="server certificate name (repeat)")
+        sp.add_argument(
+            "--server-config", type=Path, metavar="FILE", help="the server's INI file ([server])"
+        )
+        sp.add_argument(
+            "--state-dir",
+            type=Path,
+            metavar="DIR",
+            help="the server's state directory (default /var/lib/scire)",
+        )
+        sp.add_argument(
+            "--database-url", metavar="URL", help="SQLAlchemy URL (default: SQLite in DIR)"
+        )
+        sp.add_argument(
+            "--alt-name",
+            action="append",
+            metavar="NAME",
+            help="a name for the server certificate (repeat; default localhost, 127.0.0.1 "
+            "and the host name)",
+        )
 
-    init = sub.add_parser(
+    init = _command(
+        sub,
         "init",
-        help="create the CA, the server certificate, the database "
-        "and the first administrator (offline)",
+        "create the CA, the server certificate, the database and the first administrator (offline)",
+        (
+            "a server on this machine; the bundle goes to " + str(DEFAULT_BUNDLE),
+            "scire-admin init --state-dir /var/lib/scire",
+        ),
+        (
+            "a server that agents reach as scire.example.com",
+            "scire-admin init --state-dir /var/lib/scire --alt-name scire.example.com "
+            "--alt-name localhost",
+        ),
+        more=f"With the default --bundle, init also writes {DEFAULT_CONFIG} (server URL and\n"
+        "bundle) unless it exists, so the next commands need no flags.",
     )
     offline(init)
-    init.add_argument("--listen-port", type=int)
-    init.add_argument("--admin", default="admin", help="name of the first administrator")
+    init.add_argument(
+        "--listen-port",
+        type=positive_int,
+        metavar="PORT",
+        help="the port the server will listen on (default 8443)",
+    )
+    init.add_argument(
+        "--admin", default="admin", metavar="NAME", help="name of the first administrator"
+    )
     init.add_argument(
         "--bundle",
         dest="bundle",
         type=Path,
-        default=Path("admin.pem"),
-        help="where to write the administrator's bundle (default ./admin.pem)",
+        default=DEFAULT_BUNDLE,
+        metavar="FILE",
+        help=f"where to write the administrator's bundle (default {DEFAULT_BUNDLE})",
     )
-    db = sub.add_parser("db", help="database schema (offline)")
+    db = _command(
+        sub,
+        "db",
+        "upgrade or inspect the database schema (offline)",
+        (
+            "after installing a new version, before starting it",
+            "scire-admin db upgrade --state-dir /var/lib/scire",
+        ),
+        (
+            "which migration the database is at",
+            "scire-admin db current --database-url postgresql+psycopg://scire@db/scire",
+        ),
+    )
     offline(db)
-    db.add_argument("db_command", choices=["upgrade", "current"])
-
-    client = sub.add_parser("client", help="enrolled agents").add_subparsers(
-        dest="client_command", required=True
+    db.add_argument(
+        "db_command",
+        choices=["upgrade", "current"],
+        metavar="ACTION",
+        help="upgrade: migrate to the newest schema; current: show the schema version",
     )
-    client.add_parser("list")
-    for name in ("show", "accept", "reject", "revoke", "delete"):
-        client.add_parser(name).add_argument("name")
-    token = client.add_parser("token", help="an enrollment token that signs requests at once")
-    token.add_argument("--uses", type=int, default=1)
-    token.add_argument("--ttl", type=int, default=0, help="seconds (default: server's token_ttl)")
 
-    group = sub.add_parser("group", help="client groups (nestable) and user groups").add_subparsers(
-        dest="group_command", required=True
+    client = _area(
+        sub,
+        "client",
+        "enrolled agents (clients): list, accept, revoke, tokens",
+        ("who is enrolled, and who waits", "scire-admin client list"),
+        ("accept a waiting agent", "scire-admin client accept web-17"),
     )
-    for name in ("create", "delete", "list", "add", "remove"):
-        gp = group.add_parser(name)
+    _command(
+        client,
+        "list",
+        "list the clients and their status",
+        ("all clients", "scire-admin client list"),
+        ("as JSON", "scire-admin client list --json"),
+    )
+    for verb, summary in (
+        ("show", "a client's details and recent jobs"),
+        ("accept", "accept a pending enrollment request (signs its certificate)"),
+        ("reject", "reject a pending enrollment request"),
+        ("revoke", "revoke an accepted client: it may no longer call the server"),
+        ("delete", "forget a client and its enrollment"),
+    ):
+        _command(
+            client, verb, summary, (summary, f"scire-admin client {verb} web-17")
+        ).add_argument("name", metavar="NAME", help="the client's name (as it enrolled, --name)")
+    token = _command(
+        client,
+        "token",
+        "make an enrollment token: an agent that shows it is accepted at once",
+        ("one agent, valid for the server's token_ttl", "scire-admin client token"),
+        ("ten agents within an hour", "scire-admin client token --uses 10 --ttl 3600"),
+    )
+    token.add_argument(
+        "--uses", type=positive_int, default=1, metavar="N", help="how many agents (default 1)"
+    )
+    token.add_argument(
+        "--ttl",
+        type=positive_int,
+        metavar="SECONDS",
+        help="how long it is valid, at least 60 (default: the server's token_ttl)",
+    )
+
+    group = _area(
+        sub,
+        "group",
+        "client groups (nestable) and user groups",
+        (
+            "a group of web servers",
+            "scire-admin group create web && scire-admin group add web web-17 web-18",
+        ),
+        ("a user group", "scire-admin group create --user ops"),
+    )
+    for verb, summary, example in (
+        ("create", "create a group", "create web"),
+        ("delete", "delete a group", "delete web"),
+        ("list", "list the groups and their members", "list"),
+        ("add", "add members to a group (@group nests a client group)", "add web web-17 @db"),
+        ("remove", "remove members from a group", "remove web web-17"),
+    ):
+        gp = _command(
+            group,
+            verb,
+            summary,
+            (summary, f"scire-admin group {example}"),
+            (
+                "the same for a user group",
+                f"scire-admin group {verb} --user"
+                + (" ops" if verb != "list" else "")
+                + (" alice" if verb in ("add", "remove") else ""),
+            ),
+        )
         gp.add_argument("--user", action="store_true", help="a user group, not a client group")
-        if name != "list":
-            gp.add_argument("name")
-        if name in ("add", "remove"):
-            gp.add_argument("members", nargs="+", help="client, user, or @group to nest")
+        if verb != "list":
+            gp.add_argument("name", metavar="GROUP", help="the group's name (without @)")
+        if verb in ("add", "remove"):
+            gp.add_argument(
+                "members",
+                nargs="+",
+                metavar="MEMBER",
+                help="a client (or user), or @group to nest a client group",
+            )
 
-    user = sub.add_parser("user", help="users of scire-admin").add_subparsers(
-        dest="user_command", required=True
+    user = _area(
+        sub,
+        "user",
+        "users of scire-admin",
+        ("a second administrator", "scire-admin user add bob --admin --out bob.pem"),
     )
-    add = user.add_parser("add", help="create a user and write their bundle (mode 0600)")
-    add.add_argument("name")
+    add = _command(
+        user,
+        "add",
+        "create a user and write their bundle (mode 0600)",
+        ("a user who may submit what grants allow", "scire-admin user add alice"),
+        (
+            "an administrator, bundle written to a chosen file",
+            "scire-admin user add bob --admin --out ~/bob.pem",
+        ),
+        more="Give the bundle to the user; they use it with --bundle, or copy it to\n"
+        f"{DEFAULT_BUNDLE}.",
+    )
+    add.add_argument("name", metavar="NAME", help="the user's name")
     add.add_argument("--admin", action="store_true", help="may administer, not only submit jobs")
-    add.add_argument("--out", type=Path, help="bundle path (default ./NAME.pem)")
-    user.add_parser("list")
-    user.add_parser("revoke").add_argument("name")
-
-    grant = sub.add_parser("grant", help="who may run what where").add_subparsers(
-        dest="grant_command", required=True
+    add.add_argument("--out", type=Path, metavar="FILE", help="bundle path (default ./NAME.pem)")
+    _command(
+        user,
+        "list",
+        "list the users, their rights and groups",
+        ("all users", "scire-admin user list"),
     )
-    ga = grant.add_parser(
-        "add", help="SUBJECT (user or @usergroup) PRIVILEGE (or *) TARGET (client or @clientgroup)"
-    )
-    ga.add_argument("subject")
-    ga.add_argument("privilege")
-    ga.add_argument("target")
-    grant.add_parser("remove").add_argument("id", type=int)
-    grant.add_parser("list")
+    _command(
+        user,
+        "revoke",
+        "revoke a user: their bundle no longer works",
+        ("alice left", "scire-admin user revoke alice"),
+    ).add_argument("name", metavar="NAME", help="the user's name")
 
-    job = sub.add_parser("job", help="jobs").add_subparsers(dest="job_command", required=True)
-    submit = job.add_parser("submit", help="submit a script for hosts and/or groups")
+    grant = _area(
+        sub,
+        "grant",
+        "who may run what where",
+        ("let the ops group run jobs on the web group", "scire-admin grant add @ops run @web"),
+    )
+    ga = _command(
+        grant,
+        "add",
+        "allow SUBJECT to run jobs of PRIVILEGE on TARGET",
+        ("alice may run plain jobs on web-17", "scire-admin grant add alice run web-17"),
+        (
+            "the ops user group may do anything on the web client group",
+            "scire-admin grant add @ops '*' @web",
+        ),
+    )
+    ga.add_argument("subject", metavar="SUBJECT", help="a user, or @usergroup")
+    ga.add_argument(
+        "privilege", metavar="PRIVILEGE", help="the job's privilege (submit --privilege), or *"
+    )
+    ga.add_argument("target", metavar="TARGET", help="a client, or @clientgroup")
+    _command(
+        grant,
+        "remove",
+        "remove a grant by its id",
+        ("remove grant 3 (ids from grant list)", "scire-admin grant remove 3"),
+    ).add_argument("id", type=positive_int, metavar="ID", help="the grant's id (see grant list)")
+    _command(
+        grant,
+        "list",
+        "list the grants (a non-admin sees their own)",
+        ("all grants", "scire-admin grant list"),
+    )
+
+    job = _area(
+        sub,
+        "job",
+        "submit jobs and follow them",
+        (
+            "run a command on two hosts and wait for it",
+            "scire-admin job submit --host web-17 --host web-18 --command 'df -h'",
+        ),
+        ("follow job 12 live", "scire-admin job watch 12"),
+    )
+    submit = _command(
+        job,
+        "submit",
+        "submit a script or a command for hosts and/or groups",
+        ("a command on one host", "scire-admin job submit --host web-17 --command 'uname -a'"),
+        (
+            "a script file on a group, at most 10 minutes",
+            "scire-admin job submit --group @web --script backup.sh --timeout 600",
+        ),
+        (
+            "from standard input, not before 18:00 UTC",
+            "echo 'apt-get -y upgrade' | scire-admin job submit --group web --script - "
+            "--privilege root --not-before 2030-01-31T18:00",
+        ),
+        more="Prints the job id. Exits 6 (and still prints the id) when some targets were\n"
+        "refused, 9 when all were.",
+    )
     what = submit.add_mutually_exclusive_group(required=True)
-    what.add_argument("--script", help="script file ('-' for standard input)")
-    what.add_argument("--command", help="a command string run by the interpreter")
-    submit.add_argument("--host", action="append", help="target client (repeat)")
-    submit.add_argument("--group", action="append", help="target client group (repeat)")
-    submit.add_argument("--name")
-    submit.add_argument("--priority", type=int, default=0, help="-1000..1000, higher first")
-    submit.add_argument("--timeout", type=int, help="seconds before the job is killed")
-    submit.add_argument("--privilege", default="run")
-    submit.add_argument("--interpreter", help="default /bin/sh")
-    submit.add_argument("--not-before", help="ISO 8601 time (UTC unless it has an offset)")
-    submit.add_argument("--expires", help="ISO 8601 time after which it is not started")
-    submit.add_argument("--max-attempts", type=int)
-    submit.add_argument("--output-limit", type=int, help="bytes of output kept per host")
-    submit.add_argument("--rerun-on-agent-crash", action="store_true")
-    jl = job.add_parser("list")
-    jl.add_argument("--state")
-    jl.add_argument("--limit", type=int, default=50)
-    job.add_parser("show").add_argument("id", type=int)
-    job.add_parser("cancel").add_argument("id", type=int)
-    jw = job.add_parser("wait", help="wait until every host has finished, then show the job")
-    jw.add_argument("id", type=int)
-    jw.add_argument("--timeout", type=float, default=300.0)
+    what.add_argument("--script", metavar="FILE", help="script file ('-' for standard input)")
+    what.add_argument("--command", metavar="TEXT", help="a command string run by the interpreter")
+    submit.add_argument("--host", action="append", metavar="CLIENT", help="target client (repeat)")
+    submit.add_argument(
+        "--group",
+        action="append",
+        type=client_group,
+        metavar="GROUP",
+        help="target client group, web or @web (repeat)",
+    )
+    submit.add_argument("--name", metavar="NAME", help="the job's name (default: the file name)")
+    submit.add_argument(
+        "--priority", type=priority, default=0, metavar="N", help="-1000..1000, higher first"
+    )
+    submit.add_argument(
+        "--timeout", type=positive_int, metavar="SECONDS", help="seconds before the job is killed"
+    )
+    submit.add_argument(
+        "--privilege",
+        default="run",
+        metavar="NAME",
+        help="the privilege the job needs on each host (default run)",
+    )
+    submit.add_argument("--interpreter", metavar="PATH", help="default /bin/sh")
+    submit.add_argument(
+        "--not-before",
+        type=iso_time,
+        metavar="TIME",
+        help="ISO 8601 time (UTC unless it has an offset)",
+    )
+    submit.add_argument(
+        "--expires",
+        type=future_time,
+        metavar="TIME",
+        help="ISO 8601 time after which it is not started (in the future)",
+    )
+    submit.add_argument(
+        "--max-attempts", type=positive_int, metavar="N", help="deliveries before it fails"
+    )
+    submit.add_argument(
+        "--output-limit", type=positive_int, metavar="BYTES", help="bytes of output kept per host"
+    )
+    submit.add_argument(
+        "--rerun-on-agent-crash",
+        action="store_true",
+        help="run it again if the agent died while it ran",
+    )
+    jl = _command(
+        job,
+        "list",
+        "list the newest jobs",
+        ("the last 50 jobs", "scire-admin job list"),
+        ("failed jobs among the last 500", "scire-admin job list --state failed --limit 500"),
+        more="--state filters among the newest --limit jobs.",
+    )
+    jl.add_argument(
+        "--state",
+        choices=JOB_SUMMARIES,
+        metavar="STATE",
+        help="only jobs in this state: " + ", ".join(JOB_SUMMARIES),
+    )
+    jl.add_argument(
+        "--limit",
+        type=positive_int,
+        default=50,
+        metavar="N",
+        help="how many of the newest jobs (default 50, at most 10000)",
+    )
+    for verb, summary in (
+        ("show", "a job: its hosts, their states and output"),
+        ("cancel", "cancel a job on the hosts where it has not finished"),
+    ):
+        _command(job, verb, summary, (summary, f"scire-admin job {verb} 12")).add_argument(
+            "id", type=positive_int, metavar="ID", help="the job's id"
+        )
+    jw = _command(
+        job,
+        "wait",
+        "wait until every host has finished, then show the job",
+        (
+            "in a script: stop when a host failed",
+            "scire-admin job wait 12 --timeout 600 || echo 'job 12 did not succeed everywhere'",
+        ),
+        more="Exits 0 when every host succeeded, 5 when some did not, 7 when --timeout ran out.",
+    )
+    jw.add_argument("id", type=positive_int, metavar="ID", help="the job's id")
+    jw.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up after this long (default 300)",
+    )
+    jwatch = _command(
+        job,
+        "watch",
+        "follow a job live across its hosts until all are final",
+        ("a progress bar and the slowest hosts", "scire-admin job watch 12"),
+        ("one JSON object per change, for a script", "scire-admin job watch 12 --json"),
+        more="On a terminal: a progress bar with pending / sent / running / succeeded /\n"
+        "failed / denied counts and the slowest hosts. Otherwise one line per change.\n"
+        "Exits like job wait: 0 all succeeded, 5 some did not, 7 --timeout ran out.",
+    )
+    jwatch.add_argument("id", type=positive_int, metavar="ID", help="the job's id")
+    jwatch.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="give up after this long (default: never)",
+    )
 
-    audit = sub.add_parser("audit", help="the audit trail")
-    audit.add_argument("--job", type=int)
-    audit.add_argument("--client")
-    audit.add_argument("--limit", type=int, default=100)
-    sub.add_parser("server", help="server daemons").add_argument("server_command", choices=["list"])
+    audit = _command(
+        sub,
+        "audit",
+        "the audit trail",
+        ("what happened to job 12", "scire-admin audit --job 12"),
+        ("the last 20 events of web-17", "scire-admin audit --client web-17 --limit 20"),
+    )
+    audit.add_argument("--job", type=positive_int, metavar="ID", help="only this job's events")
+    audit.add_argument("--client", metavar="NAME", help="only this client's events")
+    audit.add_argument(
+        "--limit", type=positive_int, default=100, metavar="N", help="newest N events (default 100)"
+    )
+    _command(
+        sub,
+        "server",
+        "server daemons sharing the database",
+        ("which daemons are alive", "scire-admin server list"),
+    ).add_argument("server_command", choices=["list"], metavar="ACTION", help="list: the daemons")
+    completion = _command(
+        sub,
+        "completion",
+        "print a shell completion script (bash or zsh)",
+        ("bash, for this shell", 'eval "$(scire-admin completion bash)"'),
+        (
+            "bash, for good",
+            "scire-admin completion bash | sudo tee /etc/bash_completion.d/scire-admin",
+        ),
+        ("zsh", 'scire-admin completion zsh > "${fpath[1]}/_scire-admin"'),
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"], metavar="SHELL", help="bash or zsh")
     return p
 
 
@@ -493,6 +1096,26 @@ ONLINE = {
     "audit": cmd_audit,
     "server": cmd_server,
 }
+OFFLINE = {"init": cmd_init, "db": cmd_db, "completion": cmd_completion}
+
+
+def admin_config(args: argparse.Namespace) -> AdminConfig:
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG.expanduser().exists():
+        path = DEFAULT_CONFIG.expanduser()
+    return AdminConfig.load(
+        path, server=args.server, bundle=args.bundle, timeout=args.request_timeout
+    )
+
+
+def run(args: argparse.Namespace) -> ExitCode:
+    if args.area in OFFLINE:
+        return OFFLINE[args.area](args)
+    config = admin_config(args)
+    try:
+        return ONLINE[args.area](args, connect(config))
+    except ConnectionFailure as exc:
+        raise CLIError(explain(exc.cause, config.server), exc.code) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,22 +1125,42 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--json"])
     args.json = args.json or json_flag
     try:
-        if args.area == "init":
-            cmd_init(args)
-        elif args.area == "db":
-            cmd_db(args)
-        else:
-            config = AdminConfig.load(args.config, server=args.server, bundle=args.bundle)
-            ONLINE[args.area](args, connect(config))
-    except (CLIError, ScireError) as exc:
-        print(f"scire-admin: {exc}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print("scire-admin: the server did not answer in time", file=sys.stderr)
-        return 1
+        code = run(args)
+        sys.stdout.flush()
+        return code
+    except CLIError as exc:
+        return fail(str(exc), exc.code)
+    except ConfigError as exc:
+        return fail(exc.message, ExitCode.USAGE)
+    except ScireError as exc:
+        return fail(exc.message, FAULT_EXIT_CODES.get(exc.code, ExitCode.ERROR))
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            return quiet_after_broken_pipe()
+        # A full disk or a read-only directory in init, db or a bundle write.
+        where = f" ({exc.filename})" if exc.filename else ""
+        return fail(f"{exc.strerror or exc}{where}", ExitCode.ERROR)
     except KeyboardInterrupt:
-        return 130
-    return 0
+        return ExitCode.INTERRUPTED
+
+
+def fail(message: str, code: ExitCode) -> int:
+    try:
+        print(f"scire-admin: {message}", file=sys.stderr)
+    except BrokenPipeError:
+        pass
+    return code
+
+
+def quiet_after_broken_pipe() -> int:
+    """The reader of our output went away (``| head``): stop without a word.
+
+    Python would complain again when it flushes stdout at exit, so stdout is
+    pointed at /dev/null first, as the ``signal`` module's documentation advises.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

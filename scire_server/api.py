@@ -35,7 +35,7 @@ from scire_server.exceptions import (
     Unavailable,
     from_schema_error,
 )
-from scire_server.states import ClientStatus
+from scire_server.states import JOB_SUMMARIES, ClientStatus
 from scire_server.store import Caller, Certificate, JobSpec, Store
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ MAX_SCRIPT_BYTES = 1024 * 1024
 MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
 
 
+#: What ``job_list`` may filter on: a job's one-word state (an assignment
+#: state its hosts share or the furthest along, "mixed" or "empty").
 def check_name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise InvalidArgument(
@@ -112,11 +114,12 @@ class RemoteMethods:
             "admin.job_show": ("user", self.job_show),
             "admin.job_cancel": ("user", self.job_cancel),
             "admin.client_list": ("user", self.client_list),
+            "admin.grant_list": ("user", self.grant_list),
         }
         for name in (
             "client_show client_accept client_reject client_revoke client_delete client_token "
             "group_create group_delete group_add group_remove group_list "
-            "user_add user_list user_revoke grant_add grant_remove grant_list audit server_list"
+            "user_add user_list user_revoke grant_add grant_remove audit server_list"
         ).split():
             table[f"admin.{name}"] = ("admin", getattr(self, name))
         return table
@@ -290,6 +293,8 @@ class RemoteMethods:
         return {"job_id": result.job_id, "accepted": result.accepted, "refused": result.refused}
 
     def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
+        if state and state not in JOB_SUMMARIES:
+            raise InvalidArgument(f"state {state!r} is not one of {', '.join(JOB_SUMMARIES)}")
         return self.store.jobs.listing(caller, _int(limit, "limit", 1, 10_000), state or None)
 
     def job_show(self, caller: Caller, job_id: Any) -> dict[str, Any]:
@@ -427,7 +432,17 @@ class RemoteMethods:
         return {"id": grant_id}
 
     def grant_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return self.store.directory.grants()
+        """Every grant for an administrator; a user sees the grants that apply to them."""
+        grants = self.store.directory.grants()
+        if caller.is_admin:
+            return grants
+        # User groups do not nest, so direct membership is all there is.
+        mine = {caller.name} | {
+            f"@{g['name']}"
+            for g in self.store.directory.groups("user")
+            if caller.name in g["members"]
+        }
+        return [g for g in grants if g["subject"] in mine]
 
     def audit(
         self, caller: Caller, job_id: Any = 0, client: Any = "", limit: Any = 100

@@ -12,6 +12,7 @@ from types import FrameType
 
 from scire_schema import tls
 from scire_schema.errors import SchemaError
+from scire_schema.exitcodes import ExitCode, epilog
 from scire_server import __version__, migrations, recovery, store, timed
 from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
@@ -23,8 +24,18 @@ log = logging.getLogger("scire_server")
 LOG_FORMAT = "%(asctime)s scire-server[%(process)d] %(levelname)s %(message)s"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scire-server", description="Run a Scire server daemon.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scire-server",
+        description="Run a Scire server daemon until SIGTERM or SIGINT.",
+        epilog="examples:\n"
+        "  # the state directory made by 'scire-admin init', default port 8443\n"
+        "  scire-server --state-dir /var/lib/scire\n"
+        "  # one of several daemons sharing a PostgreSQL database\n"
+        "  scire-server -c /etc/scire/server.ini --database-url "
+        "postgresql+psycopg://scire@db/scire\n\n" + epilog("scire-server"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-c", "--config", type=Path, help="INI file with a [server] section")
     p.add_argument(
         "--state-dir", type=Path, help="directory with the CA, the server key and SQLite"
@@ -40,7 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-interval", type=int)
     p.add_argument("--log-level")
     p.add_argument("--version", action="version", version=f"scire-server {__version__}")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def load_config(args: argparse.Namespace) -> ServerConfig:
@@ -65,7 +80,7 @@ def serve(config: ServerConfig) -> int:
         log.error(
             "no CA or server certificate in %s: run 'scire-admin init' first", config.state_dir
         )
-        return 2
+        return ExitCode.USAGE
     migrations.upgrade(config.database_url)
     db = store.Store(store.make_engine(config.database_url), config.instance_key)
     try:
@@ -73,7 +88,7 @@ def serve(config: ServerConfig) -> int:
     except InstanceConflict as exc:
         log.error("refusing to start: %s", exc.message)
         db.close()
-        return 3
+        return ExitCode.INSTANCE_CONFLICT
     context = tls.server_context(config.cert_file, config.key_file, config.ca_cert_file)
     server = ScireRPCServer(
         (config.listen_host, config.listen_port),

@@ -164,3 +164,10 @@ class AdminConfig:
     def check(self) -> None:
         if self.bundle is not None:
             self.bundle = Path(self.bundle).expanduser()
+        if not self.server.startswith("https://"):
+            # xmlrpc.client would quietly talk TLS to an http:// URL anyway.
+            raise ConfigError(
+                f"server {self.server!r}: Scire speaks only HTTPS; use https://HOST:PORT/"
+            )
+        if not self.timeout > 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, not {self.timeout}")

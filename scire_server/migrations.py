@@ -9,8 +9,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.exc import SQLAlchemyError
 
 from scire_server import models
+from scire_server.exceptions import Unavailable
 from scire_server.store.database import make_engine
 
 
@@ -24,6 +26,14 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def database_failure(exc: SQLAlchemyError) -> Unavailable:
+    """The driver's own words for a failed migration, without SQL or links
+    (and so without the URL and its password)."""
+    orig = getattr(exc, "orig", None)
+    first_line = str(orig or exc.__class__.__name__).strip().splitlines()[0]
+    return Unavailable(f"the database failed: {first_line}")
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     config = alembic_config(url)
     engine = make_engine(url)
@@ -31,6 +41,8 @@ def upgrade(url: str, revision: str = "head") -> None:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+    except SQLAlchemyError as exc:
+        raise database_failure(exc) from exc
     finally:
         engine.dispose()
 
@@ -43,5 +55,7 @@ def current(url: str) -> tuple[str | None, str | None]:
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision(), head
+    except SQLAlchemyError as exc:
+        raise database_failure(exc) from exc
     finally:
         engine.dispose()

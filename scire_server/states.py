@@ -84,6 +84,8 @@ class ServerState(enum.StrEnum):
 #: Job summaries that no longer change: the final assignment states, plus
 #: ``mixed`` (final assignments in different states) and ``empty`` (none at all).
 FINAL_SUMMARIES = frozenset({s.value for s in FINAL} | {"mixed", "empty"})
+#: Every word ``job_summary`` can give, in the order an operator reads them.
+JOB_SUMMARIES = (*(s.value for s in State), "mixed", "empty")
 
 # The state a job with unfinished assignments is summarized by, most advanced first.
 _ACTIVE_ORDER = (State.RUNNING, State.ACKNOWLEDGED, State.SENT, State.LOST, State.PENDING)

@@ -124,7 +124,11 @@ class Deployment:
         return self.admin("job", "show", str(job_id))
 
     def wait_job(self, job_id: int, timeout: float = 60) -> Any:
-        return self.admin("job", "wait", str(job_id), "--timeout", str(timeout))
+        """``job wait``; the job when every host is final, whether or not all succeeded
+        (exit 0 or 5: the callers look at the states themselves)."""
+        proc = self.admin_run("job", "wait", str(job_id), "--timeout", str(timeout))
+        assert proc.returncode in (0, 5), f"scire-admin job wait {job_id}: {proc.stderr}"
+        return json.loads(proc.stdout)
 
     def add_user(self, name: str, admin: bool = False) -> Path:
         path = self.root / f"{name}.pem"

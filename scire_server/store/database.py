@@ -91,7 +91,10 @@ def database_errors() -> Iterator[None]:
         text = str(exc)
         if sqlstate in RETRYABLE_SQLSTATES or "locked" in text or "could not serialize" in text:
             raise Unavailable("database busy, try again") from exc
-        raise
+        # Unreachable, read-only, disk full: the caller may try again later or
+        # elsewhere. The driver's first line, never the SQL (or the URL).
+        first_line = str(exc.orig or exc.__class__.__name__).strip().splitlines()[0]
+        raise Unavailable(f"database unavailable: {first_line}") from exc
     except IntegrityError as exc:
         what = constraint_name(exc) or str(exc.orig)
         raise Conflict(f"conflicts with an existing object: {what}") from exc

@@ -4,6 +4,7 @@ in-process XML-RPC server over real TLS that speaks the wire contract."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import socket
 import ssl
@@ -374,3 +375,38 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie waits for init to reap it; it runs nothing
+
+
+def test_spool_json_lists_the_entries(
+    tmp_path: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = str(tmp_path / "state")
+    assert cli.main(["--state-dir", state, "spool", "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out) == []
+    server.jobs = [documents.render_job(make_job(11, "true\n"))]
+    assert run_cli(write_config(tmp_path, server)) == cli.EXIT_OK
+    capsys.readouterr()
+    assert cli.main(["--state-dir", state, "spool", "--json"]) == cli.EXIT_OK
+    [entry] = json.loads(capsys.readouterr().out)
+    assert (entry["job_id"], entry["name"], entry["state"]) == (11, "job-11", "reported")
+    assert entry["cancelled"] is None
+    assert entry["started_at"] is not None
+
+
+def test_run_exits_non_zero_when_a_job_cannot_be_spooled(
+    tmp_path: Path, server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, server)
+    assert run_cli(config, "enroll") == cli.EXIT_OK
+    # A file where the job's spool directory must go fails like a full disk does.
+    spool_dir = ClientConfig.load(config).spool_dir
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    (spool_dir / "12").write_text("in the way")
+    server.jobs = [documents.render_job(make_job(12, "true\n"))]
+    assert run_cli(config) == cli.EXIT_ERROR
+    assert server.acks == []
+    assert "spool or disk failure" in capsys.readouterr().err
+    (spool_dir / "12").unlink()
+    server.jobs = [documents.render_job(make_job(12, "true\n"))]  # the lease ran out
+    assert run_cli(config) == cli.EXIT_OK
+    assert [r.state for r in server.reports] == ["running", "succeeded"]

@@ -1,0 +1,102 @@
+"""Connection and TLS failures in words: what went wrong and what to do.
+
+``ssl`` reports ``CERTIFICATE_VERIFY_FAILED``, ``WRONG_VERSION_NUMBER`` or
+``EOF occurred in violation of protocol``; an operator needs to hear "the
+server's certificate does not name this host; use a name it has". Both the
+admin CLI and (later) the agent translate through ``explain``.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from urllib.parse import urlsplit
+
+# OpenSSL's X509_V_ERR_* codes that an operator can act on.
+_CERT_HAS_EXPIRED = 10
+_CERT_NOT_YET_VALID = 9
+_SELF_SIGNED_IN_CHAIN = 19
+_UNABLE_TO_GET_ISSUER = 20
+_HOSTNAME_MISMATCH = 62
+_IP_ADDRESS_MISMATCH = 64
+
+
+def explain(exc: BaseException, server: str) -> str:
+    """One line for a failure to reach or talk TLS with ``server`` (a URL)."""
+    where = urlsplit(server).netloc or server
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _verify_failure(exc, where)
+    if isinstance(exc, ssl.SSLEOFError):
+        return (
+            f"{where} closed the connection during the TLS handshake: it did not accept "
+            "your certificate (revoked, expired, or from another CA) or it is not a Scire "
+            "server; check --bundle and --server"
+        )
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason in ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST"):
+            return (
+                f"{where} does not speak TLS (a plain-HTTP or other service on that port?); "
+                "check the port in --server (the server's default is 8443)"
+            )
+        if reason == "TLSV1_ALERT_UNKNOWN_CA":
+            return (
+                f"{where} refused your certificate: it was not issued by the server's CA; "
+                "use a bundle made by this server's 'scire-admin user add' (--bundle)"
+            )
+        if reason in ("SSLV3_ALERT_CERTIFICATE_EXPIRED",):
+            return (
+                f"{where} refused your certificate: it has expired; "
+                "ask an administrator for a new bundle ('scire-admin user add')"
+            )
+        if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+            return (
+                f"{where} refused your certificate; check that --bundle is your Scire user "
+                "bundle for this server"
+            )
+        return f"TLS with {where} failed: {reason or exc}; check --server and --bundle"
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"nothing listens on {where} (connection refused): is scire-server running, "
+            "and is the port in --server right?"
+        )
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return (
+            f"{where} did not answer in time: check the address and any firewall, "
+            "or raise the timeout (timeout in the [admin] section)"
+        )
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name in {server}: {exc.strerror}; check --server"
+    if isinstance(exc, ConnectionResetError):
+        return f"{where} reset the connection: is it a Scire server? check --server"
+    if isinstance(exc, OSError):
+        return f"cannot reach {where}: {exc.strerror or exc}; check --server"
+    return f"cannot talk to {where}: {exc}"
+
+
+def _verify_failure(exc: ssl.SSLCertVerificationError, where: str) -> str:
+    code = exc.verify_code
+    host = where.rsplit(":", 1)[0].strip("[]")
+    if code in (_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH):
+        return (
+            f"the server's certificate is not valid for {host!r}: connect with a name it has "
+            "(scire-admin init --alt-name set them; 'localhost' or 127.0.0.1 on the server "
+            "itself), or reissue the server certificate with this name"
+        )
+    if code in (_SELF_SIGNED_IN_CHAIN, _UNABLE_TO_GET_ISSUER):
+        return (
+            f"the server at {where} has a certificate from another CA than your bundle's: "
+            "this bundle belongs to another Scire installation, or --server points at the "
+            "wrong server; check --bundle and --server"
+        )
+    if code == _CERT_HAS_EXPIRED:
+        return (
+            f"the server's certificate at {where} has expired (or this machine's clock is "
+            "ahead): check the clock, then reissue the server certificate"
+        )
+    if code == _CERT_NOT_YET_VALID:
+        return (
+            f"the server's certificate at {where} is not valid yet: this machine's clock is "
+            "behind; set the clock right (NTP)"
+        )
+    return f"the server's certificate at {where} was refused: {exc.verify_message}"

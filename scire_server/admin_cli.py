@@ -15,11 +15,13 @@ import re
 import ssl
 import sys
 import time
+import uuid
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
 from scire_schema import certs, files, tls
+from scire_schema.protocol import FaultCode
 from scire_server import __version__, ca, migrations, store
 from scire_server.config import AdminConfig, ServerConfig
 from scire_server.exceptions import FAULT_NAMES, ScireError
@@ -30,6 +32,17 @@ DEFAULT_BUNDLE = Path("~/.config/scire/admin.pem")
 
 class CLIError(Exception):
     """A failure worth one line to the operator, and exit status 1."""
+
+
+class NoAnswer(CLIError):
+    """The call may or may not have run: the connection failed, was reset or
+    timed out, or the server said try again later. Only an idempotent call
+    (a submission with its request key) is sent again."""
+
+
+#: Tries of ``job submit`` when no answer comes back, and the wait before each retry.
+SUBMIT_TRIES = 3
+SUBMIT_BACKOFF = (1.0, 3.0)  # seconds before the second and the third try
 
 
 # --- the admin API connection -------------------------------------------------
@@ -67,11 +80,14 @@ def call(proxy: Any, method: str, *args: Any) -> Any:
         return getattr(proxy, method)(*args)
     except xmlrpc.client.Fault as exc:
         name = FAULT_NAMES.get(exc.faultCode, "Fault")
-        raise CLIError(f"{exc.faultString} ({name}, fault {exc.faultCode})") from exc
+        error = NoAnswer if exc.faultCode == FaultCode.UNAVAILABLE else CLIError
+        raise error(f"{exc.faultString} ({name}, fault {exc.faultCode})") from exc
     except ssl.SSLError as exc:
         raise CLIError(f"TLS with the server failed: {exc.reason or exc}") from exc
+    except TimeoutError as exc:
+        raise NoAnswer("the server did not answer in time") from exc
     except (OSError, http.client.HTTPException) as exc:
-        raise CLIError(f"cannot reach the server: {exc}") from exc
+        raise NoAnswer(f"cannot reach the server: {exc}") from exc
 
 
 # --- output -----------------------------------------------------------------------
@@ -202,7 +218,7 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> None:
         show(
             args,
             call(proxy, "admin.client_list"),
-            ["name", "status", "active_jobs", "last_seen_at", "registered_at"],
+            ["name", "status", "active_jobs", "last_seen_at", "registered_at", "key_fingerprint"],
         )
     elif sub == "show":
         detail = call(proxy, "admin.client_show", args.name)
@@ -215,6 +231,8 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> None:
         print(table(recent, ["job_id", "name", "state", "updated_at"]))
     elif sub == "token":
         show(args, call(proxy, "admin.client_token", args.uses, args.ttl))
+    elif sub == "accept":
+        show(args, call(proxy, "admin.client_accept", args.name, args.fingerprint or ""))
     else:
         show(args, call(proxy, f"admin.client_{sub}", args.name))
 
@@ -302,12 +320,16 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
             "max_attempts": args.max_attempts,
             "output_limit": args.output_limit,
             "rerun_on_agent_crash": args.rerun_on_agent_crash,
+            # One key per invocation, sent again on every retry: a lost answer
+            # never turns into a second job.
+            "request_key": args.request_key or str(uuid.uuid4()),
         }
-        answer = call(proxy, "admin.job_submit", {k: v for k, v in spec.items() if v is not None})
+        answer = submit(proxy, {k: v for k, v in spec.items() if v is not None})
         if args.json:
             show(args, answer)
         else:
-            print(f"job {answer['job_id']} submitted for {', '.join(answer['accepted'])}")
+            again = " (submitted before with this request key)" if answer.get("repeated") else ""
+            print(f"job {answer['job_id']} submitted for {', '.join(answer['accepted'])}{again}")
             for why in answer["refused"]:
                 print(f"refused: {why}")
     elif sub == "list":
@@ -330,6 +352,22 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
         show_job(args, detail)
         if detail["state"] not in FINAL_SUMMARIES:
             raise CLIError(f"job {args.id} still {detail['state']} after {args.timeout} s")
+
+
+def submit(proxy: Any, spec: dict[str, Any]) -> Any:
+    """``admin.job_submit``, tried again with the same request key when no
+    answer came back: the server answers a repeated key with the first job."""
+    for wait in SUBMIT_BACKOFF[: SUBMIT_TRIES - 1]:
+        try:
+            return call(proxy, "admin.job_submit", spec)
+        except NoAnswer as exc:
+            print(
+                f"scire-admin: {exc}; trying again in {wait:g} s "
+                f"with the same request key {spec['request_key']}",
+                file=sys.stderr,
+            )
+            time.sleep(wait)
+    return call(proxy, "admin.job_submit", spec)
 
 
 def show_job(args: argparse.Namespace, detail: dict[str, Any]) -> None:
@@ -411,8 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="client_command", required=True
     )
     client.add_parser("list")
-    for name in ("show", "accept", "reject", "revoke", "delete"):
+    for name in ("show", "reject", "revoke", "delete"):
         client.add_parser(name).add_argument("name")
+    accept = client.add_parser("accept", help="sign a pending enrollment request")
+    accept.add_argument("name")
+    accept.add_argument(
+        "--fingerprint",
+        metavar="SHA256",
+        help="accept only if the request carries the key with this fingerprint "
+        "(what 'scire-client enroll' printed on the agent)",
+    )
     token = client.add_parser("token", help="an enrollment token that signs requests at once")
     token.add_argument("--uses", type=int, default=1)
     token.add_argument("--ttl", type=int, default=0, help="seconds (default: server's token_ttl)")
@@ -467,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-attempts", type=int)
     submit.add_argument("--output-limit", type=int, help="bytes of output kept per host")
     submit.add_argument("--rerun-on-agent-crash", action="store_true")
+    submit.add_argument(
+        "--request-key",
+        metavar="KEY",
+        help="idempotency key (8-64 characters, e.g. a UUID; default: a new UUID): "
+        "submitting again with the same key returns the first job",
+    )
     jl = job.add_parser("list")
     jl.add_argument("--state")
     jl.add_argument("--limit", type=int, default=50)

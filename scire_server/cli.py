@@ -75,14 +75,15 @@ def serve(config: ServerConfig) -> int:
         db.close()
         return 3
     context = tls.server_context(config.cert_file, config.key_file, config.ca_cert_file)
+    methods = RemoteMethods(config, db)
     server = ScireRPCServer(
         (config.listen_host, config.listen_port),
         context,
-        RemoteMethods(config, db),
+        methods,
         config.max_threads,
         config.request_timeout,
     )
-    scheduler = timed.start(db, config)
+    scheduler = timed.start(db, config, methods.summarize_refusals)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -107,6 +108,7 @@ def serve(config: ServerConfig) -> int:
         clean = server.drain(config.shutdown_grace)
         server.server_close()
         scheduler.shutdown(wait=True)
+        methods.summarize_refusals()  # the last interval's, before the store closes
         db.servers.stop()
         db.close()
         log.info("stopped %s", "cleanly" if clean else "after cutting off in-flight calls")

@@ -24,7 +24,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher, SimpleXMLRPCRequestHandler
 
 from scire_schema import protocol, tls
 from scire_server.api import Caller, RemoteMethods
-from scire_server.exceptions import Forbidden, InvalidArgument, ScireError, Unavailable
+from scire_server.exceptions import Forbidden, InvalidArgument, ScireError, Unavailable, clip
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class ScireRPCServer(socketserver.TCPServer, SimpleXMLRPCDispatcher):
                 raise Unavailable("server is shutting down; try another server or later")
             entry = self.table.get(method)
             if entry is None:
-                raise Forbidden(f"no method {method!r}")
+                raise Forbidden(f"no method {clip(method)}")
             audience, function = entry
             if audience != "open":
                 caller = self.methods.identify(tls.peer_fingerprint(conn))

@@ -159,9 +159,10 @@ def test_identify_refuses_with_the_reason_and_records_it(server: Api) -> None:
     with pytest.raises(Forbidden) as refused:
         server.methods.identify(fingerprint)
     assert refused.value.message == "certificate refused: client web-17 is revoked"
+    # Recorded under the refused identity, not as an anonymous peer.
     server.methods.record_refusal("agent.poll", None, "192.0.2.7", refused.value)
     row = server.store.audit.events()[-1]
-    assert (row["actor"], row["action"], row["client"]) == ("anonymous@192.0.2.7", "refused", None)
+    assert (row["actor"], row["action"], row["client"]) == ("client:web-17", "refused", "web-17")
     assert row["detail"] == "agent.poll: fault 2: certificate refused: client web-17 is revoked"
 
     # A busy database is not recorded: the refusal would only make it busier.

@@ -22,7 +22,9 @@ def _seed(db: Store, clients: int) -> tuple[Caller, list[Caller]]:
     for i in range(clients):
         name = f"host{i}"
         csr = certs.make_csr(certs.generate_key(), name).decode()
-        db.directory.register_client(name, csr, {}, None)
+        db.directory.register_client(
+            name, csr, {}, None, key_fingerprint=certs.key_fingerprint(certs.load_csr(csr))
+        )
         cert = ca.sign_csr(ca_key, ca_cert, csr, name, ca.ROLE_CLIENT)
         certificate = Certificate(csr, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert))
         db.directory.accept_client(name, certificate, "test")

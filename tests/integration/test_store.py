@@ -49,7 +49,9 @@ def _caller(store: Store, name: str) -> Caller:
 
 
 def add_client(store: Store, name: str) -> Caller:
-    status = store.directory.register_client(name, f"CSR of {name}", {"os": "Linux"}, None)
+    status = store.directory.register_client(
+        name, f"CSR of {name}", {"os": "Linux"}, None, key_fingerprint=fingerprint(f"key {name}")
+    )
     assert status == "pending"
     certificate = Certificate(f"CSR of {name}", f"CERT of {name}", fingerprint(name))
     store.directory.accept_client(name, certificate, "user:admin")
@@ -411,10 +413,16 @@ def test_restarts_never_deliver_past_max_attempts(world: World) -> None:
 def test_token_given_on_a_second_registration_is_used(world: World) -> None:
     world.store.directory.add_token(fingerprint("token"), 3600, 1, "user:admin")
     directory = world.store.directory
-    assert directory.register_client("new", "CSR of new", {}, None) == "pending"
+    key = fingerprint("key new")
+    assert (
+        directory.register_client("new", "CSR of new", {}, None, key_fingerprint=key) == "pending"
+    )
     certificate = Certificate("CSR of new", "CERT of new", fingerprint("new"))
     token = fingerprint("token")
-    assert directory.register_client("new", "CSR of new", {}, token, certificate) == "accepted"
+    assert (
+        directory.register_client("new", "CSR of new", {}, token, certificate, key_fingerprint=key)
+        == "accepted"
+    )
 
 
 # --- expiry ---------------------------------------------------------------------------

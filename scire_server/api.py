@@ -242,7 +242,7 @@ class RemoteMethods:
         # Only the holder of the request learns its answer; anyone else gets
         # the same fault whether or not the name exists, so it tells no names.
         if row is None or row["csr_pem"] != csr_pem:
-            raise NotFound(f"no enrollment request for {name} with this key")
+            raise NotFound("no enrollment request with this key under this name")
         accepted = row["status"] == ClientStatus.ACCEPTED
         return {"status": row["status"], "certificate": row["cert_pem"] if accepted else ""}
 

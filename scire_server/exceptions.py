@@ -40,6 +40,16 @@ ECHO_LIMIT = 100  # characters of a caller's value quoted in a message
 MESSAGE_LIMIT = 1000  # characters of a fault's text, a log line's message, an audit detail
 
 
+class _Quote(reprlib.Repr):
+    """``reprlib`` that names a huge integer instead of converting it (which
+    costs quadratic time and fails past 4300 digits)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4 * self.maxlong:
+            return f"<integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
 def clip(value: object, limit: int = ECHO_LIMIT) -> str:
     """A caller's value as a fault or a log line may quote it: its ``repr``, at
     most about ``limit`` characters, saying how long a longer string was.
@@ -49,10 +59,13 @@ def clip(value: object, limit: int = ECHO_LIMIT) -> str:
         if len(value) <= limit:
             return repr(value)
         return f"{value[:limit]!r}... ({len(value)} characters)"
-    quote = reprlib.Repr()  # Python 3.11 takes no arguments here
+    quote = _Quote()
     quote.maxlevel = 3
     quote.maxstring = quote.maxother = quote.maxlong = limit
-    return bound(quote.repr(value), limit + 20)
+    try:
+        return bound(quote.repr(value), limit + 20)
+    except Exception:  # a value whose repr fails must not turn a refusal into a crash
+        return f"<{type(value).__name__}>"
 
 
 def bound(text: str, limit: int = MESSAGE_LIMIT) -> str:

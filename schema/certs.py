@@ -10,6 +10,7 @@ is here is what an agent needs too. Bad input raises ``errors.CertificateError``
 from __future__ import annotations
 
 import hashlib
+import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,6 +20,8 @@ from cryptography.x509.oid import NameOID
 from scire_schema.errors import CertificateError
 
 PrivateKey = ec.EllipticCurvePrivateKey
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def generate_key() -> PrivateKey:
@@ -59,6 +62,32 @@ def fingerprint(cert: x509.Certificate | bytes) -> str:
     """SHA-256 of the DER certificate, lower-case hex: the identity Scire stores."""
     der = cert if isinstance(cert, bytes) else cert.public_bytes(serialization.Encoding.DER)
     return hashlib.sha256(der).hexdigest()
+
+
+def key_fingerprint(
+    subject: x509.Certificate | x509.CertificateSigningRequest | PrivateKey,
+) -> str:
+    """SHA-256 of the DER SubjectPublicKeyInfo of a request's, a certificate's or
+    a private key's public key, lower-case hex like :func:`fingerprint`.
+
+    It names the key, not the document: what the agent prints when it asks to
+    enroll and what ``scire-admin client list`` shows, so an operator can check
+    that the request they accept carries the agent's key.
+    """
+    public_key = subject.public_key()
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def parse_fingerprint(raw: str) -> str:
+    """A SHA-256 fingerprint as people write it (``AB:CD:...``, ``sha256:abcd...``
+    or plain hex), as lower-case hex; ``CertificateError`` when it is not one."""
+    text = raw.strip().lower().removeprefix("sha256:").replace(":", "")
+    if not _HEX64.fullmatch(text):
+        raise CertificateError("a fingerprint is a SHA-256 digest: 64 hex digits, ':' allowed")
+    return text
 
 
 def common_name(cert: x509.Certificate | x509.CertificateSigningRequest) -> str:

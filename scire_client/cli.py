@@ -154,8 +154,12 @@ def cmd_run(config: ClientConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(config: ClientConfig, args: argparse.Namespace) -> int:
+    def show_request(key_fingerprint: str) -> None:
+        # On stdout before the wait, so the operator can compare it while pending.
+        print(f"enrollment request of {config.name}: key fingerprint {key_fingerprint}", flush=True)
+
     with lock.hold(config.lock_file):
-        if enroll.ensure_enrolled(config):
+        if enroll.ensure_enrolled(config, on_request=show_request):
             print(f"enrolled as {config.name}: {config.cert_file}")
         else:
             print(f"already enrolled as {config.name}: {config.cert_file}")

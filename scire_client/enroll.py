@@ -5,7 +5,9 @@
    fingerprint equals ``ca_fingerprint`` -- never by blind trust.
 2. A key (``key.pem``, mode 0600) and a CSR (``csr.pem``), both kept, so a
    restarted agent asks again with the same request instead of piling up new
-   ones for the administrator.
+   ones for the administrator. The key's fingerprint is logged (and shown by
+   ``scire-client enroll``): the administrator compares it with the one
+   ``scire-admin client list`` shows before accepting, as with ``salt-key -f``.
 3. ``register`` (with the enrollment token, if any), then
    ``fetch_certificate`` until it is accepted, ``enroll_wait`` runs out, or
    the request is refused.
@@ -58,9 +60,11 @@ def ensure_enrolled(
     *,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    on_request: Callable[[str], None] | None = None,
 ) -> bool:
     """Enroll unless ``cert.pem`` exists; True when this call enrolled the agent.
 
+    ``on_request`` gets the request's key fingerprint before it is sent.
     Raises EnrollmentPending when an administrator still has to accept the
     request, EnrollmentRefused when it was rejected or revoked.
     """
@@ -72,6 +76,15 @@ def ensure_enrolled(
     ensure_ca(config)
     key = _load_or_make_key(config)
     csr_pem = _load_or_make_csr(config, key)
+    key_fingerprint = certs.key_fingerprint(key)
+    log.info(
+        "client %s: enrollment request for key %s; the administrator should see the same "
+        "fingerprint in 'scire-admin client list' before accepting",
+        config.name,
+        key_fingerprint,
+    )
+    if on_request is not None:
+        on_request(key_fingerprint)
     transport = ServerTransport(config)  # trusts the CA; no client certificate yet
     try:
         name = _register(transport, config, csr_pem)

@@ -18,6 +18,7 @@ import re
 import ssl
 import sys
 import time
+import uuid
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,13 @@ DEFAULT_CONFIG = Path("~/.config/scire/admin.conf")
 class CLIError(Exception):
     """A failure worth one line to the operator, and its exit code."""
 
-    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR) -> None:
+    def __init__(
+        self, message: str, code: ExitCode = ExitCode.ERROR, fault_code: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        #: The server's fault code when the server refused the call.
+        self.fault_code = fault_code
 
 
 class ConnectionFailure(CLIError):
@@ -59,6 +64,22 @@ class ConnectionFailure(CLIError):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause), ExitCode.UNREACHABLE)
         self.cause = cause
+
+
+#: Tries of ``job submit`` when no answer comes back, and the wait before each retry.
+SUBMIT_TRIES = 3
+SUBMIT_BACKOFF = (1.0, 3.0)  # seconds before the second and the third try
+
+
+def no_answer(exc: CLIError) -> bool:
+    """Whether the call may or may not have run: the connection failed, was
+    reset or timed out, or the server said try again later. Only an
+    idempotent call (a submission with its request key) is sent again."""
+    if isinstance(exc, ConnectionFailure):
+        if isinstance(exc.cause, ssl.SSLError):
+            return False  # TLS refused us: sending again changes nothing
+        return isinstance(exc.cause, (ConnectionError, TimeoutError, http.client.HTTPException))
+    return exc.fault_code == Unavailable.code
 
 
 # --- the admin API connection -------------------------------------------------
@@ -115,6 +136,7 @@ def call(proxy: Any, method: str, *args: Any) -> Any:
         raise CLIError(
             f"{exc.faultString} ({name}, fault {exc.faultCode})",
             FAULT_EXIT_CODES.get(exc.faultCode, ExitCode.ERROR),
+            exc.faultCode,
         ) from exc
     except xmlrpc.client.ProtocolError as exc:
         raise CLIError(
@@ -304,7 +326,7 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
         show(
             args,
             call(proxy, "admin.client_list"),
-            ["name", "status", "active_jobs", "last_seen_at", "registered_at"],
+            ["name", "status", "active_jobs", "last_seen_at", "registered_at", "key_fingerprint"],
         )
     elif sub == "show":
         detail = call(proxy, "admin.client_show", args.name)
@@ -317,6 +339,8 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
         print(table(recent, ["job_id", "name", "state", "updated_at"]))
     elif sub == "token":
         show(args, call(proxy, "admin.client_token", args.uses, args.ttl or 0))
+    elif sub == "accept":
+        show(args, call(proxy, "admin.client_accept", args.name, args.fingerprint or ""))
     else:
         show(args, call(proxy, f"admin.client_{sub}", args.name))
     return ExitCode.OK
@@ -481,15 +505,37 @@ def job_submit(args: argparse.Namespace, proxy: Any) -> ExitCode:
         "max_attempts": args.max_attempts,
         "output_limit": args.output_limit,
         "rerun_on_agent_crash": args.rerun_on_agent_crash,
+        # One key per invocation, sent again on every retry: a lost answer
+        # never turns into a second job.
+        "request_key": args.request_key or str(uuid.uuid4()),
     }
-    answer = call(proxy, "admin.job_submit", {k: v for k, v in spec.items() if v is not None})
+    answer = submit(proxy, {k: v for k, v in spec.items() if v is not None})
     if args.json:
         show(args, answer)
     else:
-        print(f"job {answer['job_id']} submitted for {', '.join(answer['accepted'])}")
+        again = " (submitted before with this request key)" if answer.get("repeated") else ""
+        print(f"job {answer['job_id']} submitted for {', '.join(answer['accepted'])}{again}")
     for why in answer["refused"]:
         print(f"refused: {why}", file=sys.stderr if args.json else sys.stdout)
     return ExitCode.TARGETS_REFUSED if answer["refused"] else ExitCode.OK
+
+
+def submit(proxy: Any, spec: dict[str, Any]) -> Any:
+    """``admin.job_submit``, tried again with the same request key when no
+    answer came back: the server answers a repeated key with the first job."""
+    for wait in SUBMIT_BACKOFF[: SUBMIT_TRIES - 1]:
+        try:
+            return call(proxy, "admin.job_submit", spec)
+        except CLIError as exc:
+            if not no_answer(exc):
+                raise
+            print(
+                f"scire-admin: no answer ({exc}); trying again in {wait:g} s "
+                f"with the same request key {spec['request_key']}",
+                file=sys.stderr,
+            )
+            time.sleep(wait)
+    return call(proxy, "admin.job_submit", spec)
 
 
 def job_exit_code(detail: dict[str, Any], waited: float | None) -> ExitCode:
@@ -780,9 +826,27 @@ def build_parser() -> argparse.ArgumentParser:
         ("all clients", "scire-admin client list"),
         ("as JSON", "scire-admin client list --json"),
     )
+    accept = _command(
+        client,
+        "accept",
+        "accept a pending enrollment request (signs its certificate)",
+        ("accept web-17's request", "scire-admin client accept web-17"),
+        (
+            "accept only the key the agent printed",
+            "scire-admin client accept web-17 --fingerprint 3f1d...",
+        ),
+        more="Compare the KEY_FINGERPRINT column of 'client list' with what\n"
+        "'scire-client enroll' printed on the host before you accept.",
+    )
+    accept.add_argument("name", metavar="NAME", help="the client's name (as it enrolled, --name)")
+    accept.add_argument(
+        "--fingerprint",
+        metavar="SHA256",
+        help="accept only if the request carries the key with this fingerprint "
+        "(what 'scire-client enroll' printed on the agent)",
+    )
     for verb, summary in (
         ("show", "a client's details and recent jobs"),
-        ("accept", "accept a pending enrollment request (signs its certificate)"),
         ("reject", "reject a pending enrollment request"),
         ("revoke", "revoke an accepted client: it may no longer call the server"),
         ("delete", "forget a client and its enrollment"),
@@ -989,6 +1053,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerun-on-agent-crash",
         action="store_true",
         help="run it again if the agent died while it ran",
+    )
+    submit.add_argument(
+        "--request-key",
+        metavar="KEY",
+        help="idempotency key (8-64 characters, e.g. a UUID; default: a new UUID): "
+        "submitting again with the same key returns the first job",
     )
     jl = _command(
         job,

@@ -27,14 +27,18 @@ from scire_server import ca
 from scire_server.config import ServerConfig
 from scire_server.exceptions import (
     AuthenticationRequired,
+    Conflict,
     Forbidden,
     InvalidArgument,
     InvalidDocument,
     NotFound,
     ScireError,
     Unavailable,
+    bound,
+    clip,
     from_schema_error,
 )
+from scire_server.refusals import AnonymousRefusals
 from scire_server.states import JOB_SUMMARIES, ClientStatus
 from scire_server.store import Caller, Certificate, JobSpec, Store
 
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 PRIVILEGE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+# A client-generated key that makes a submission idempotent: a UUID fits.
+REQUEST_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,63}$")
 MAX_SCRIPT_BYTES = 1024 * 1024
 # Output bytes become up to 4 bytes each in the status document ("&lt;") and
 # twice that inside the XML-RPC envelope: 2 MiB keeps both under their caps.
@@ -53,14 +59,15 @@ MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
 def check_name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise InvalidArgument(
-            f"{what} {value!r} is not valid: use letters, digits, '.', '_' and '-' (at most 255)"
+            f"{what} {clip(value)} is not valid: "
+            "use letters, digits, '.', '_' and '-' (at most 255)"
         )
     return value
 
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgument(f"{what} must be an integer from {low} to {high}, not {value!r}")
+        raise InvalidArgument(f"{what} must be an integer from {low} to {high}, not {clip(value)}")
     return value
 
 
@@ -72,7 +79,7 @@ def _time(value: Any, what: str) -> dt.datetime | None:
     try:
         return protocol.parse_time(value)
     except ValueError as exc:
-        raise InvalidArgument(f"{what}: {value!r} is not an ISO 8601 time") from exc
+        raise InvalidArgument(f"{what}: {clip(value)} is not an ISO 8601 time") from exc
 
 
 def _ids(value: Any, what: str) -> list[int]:
@@ -98,6 +105,8 @@ class RemoteMethods:
         self.ca_cert = certs.load_cert(config.ca_cert_file.read_bytes())
         self.ca_key = certs.load_key(config.ca_key_file.read_bytes())
         self.ca_pem = certs.cert_to_pem(self.ca_cert).decode()
+        self.anonymous_refusals = AnonymousRefusals()
+        self._names = frozenset(self.table())
 
     def table(self) -> dict[str, tuple[str, Callable[..., Any]]]:
         """Remote name -> (who may call it, the function)."""
@@ -135,31 +144,61 @@ class RemoteMethods:
                 "agent.fetch_certificate and agent.ca_certificate are open"
             )
         caller, why = self.store.directory.caller_by_fingerprint(fingerprint)
+        if why:
+            # Named in the error, so the refusal is logged and audited as itself.
+            raise Forbidden(f"certificate refused: {why}", identity=caller)
         if caller is None:
-            if why:
-                raise Forbidden(f"certificate refused: {why}")
             raise AuthenticationRequired("certificate not known to this server")
         return caller
 
     def record_refusal(
         self, method: str, caller: Caller | None, peer: str, exc: ScireError
     ) -> None:
-        """Log a refused call and write its audit row (not for ``Unavailable``:
-        a busy database would only be made busier)."""
-        who = caller.actor if caller else f"anonymous@{peer}"
-        log.warning("%s refused %s: %s (fault %d)", who, method, exc.message, exc.code)
+        """Log a refused call and write its audit row, under the caller or the
+        refused identity the error names (not for ``Unavailable``: a busy
+        database would only be made busier). A refusal without a known identity
+        is only counted (:class:`refusals.AnonymousRefusals`): its first from
+        each address per interval is logged, the rest summed up by
+        :meth:`summarize_refusals`."""
+        who = caller or exc.identity
+        what = method if method in self._names else clip(method)
+        if who is None:
+            if self.anonymous_refusals.note(peer):
+                log.warning(
+                    "anonymous@%s refused %s: %s (fault %d); further anonymous refusals "
+                    "from %s are counted, not logged, until the next summary",
+                    peer,
+                    what,
+                    exc.message,
+                    exc.code,
+                    peer,
+                )
+            return
+        log.warning("%s refused %s: %s (fault %d)", who.actor, what, exc.message, exc.code)
         if isinstance(exc, Unavailable):
             return
         try:
             self.store.audit.record(
-                who,
+                who.actor,
                 "refused",
-                client=caller.name if caller and caller.kind == "client" else None,
+                client=who.name if who.kind == "client" else None,
                 job_id=exc.job_id,
-                detail=f"{method}: fault {exc.code}: {exc.message}"[:2000],
+                detail=bound(f"{what}: fault {exc.code}: {exc.message}", 2000),
             )
         except ScireError:
-            log.warning("could not record the refusal of %s by %s", method, who)
+            log.warning("could not record the refusal of %s by %s", what, who.actor)
+
+    def summarize_refusals(self) -> None:
+        """Log and audit (one ``anonymous_refusals`` row) the anonymous refusals
+        counted since the last summary; nothing when there were none."""
+        summary = self.anonymous_refusals.take()
+        if summary is None:
+            return
+        log.warning("%s", summary.text())
+        try:
+            self.store.audit.record("anonymous", "anonymous_refusals", detail=summary.text())
+        except ScireError as exc:
+            log.warning("could not record the anonymous refusals: %s", exc.message)
 
     # --- open: enrollment ----------------------------------------------------
 
@@ -178,16 +217,19 @@ class RemoteMethods:
             raise from_schema_error(exc) from exc
         if certs.common_name(csr) != name:
             raise InvalidArgument(
-                f"the request's common name {certs.common_name(csr)!r} is not {name!r}"
+                f"the request's common name {clip(certs.common_name(csr))} is not {name!r}"
             )
         facts = facts if isinstance(facts, dict) else {}
         facts = {str(k)[:64]: str(v)[:255] for k, v in list(facts.items())[:50]}
         digest = token_hash(token) if isinstance(token, str) and token else None
+        key = certs.key_fingerprint(csr)
         # Signed before the store's transaction, so the token is spent in the
         # same transaction that stores the certificate, or not at all.
         certificate = self._sign_client(name, csr_pem) if digest else None
-        status = self.store.directory.register_client(name, csr_pem, facts, digest, certificate)
-        log.info("client %s: enrollment request, status %s", name, status)
+        status = self.store.directory.register_client(
+            name, csr_pem, facts, digest, certificate, key_fingerprint=key
+        )
+        log.info("client %s: enrollment request for key %s, status %s", name, key, status)
         return {"name": name, "status": status}
 
     def _sign_client(self, name: str, csr_pem: str) -> Certificate:
@@ -196,10 +238,14 @@ class RemoteMethods:
 
     def fetch_certificate(self, _caller: None, name: Any, csr_pem: Any) -> dict[str, Any]:
         name = check_name(name, "client name")
-        row = self.store.directory.enrollment(name)
-        # Only the holder of the request learns its answer.
-        if row["csr_pem"] != csr_pem:
-            raise NotFound(f"no enrollment request for {name} with this key")
+        try:
+            row = self.store.directory.enrollment(name)
+        except NotFound:
+            row = None
+        # Only the holder of the request learns its answer; anyone else gets
+        # the same fault whether or not the name exists, so it tells no names.
+        if row is None or row["csr_pem"] != csr_pem:
+            raise NotFound("no enrollment request with this key under this name")
         accepted = row["status"] == ClientStatus.ACCEPTED
         return {"status": row["status"], "certificate": row["cert_pem"] if accepted else ""}
 
@@ -260,7 +306,15 @@ class RemoteMethods:
             raise InvalidArgument("the job needs at least one host or group")
         privilege = spec.get("privilege") or "run"
         if not isinstance(privilege, str) or not PRIVILEGE_RE.match(privilege) or privilege == "*":
-            raise InvalidArgument(f"privilege {privilege!r} is not valid")
+            raise InvalidArgument(f"privilege {clip(privilege)} is not valid")
+        request_key = spec.get("request_key") or None
+        if request_key is not None and (
+            not isinstance(request_key, str) or not REQUEST_KEY_RE.match(request_key)
+        ):
+            raise InvalidArgument(
+                f"request_key {clip(request_key)} is not valid: 8 to 64 letters, digits, "
+                "'.', '_', ':' or '-', starting with a letter or digit (a UUID fits)"
+            )
         interpreter = spec.get("interpreter") or self.config.default_interpreter
         if not isinstance(interpreter, str) or not interpreter.startswith("/"):
             raise InvalidArgument("the interpreter must be an absolute path")
@@ -289,8 +343,13 @@ class RemoteMethods:
             expires_at=expires,
             rerun_on_agent_crash=bool(spec.get("rerun_on_agent_crash", False)),
         )
-        result = self.store.jobs.submit(caller, job, hosts, groups)
-        return {"job_id": result.job_id, "accepted": result.accepted, "refused": result.refused}
+        result = self.store.jobs.submit(caller, job, hosts, groups, request_key)
+        return {
+            "job_id": result.job_id,
+            "accepted": result.accepted,
+            "refused": result.refused,
+            "repeated": result.repeated,
+        }
 
     def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
         if state and state not in JOB_SUMMARIES:
@@ -312,8 +371,22 @@ class RemoteMethods:
     def client_show(self, caller: Caller, name: Any) -> dict[str, Any]:
         return self.store.directory.client_detail(check_name(name))
 
-    def client_accept(self, caller: Caller, name: Any) -> dict[str, Any]:
+    def client_accept(self, caller: Caller, name: Any, fingerprint: Any = "") -> dict[str, Any]:
         row = self.store.directory.enrollment(check_name(name))
+        if fingerprint:
+            if not isinstance(fingerprint, str):
+                raise InvalidArgument("fingerprint must be a SHA-256 hex digest")
+            try:
+                wanted = certs.parse_fingerprint(fingerprint)
+            except SchemaError as exc:
+                raise InvalidArgument(f"fingerprint {clip(fingerprint)}: {exc.message}") from exc
+            # The operator compared the agent's key with this one: accept that
+            # key only, never another request that took the name meanwhile.
+            if row["key_fingerprint"] != wanted:
+                raise Conflict(
+                    f"the request of {name} carries key {row['key_fingerprint']}, not {wanted}; "
+                    "nothing accepted"
+                )
         if row["status"] == ClientStatus.ACCEPTED:
             return {"name": name, "status": "accepted"}
         if row["status"] != ClientStatus.PENDING:
@@ -423,7 +496,7 @@ class RemoteMethods:
                 raise InvalidArgument(f"{what} must be a name or @group")
             check_name(value.removeprefix("@"), what)
         if not isinstance(privilege, str) or not PRIVILEGE_RE.match(privilege):
-            raise InvalidArgument(f"privilege {privilege!r} is not valid")
+            raise InvalidArgument(f"privilege {clip(privilege)} is not valid")
         grant_id = self.store.directory.add_grant(subject, privilege, target, caller.actor)
         return {"id": grant_id, "subject": subject, "privilege": privilege, "target": target}
 

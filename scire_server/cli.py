@@ -90,10 +90,11 @@ def serve(config: ServerConfig) -> int:
         db.close()
         return ExitCode.INSTANCE_CONFLICT
     context = tls.server_context(config.cert_file, config.key_file, config.ca_cert_file)
+    methods = RemoteMethods(config, db)
     server = ScireRPCServer(
         (config.listen_host, config.listen_port),
         context,
-        RemoteMethods(config, db),
+        methods,
         listener_limits(config),
     )
     try:
@@ -105,7 +106,7 @@ def serve(config: ServerConfig) -> int:
         db.servers.stop()
         db.close()
         return 1
-    scheduler = timed.start(db, config)
+    scheduler = timed.start(db, config, methods.summarize_refusals)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -129,6 +130,7 @@ def serve(config: ServerConfig) -> int:
     finally:
         clean = server.drain(config.shutdown_grace)
         scheduler.shutdown(wait=True)
+        methods.summarize_refusals()  # the last interval's, before the store closes
         db.servers.stop()
         db.close()
         log.info("stopped %s", "cleanly" if clean else "after cutting off in-flight calls")

@@ -39,6 +39,7 @@ DEFAULT_OUTPUT_LIMIT = 64 * 1024  # bytes of output kept per job and host
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_INTERPRETER = "/bin/sh"
 TOKEN_TTL = 24 * 3600  # seconds an enrollment token is valid
+REFUSAL_SUMMARY_INTERVAL = 60  # seconds between summaries of anonymous refusals
 
 
 _Config = TypeVar("_Config", "ServerConfig", "AdminConfig")
@@ -86,6 +87,7 @@ class ServerConfig:
     default_max_attempts: int = DEFAULT_MAX_ATTEMPTS
     default_interpreter: str = DEFAULT_INTERPRETER
     token_ttl: int = TOKEN_TTL
+    refusal_summary_interval: int = REFUSAL_SUMMARY_INTERVAL
     log_level: str = "INFO"
 
     @classmethod
@@ -121,6 +123,7 @@ class ServerConfig:
             "idle_timeout",
             "max_connections",
             "max_connections_per_peer",
+            "refusal_summary_interval",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

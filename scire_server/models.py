@@ -56,6 +56,10 @@ class Client(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     status: Mapped[str] = mapped_column(String(16))  # pending | accepted | rejected | revoked
     csr_pem: Mapped[str] = mapped_column(Text)
+    # SHA-256 of the request's public key (SubjectPublicKeyInfo): a new request
+    # for a pending name must carry the same key. NULL only for a request whose
+    # CSR the migration that added the column could not read.
+    key_fingerprint: Mapped[str | None] = mapped_column(String(64))
     cert_pem: Mapped[str | None] = mapped_column(Text)
     fingerprint: Mapped[str | None] = mapped_column(String(64), unique=True)
     facts: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
@@ -151,7 +155,11 @@ class EnrollmentToken(Base):
 
 
 class Job(Base):
+    """A job definition. ``request_key`` is the submitter's key for an idempotent
+    submission: one owner, one key, one job (NULLs never collide)."""
+
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("owner_id", "request_key"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -167,6 +175,7 @@ class Job(Base):
     rerun_on_agent_crash: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     cancelled_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    request_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class Assignment(Base):

@@ -24,7 +24,7 @@ from scire_schema.listener import Listener, ListenerLimits, ListenerStats
 from scire_schema.rpcwire import Call, XMLRPCApp
 from scire_server.api import Caller, RemoteMethods
 from scire_server.config import ServerConfig
-from scire_server.exceptions import Forbidden, InvalidArgument, ScireError, Unavailable
+from scire_server.exceptions import Forbidden, InvalidArgument, ScireError, Unavailable, clip
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ScireRPCServer:
                 raise Unavailable("server is shutting down; try another server or later")
             entry = self.table.get(method)
             if entry is None:
-                raise Forbidden(f"no method {method!r}")
+                raise Forbidden(f"no method {clip(method)}")
             audience, function = entry
             if audience != "open":
                 caller = self.methods.identify(call.peer_fingerprint)

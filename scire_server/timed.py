@@ -1,4 +1,5 @@
-"""Timed work inside the daemon, on APScheduler: heartbeat, sweep, retention.
+"""Timed work inside the daemon, on APScheduler: heartbeat, sweep, retention,
+and the summary of anonymous refusals.
 
 Each task is safe to run on several daemons at once (conditional updates),
 and a task that fails is logged and runs again at its next tick.
@@ -32,7 +33,11 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
     return run
 
 
-def start(store: Store, config: ServerConfig) -> BackgroundScheduler:
+def start(
+    store: Store, config: ServerConfig, summarize_refusals: Callable[[], None]
+) -> BackgroundScheduler:
+    """Start the daemon's timed work; ``summarize_refusals`` is the API's
+    (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``."""
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
@@ -53,6 +58,12 @@ def start(store: Store, config: ServerConfig) -> BackgroundScheduler:
         "interval",
         seconds=config.retention_interval,
         id="retention",
+    )
+    scheduler.add_job(
+        _guarded("refusal summary", summarize_refusals),
+        "interval",
+        seconds=config.refusal_summary_interval,
+        id="refusal_summary",
     )
     scheduler.start()
     return scheduler

@@ -77,7 +77,9 @@ def main() -> int:
         name = f"bench{i}"
         key = certs.generate_key()
         csr = certs.make_csr(key, name).decode()
-        db.directory.register_client(name, csr, {}, None)
+        db.directory.register_client(
+            name, csr, {}, None, key_fingerprint=certs.key_fingerprint(key)
+        )
         cert = ca.sign_csr(ca_key, ca_cert, csr, name, ca.ROLE_CLIENT)
         certificate = Certificate(csr, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert))
         db.directory.accept_client(name, certificate, "bench")

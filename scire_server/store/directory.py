@@ -60,24 +60,28 @@ class Directory:
     # --- identities ---------------------------------------------------------
 
     def caller_by_fingerprint(self, fingerprint: str) -> tuple[Caller | None, str | None]:
-        """The accepted client or active user with this certificate.
+        """Who holds this certificate, and why they are refused, if they are.
 
-        Returns (caller, None), or (None, why) for a known but refused identity,
-        or (None, None) for an unknown certificate.
+        Returns (caller, None) for an accepted client or an active user;
+        (identity, why) for a known identity that is refused (a revoked client,
+        a revoked user), so the refusal can be recorded under its name; and
+        (None, None) for an unknown certificate. Only the first may call.
         """
         with self.db.tx(write=False) as session:
             client = session.scalars(
                 select(Client).where(Client.fingerprint == fingerprint)
             ).first()
             if client is not None:
+                caller = Caller("client", client.id, client.name)
                 if client.status != ClientStatus.ACCEPTED:
-                    return None, f"client {client.name} is {client.status}"
-                return Caller("client", client.id, client.name), None
+                    return caller, f"client {client.name} is {client.status}"
+                return caller, None
             user = session.scalars(select(User).where(User.fingerprint == fingerprint)).first()
             if user is not None:
+                caller = Caller("user", user.id, user.name, user.is_admin)
                 if user.status != UserStatus.ACTIVE:
-                    return None, f"user {user.name} is {user.status}"
-                return Caller("user", user.id, user.name, user.is_admin), None
+                    return caller, f"user {user.name} is {user.status}"
+                return caller, None
             return None, None
 
     # --- users ----------------------------------------------------------------
@@ -155,26 +159,28 @@ class Directory:
         facts: dict[str, Any],
         token_hash: str | None,
         certificate: Certificate | None = None,
+        *,
+        key_fingerprint: str,
     ) -> str:
         """Record an enrollment request and, with a valid token, accept it; returns the status.
 
-        The caller signs ``csr_pem`` before the call when it carries a token, so
-        spending the token and storing the certificate commit together: a token
-        is never spent without an accepted client. The same request again is
-        answered with its current status; a new request for a name that is
-        pending or rejected replaces the old one. An accepted or revoked name
-        cannot be taken over.
+        ``key_fingerprint`` names the request's public key
+        (``certs.key_fingerprint``). The caller signs ``csr_pem`` before the
+        call when it carries a token, so spending the token and storing the
+        certificate commit together: a token is never spent without an accepted
+        client. A request with the key already on record is answered with its
+        current status (a pending one takes the new CSR: only the key's holder
+        can sign one). A request with another key is refused for a pending,
+        accepted or revoked name, so nobody can slip their key under a request
+        an administrator is about to accept; it replaces only a rejected one.
         """
         if certificate is not None and certificate.csr_pem != csr_pem:
             raise InvalidArgument("the certificate does not answer this enrollment request")
         now = utcnow()
         with self.db.tx() as session:
             client = session.scalars(select(Client).where(Client.name == name)).first()
-            if (
-                client is not None
-                and client.csr_pem == csr_pem
-                and client.status != ClientStatus.PENDING
-            ):
+            same_key = client is not None and client.key_fingerprint == key_fingerprint
+            if client is not None and same_key and client.status != ClientStatus.PENDING:
                 return client.status
             if client is not None and client.status in (
                 ClientStatus.ACCEPTED,
@@ -184,6 +190,12 @@ class Directory:
                     f"client {name} is {client.status} with another key; "
                     f"an administrator must remove it first (scire-admin client delete {name})"
                 )
+            if client is not None and client.status == ClientStatus.PENDING and not same_key:
+                raise EnrollmentRefused(
+                    f"client {name} has a pending enrollment request with another key; "
+                    "an administrator must reject or delete that request first "
+                    f"(scire-admin client reject {name})"
+                )
             token_ok = False
             if token_hash and certificate is not None:
                 token = session.scalars(
@@ -192,19 +204,23 @@ class Directory:
                 if token is not None and token.expires_at > now and token.uses_left > 0:
                     token.uses_left -= 1
                     token_ok = True
-            if client is not None and client.csr_pem == csr_pem and not token_ok:
-                return ClientStatus.PENDING.value  # the same request again, still waiting
+            if client is not None and same_key and not token_ok:
+                # The same key again, still waiting: keep its newest request.
+                client.csr_pem, client.facts = csr_pem, facts
+                return ClientStatus.PENDING.value
             if client is None:
                 client = Client(
                     name=name,
                     status=ClientStatus.PENDING.value,
                     csr_pem=csr_pem,
+                    key_fingerprint=key_fingerprint,
                     facts=facts,
                     registered_at=now,
                 )
                 session.add(client)
             else:
                 client.csr_pem, client.facts = csr_pem, facts
+                client.key_fingerprint = key_fingerprint
                 client.status = ClientStatus.PENDING.value
                 client.registered_at, client.decided_at, client.decided_by = now, None, None
             self.audit.write(
@@ -223,9 +239,16 @@ class Directory:
             return client.status
 
     def enrollment(self, name: str) -> dict[str, Any]:
-        """A client's enrollment: name, status, request and certificate."""
+        """A client's enrollment: name, status, request, its key's fingerprint, certificate."""
         with self.db.tx(write=False) as session:
-            return row_dict(find_client(session, name), "name", "status", "csr_pem", "cert_pem")
+            return row_dict(
+                find_client(session, name),
+                "name",
+                "status",
+                "csr_pem",
+                "key_fingerprint",
+                "cert_pem",
+            )
 
     def accept_client(self, name: str, certificate: Certificate, by: str) -> None:
         """Accept a pending client with the certificate signed for its request."""
@@ -307,7 +330,15 @@ class Directory:
                 ).all()
             )
             return [
-                row_dict(c, "name", "status", "registered_at", "last_seen_at", "fingerprint")
+                row_dict(
+                    c,
+                    "name",
+                    "status",
+                    "registered_at",
+                    "last_seen_at",
+                    "fingerprint",
+                    "key_fingerprint",
+                )
                 | {"active_jobs": counts.get(c.id, 0)}
                 for c in clients
             ]
@@ -337,6 +368,7 @@ class Directory:
                 "name",
                 "status",
                 "fingerprint",
+                "key_fingerprint",
                 "facts",
                 "registered_at",
                 "decided_at",

@@ -9,11 +9,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from scire_server import acl
-from scire_server.exceptions import Forbidden, InvalidArgument, NotFound
-from scire_server.models import Assignment, Client, Job, User
+from scire_server.exceptions import Conflict, Forbidden, InvalidArgument, NotFound
+from scire_server.models import Assignment, Client, Event, Job, User
 from scire_server.states import FINAL, ClientStatus, State, job_summary
 from scire_server.store import directory
 from scire_server.store.audit import AuditTrail
@@ -67,17 +68,30 @@ class Jobs:
         self.audit = audit
 
     def submit(
-        self, owner: Caller, spec: JobSpec, hosts: Sequence[str], groups: Sequence[str]
+        self,
+        owner: Caller,
+        spec: JobSpec,
+        hosts: Sequence[str],
+        groups: Sequence[str],
+        request_key: str | None = None,
     ) -> SubmitResult:
         """Write a job and one pending assignment per accepted, permitted target.
 
         Hosts and (nested) client groups are resolved to clients; each is checked
         (accepted, ACL) and a refused one is named in the answer and the audit
         trail. With no target left the call fails with ``Forbidden`` and nothing
-        is written.
+        is written. A ``request_key`` the owner used before returns that job's
+        answer (``repeated``) and writes nothing; with another definition it is
+        ``Conflict``. Two submissions racing with one key make one job: the
+        unique (owner, request_key) lets one insert win, the other answers with
+        the winner's job.
         """
         now = utcnow()
         with self.db.tx() as session:
+            if request_key is not None:
+                first = self._by_request_key(session, owner, spec, request_key)
+                if first is not None:
+                    return first
             targets: dict[int, str] = {}
             for name in hosts:
                 client = directory.find_client(session, name)
@@ -105,9 +119,21 @@ class Jobs:
                     accepted.append((cid, cname))
             if not accepted:
                 raise no_target_error(owner.name, spec.privilege, refused)
-            job = Job(owner_id=owner.id, created_at=now, **vars(spec))
-            session.add(job)
-            session.flush()
+            job = Job(owner_id=owner.id, created_at=now, request_key=request_key, **vars(spec))
+            try:
+                # A savepoint: on PostgreSQL a racing submission with the same
+                # key makes this insert wait for it, then fail once it commits.
+                with session.begin_nested():
+                    session.add(job)
+            except IntegrityError:
+                first = (
+                    self._by_request_key(session, owner, spec, request_key)
+                    if request_key is not None
+                    else None
+                )
+                if first is None:
+                    raise
+                return first
             for cid, cname in accepted:
                 session.add(
                     Assignment(
@@ -149,6 +175,43 @@ class Jobs:
                 extra={"job": job.id, "user": owner.name},
             )
             return SubmitResult(job.id, [c for _, c in accepted], refused)
+
+    def _by_request_key(
+        self, session: Session, owner: Caller, spec: JobSpec, request_key: str
+    ) -> SubmitResult | None:
+        """The answer of the owner's job with this request key, if there is one:
+        its clients, and the refusals its audit rows recorded."""
+        job = session.scalars(
+            select(Job).where(Job.owner_id == owner.id, Job.request_key == request_key)
+        ).first()
+        if job is None:
+            return None
+        differs = sorted(name for name, value in vars(spec).items() if getattr(job, name) != value)
+        if differs:
+            raise Conflict(
+                f"request key {request_key} was used for job {job.id} with another "
+                f"{', '.join(differs)}; use a new key for a new job",
+                job_id=job.id,
+            )
+        accepted = session.scalars(
+            select(Client.name)
+            .join(Assignment, Assignment.client_id == Client.id)
+            .where(Assignment.job_id == job.id)
+            .order_by(Client.name)
+        ).all()
+        refused = session.scalars(
+            select(Event.detail)
+            .where(Event.job_id == job.id, Event.action == "submit_refused")
+            .order_by(Event.id)
+        ).all()
+        log.info(
+            "job %s: submission with request key %s repeated by %s",
+            job.id,
+            request_key,
+            owner.name,
+            extra={"job": job.id, "user": owner.name},
+        )
+        return SubmitResult(job.id, list(accepted), [r for r in refused if r], repeated=True)
 
     def listing(
         self, caller: Caller, limit: int = 50, state: str | None = None

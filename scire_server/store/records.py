@@ -53,11 +53,14 @@ class JobSpec:
 
 @dataclass
 class SubmitResult:
-    """The new job and which targets took it (``refused`` says why not)."""
+    """The new job (or, for a repeated request key, the first one) and which
+    targets took it (``refused`` says why not)."""
 
     job_id: int
     accepted: list[str]
     refused: list[str]
+    #: True when the request key named a job submitted before: this is its answer.
+    repeated: bool = False
 
 
 @dataclass

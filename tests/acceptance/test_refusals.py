@@ -212,8 +212,8 @@ def test_revoked_agent_refusal_is_audited(running: Deployment, wire: Wire) -> No
     assert fault.faultCode == FAULT_FORBIDDEN
     assert fault.faultString == "certificate refused: client host1 is revoked"
     refused = [e for e in dep.admin("audit") if e["action"] == "refused"]
-    assert refused[-1]["actor"] == "anonymous@127.0.0.1"
-    assert refused[-1]["client"] is None
+    assert refused[-1]["actor"] == "client:host1"
+    assert refused[-1]["client"] == "host1"
     assert refused[-1]["detail"] == (
         "agent.poll: fault 2: certificate refused: client host1 is revoked"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from scire_schema import certs, documents, files
 from scire_server import api, ca, migrations
 from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
-from scire_server.exceptions import AuthenticationRequired, Forbidden, Unavailable
+from scire_server.exceptions import (
+    AuthenticationRequired,
+    Conflict,
+    EnrollmentRefused,
+    Forbidden,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from scire_server.store import Caller, Store, make_engine
 from scire_server.store.audit import AuditTrail
 
@@ -159,11 +168,150 @@ def test_identify_refuses_with_the_reason_and_records_it(server: Api) -> None:
     with pytest.raises(Forbidden) as refused:
         server.methods.identify(fingerprint)
     assert refused.value.message == "certificate refused: client web-17 is revoked"
+    # Recorded under the refused identity, not as an anonymous peer.
     server.methods.record_refusal("agent.poll", None, "192.0.2.7", refused.value)
     row = server.store.audit.events()[-1]
-    assert (row["actor"], row["action"], row["client"]) == ("anonymous@192.0.2.7", "refused", None)
+    assert (row["actor"], row["action"], row["client"]) == ("client:web-17", "refused", "web-17")
     assert row["detail"] == "agent.poll: fault 2: certificate refused: client web-17 is revoked"
 
     # A busy database is not recorded: the refusal would only make it busier.
     server.methods.record_refusal("agent.poll", None, "192.0.2.7", Unavailable())
     assert server.store.audit.events()[-1] == row
+
+
+# --- enrollment that cannot be hijacked ---------------------------------------------
+
+
+def test_fetch_certificate_answers_alike_for_no_such_client_and_another_key(
+    server: Api,
+) -> None:
+    server.methods.register(None, "web-17", _csr("web-17"), {}, "")
+    with pytest.raises(NotFound) as unknown:
+        server.methods.fetch_certificate(None, "no-such-host", _csr("no-such-host"))
+    with pytest.raises(NotFound) as other_key:
+        server.methods.fetch_certificate(None, "web-17", _csr("web-17"))
+    assert (unknown.value.code, unknown.value.message) == (
+        other_key.value.code,
+        other_key.value.message,
+    )
+
+
+def test_accept_with_a_fingerprint_accepts_only_that_key(server: Api) -> None:
+    key = certs.generate_key()
+    csr = certs.make_csr(key, "web-17").decode()
+    server.methods.register(None, "web-17", csr, {}, "")
+    (row,) = server.methods.client_list(server.admin)
+    assert row["key_fingerprint"] == certs.key_fingerprint(key)
+    assert server.methods.client_show(server.admin, "web-17")["key_fingerprint"] == (
+        certs.key_fingerprint(key)
+    )
+
+    intruder = certs.key_fingerprint(certs.generate_key())
+    with pytest.raises(Conflict, match="nothing accepted"):
+        server.methods.client_accept(server.admin, "web-17", intruder)
+    with pytest.raises(InvalidArgument, match="64 hex digits"):
+        server.methods.client_accept(server.admin, "web-17", "not-a-fingerprint")
+    assert server.methods.fetch_certificate(None, "web-17", csr)["status"] == "pending"
+
+    # As people write fingerprints: upper case with colons.
+    written = ":".join(certs.key_fingerprint(key)[i : i + 2] for i in range(0, 64, 2)).upper()
+    assert server.methods.client_accept(server.admin, "web-17", written)["status"] == "accepted"
+    assert server.methods.fetch_certificate(None, "web-17", csr)["status"] == "accepted"
+
+
+def test_a_pending_name_refuses_another_key(server: Api) -> None:
+    csr = _csr("web-17")
+    server.methods.register(None, "web-17", csr, {}, "")
+    with pytest.raises(EnrollmentRefused, match="reject or delete that request first"):
+        server.methods.register(None, "web-17", _csr("web-17"), {}, "")
+    # A valid token does not let another key take the name either.
+    token = server.methods.client_token(server.admin, 1)["token"]
+    with pytest.raises(EnrollmentRefused):
+        server.methods.register(None, "web-17", _csr("web-17"), {}, token)
+    assert server.methods.register(None, "web-17", csr, {}, token)["status"] == "accepted"
+
+
+# --- bounded answers and logs, anonymous refusals counted ------------------------------
+
+
+def test_a_huge_name_gets_a_short_fault_and_a_short_log_line(
+    server: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = "n" * (31 * 1024 * 1024)
+    with pytest.raises(InvalidArgument) as refused:
+        server.methods.register(None, name, _csr("web-17"), {}, "")
+    assert len(refused.value.message) < 300
+    assert f"({len(name)} characters)" in refused.value.message
+    with caplog.at_level("WARNING"):
+        server.methods.record_refusal("agent.register", None, "192.0.2.7", refused.value)
+        server.methods.record_refusal(name, None, "192.0.2.8", refused.value)
+    assert len(caplog.records) == 2
+    assert all(len(r.getMessage()) < 1000 for r in caplog.records)
+
+
+def test_anonymous_refusals_are_counted_then_summed_up_in_one_row(
+    server: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = server.store.audit.events()
+    with caplog.at_level("WARNING"):
+        for _ in range(20):
+            try:
+                server.methods.identify(None)
+            except AuthenticationRequired as exc:
+                server.methods.record_refusal("agent.poll", None, "192.0.2.7", exc)
+        server.methods.record_refusal(
+            "agent.register", None, "192.0.2.8", InvalidArgument("bad name")
+        )
+    assert server.store.audit.events() == before
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" ", 1)[0] for line in lines] == [
+        "anonymous@192.0.2.7",
+        "anonymous@192.0.2.8",
+    ]
+
+    server.methods.summarize_refusals()
+    (row,) = server.store.audit.events()[len(before) :]
+    assert (row["actor"], row["action"]) == ("anonymous", "anonymous_refusals")
+    assert row["detail"].startswith("21 anonymous refusal(s) from 2 address(es) since ")
+    assert "19 not logged one by one" in row["detail"]
+    # Nothing refused since: no row.
+    server.methods.summarize_refusals()
+    assert len(server.store.audit.events()) == len(before) + 1
+
+
+def test_a_revoked_user_is_refused_as_itself(server: Api) -> None:
+    bob = hashlib.sha256(b"bob").hexdigest()
+    server.store.directory.add_user("bob", bob, False, "test")
+    server.methods.user_revoke(server.admin, "bob")
+    with pytest.raises(Forbidden) as refused:
+        server.methods.identify(bob)
+    server.methods.record_refusal("admin.whoami", None, "192.0.2.7", refused.value)
+    row = server.store.audit.events()[-1]
+    assert (row["actor"], row["action"], row["client"]) == ("user:bob", "refused", None)
+
+
+# --- idempotent submission ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["short", "x" * 65, "-leading-dash", "white space key", 42])
+def test_a_bad_request_key_is_refused(server: Api, key: Any) -> None:
+    _enroll(server, "web-17")
+    with pytest.raises(InvalidArgument, match="request_key"):
+        server.methods.job_submit(
+            server.admin, {"script": "true", "hosts": ["web-17"], "request_key": key}
+        )
+
+
+def test_a_repeated_request_key_answers_with_the_first_job(server: Api) -> None:
+    _enroll(server, "web-17")
+    spec = {"script": "true", "hosts": ["web-17"], "request_key": str(uuid.uuid4())}
+    first = server.methods.job_submit(server.admin, spec)
+    again = server.methods.job_submit(server.admin, spec)
+    assert first == {
+        "job_id": first["job_id"],
+        "accepted": ["web-17"],
+        "refused": [],
+        "repeated": False,
+    }
+    assert again == first | {"repeated": True}
+    assert len(server.methods.job_list(server.admin)) == 1

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from scire_schema import certs
 from scire_server import ca, migrations, store
-from scire_server.store import Caller, Certificate, JobSpec, Store
+from scire_server.store import Caller, Certificate, JobSpec, Store, SubmitResult, utcnow
 
 
 def _store(url: str, name: str) -> Store:
@@ -22,7 +23,9 @@ def _seed(db: Store, clients: int) -> tuple[Caller, list[Caller]]:
     for i in range(clients):
         name = f"host{i}"
         csr = certs.make_csr(certs.generate_key(), name).decode()
-        db.directory.register_client(name, csr, {}, None)
+        db.directory.register_client(
+            name, csr, {}, None, key_fingerprint=certs.key_fingerprint(certs.load_csr(csr))
+        )
         cert = ca.sign_csr(ca_key, ca_cert, csr, name, ca.ROLE_CLIENT)
         certificate = Certificate(csr, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert))
         db.directory.accept_client(name, certificate, "test")
@@ -84,3 +87,50 @@ def test_poll_order_on_postgres(postgres_url: str) -> None:
     result = db.assignments.poll(client, [], [], 10, 60)
     assert [d.job_id for d in result.deliveries] == [high, mid, low]
     db.close()
+
+
+def test_a_submission_racing_a_committing_one_with_the_same_key_answers_with_it(
+    postgres_url: str,
+) -> None:
+    """The loser's insert waits on the winner's uncommitted row, fails once it
+    commits, and answers with the winner's job instead of a second one."""
+    import psycopg
+
+    from scire_server.models import Job
+
+    migrations.upgrade(postgres_url)
+    first, second = _store(postgres_url, "a"), _store(postgres_url, "b")
+    owner, _ = _seed(first, 1)
+    spec = _spec("once")
+    key = "3b9d6c0e-7a51-4c1f-8e2d-5f0a9b8c7d6e"
+    answers: list[SubmitResult] = []
+    errors: list[BaseException] = []
+
+    def loser() -> None:
+        try:
+            answers.append(second.jobs.submit(owner, spec, ["host0"], [], key))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=loser)
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with first.database.tx() as session, psycopg.connect(dsn, autocommit=True) as watcher:
+        winner = Job(owner_id=owner.id, created_at=utcnow(), request_key=key, **vars(spec))
+        session.add(winner)
+        session.flush()
+        thread.start()
+        # Commit only once the loser's insert waits for our row's lock.
+        deadline = time.monotonic() + 60
+        while not watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()[0]:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the second submission never waited"
+            time.sleep(0.05)
+    thread.join(60)
+    assert errors == []
+    (answer,) = answers
+    assert (answer.job_id, answer.repeated) == (winner.id, True)
+    assert [j["id"] for j in first.jobs.listing(owner)] == [winner.id]
+    first.close()
+    second.close()

@@ -19,8 +19,22 @@ import pytest
 
 from scire_schema import documents
 from scire_server import migrations
-from scire_server.exceptions import Forbidden, IllegalTransition, NotHeld
-from scire_server.store import Caller, Certificate, JobSpec, Store, make_engine, utcnow
+from scire_server.exceptions import (
+    Conflict,
+    EnrollmentRefused,
+    Forbidden,
+    IllegalTransition,
+    NotHeld,
+)
+from scire_server.store import (
+    Caller,
+    Certificate,
+    JobSpec,
+    Store,
+    SubmitResult,
+    make_engine,
+    utcnow,
+)
 from scire_server.store.jobs import no_target_error
 
 ACK_TIMEOUT = 60  # seconds
@@ -49,7 +63,9 @@ def _caller(store: Store, name: str) -> Caller:
 
 
 def add_client(store: Store, name: str) -> Caller:
-    status = store.directory.register_client(name, f"CSR of {name}", {"os": "Linux"}, None)
+    status = store.directory.register_client(
+        name, f"CSR of {name}", {"os": "Linux"}, None, key_fingerprint=fingerprint(f"key {name}")
+    )
     assert status == "pending"
     certificate = Certificate(f"CSR of {name}", f"CERT of {name}", fingerprint(name))
     store.directory.accept_client(name, certificate, "user:admin")
@@ -411,10 +427,16 @@ def test_restarts_never_deliver_past_max_attempts(world: World) -> None:
 def test_token_given_on_a_second_registration_is_used(world: World) -> None:
     world.store.directory.add_token(fingerprint("token"), 3600, 1, "user:admin")
     directory = world.store.directory
-    assert directory.register_client("new", "CSR of new", {}, None) == "pending"
+    key = fingerprint("key new")
+    assert (
+        directory.register_client("new", "CSR of new", {}, None, key_fingerprint=key) == "pending"
+    )
     certificate = Certificate("CSR of new", "CERT of new", fingerprint("new"))
     token = fingerprint("token")
-    assert directory.register_client("new", "CSR of new", {}, token, certificate) == "accepted"
+    assert (
+        directory.register_client("new", "CSR of new", {}, token, certificate, key_fingerprint=key)
+        == "accepted"
+    )
 
 
 # --- expiry ---------------------------------------------------------------------------
@@ -546,6 +568,115 @@ def test_two_threads_polling_one_client_never_get_the_same_job(world: World) -> 
     assert set(got[0]) | set(got[1]) == jobs
     for job in jobs:
         assert actions(world, job).count("send") == 1
+
+
+# --- idempotent submission ------------------------------------------------------------
+
+REQUEST_KEY = "6f1c1a52-5b0e-4f7e-9a55-0d4a2f3c9e11"
+
+
+def test_a_repeated_request_key_returns_the_first_job(world: World) -> None:
+    jobs = world.store.jobs
+    first = jobs.submit(world.admin, spec(), ["web-17", "db-1"], [], REQUEST_KEY)
+    again = jobs.submit(world.admin, spec(), ["web-17", "db-1"], [], REQUEST_KEY)
+    assert not first.repeated and again.repeated
+    assert (again.job_id, again.accepted, again.refused) == (
+        first.job_id,
+        ["db-1", "web-17"],
+        [],
+    )
+    assert [j["id"] for j in jobs.listing(world.admin)] == [first.job_id]
+    assert actions(world, first.job_id) == ["submit", "submit"]  # one per client, once
+
+
+def test_a_repeated_request_key_keeps_the_first_answers_refusals(world: World) -> None:
+    world.store.directory.add_grant("alice", "run", "web-17", "user:admin")
+    jobs = world.store.jobs
+    first = jobs.submit(world.alice, spec(), ["web-17", "db-1"], [], REQUEST_KEY)
+    again = jobs.submit(world.alice, spec(), ["web-17", "db-1"], [], REQUEST_KEY)
+    assert first.refused == ["db-1 (no grant: alice may not run)"]
+    assert (again.job_id, again.accepted, again.refused, again.repeated) == (
+        first.job_id,
+        ["web-17"],
+        first.refused,
+        True,
+    )
+
+
+def test_a_request_key_belongs_to_its_owner(world: World) -> None:
+    world.store.directory.add_grant("alice", "*", "web-17", "user:admin")
+    mine = world.store.jobs.submit(world.admin, spec(), ["web-17"], [], REQUEST_KEY)
+    hers = world.store.jobs.submit(world.alice, spec(), ["web-17"], [], REQUEST_KEY)
+    assert mine.job_id != hers.job_id and not hers.repeated
+
+
+def test_a_request_key_reused_for_another_job_is_a_conflict(world: World) -> None:
+    first = world.store.jobs.submit(world.admin, spec(), ["web-17"], [], REQUEST_KEY)
+    with pytest.raises(
+        Conflict, match=f"used for job {first.job_id} with another priority, script"
+    ):
+        world.store.jobs.submit(
+            world.admin, spec(script="rm -rf /tmp/x\n", priority=5), ["web-17"], [], REQUEST_KEY
+        )
+    assert len(world.store.jobs.listing(world.admin)) == 1
+
+
+def test_submissions_racing_with_one_key_make_one_job(world: World) -> None:
+    """Four daemons (four stores on one database) get the same submission at once."""
+    url = world.store.database.engine.url.render_as_string(hide_password=False)
+    stores = [Store(make_engine(url), f"daemon-{i}") for i in range(4)]
+    barrier = threading.Barrier(len(stores))
+    answers: list[SubmitResult] = []
+    errors: list[BaseException] = []
+
+    def daemon(store: Store) -> None:
+        try:
+            barrier.wait()
+            answers.append(store.jobs.submit(world.admin, spec(), ["web-17"], [], REQUEST_KEY))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=daemon, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert errors == []
+    assert len({a.job_id for a in answers}) == 1
+    assert sorted(a.repeated for a in answers) == [False, True, True, True]
+    (job,) = world.store.jobs.listing(world.admin)
+    assert job["states"] == {"pending": 1}
+
+
+# --- enrollment requests ------------------------------------------------------------
+
+
+def test_a_pending_name_keeps_its_key(world: World) -> None:
+    directory = world.store.directory
+    key = fingerprint("key of the agent")
+    assert directory.register_client("new", "CSR 1", {}, None, key_fingerprint=key) == "pending"
+    with pytest.raises(EnrollmentRefused, match="an administrator must reject or delete"):
+        directory.register_client(
+            "new", "CSR of an intruder", {}, None, key_fingerprint=fingerprint("intruder")
+        )
+    # The same key with a new request (only the key's holder can sign one) is kept.
+    assert directory.register_client("new", "CSR 2", {}, None, key_fingerprint=key) == "pending"
+    row = directory.enrollment("new")
+    assert (row["csr_pem"], row["key_fingerprint"]) == ("CSR 2", key)
+    assert next(c for c in directory.clients() if c["name"] == "new")["key_fingerprint"] == key
+    assert directory.client_detail("new")["key_fingerprint"] == key
+
+
+def test_a_rejected_name_takes_a_new_key_but_not_the_rejected_one(world: World) -> None:
+    directory = world.store.directory
+    old, new = fingerprint("old key"), fingerprint("new key")
+    directory.register_client("new", "CSR 1", {}, None, key_fingerprint=old)
+    directory.reject_client("new", "user:admin")
+    assert directory.register_client("new", "CSR 1b", {}, None, key_fingerprint=old) == "rejected"
+    assert directory.register_client("new", "CSR 2", {}, None, key_fingerprint=new) == "pending"
+    assert directory.enrollment("new")["key_fingerprint"] == new
 
 
 # --- retention ------------------------------------------------------------------------

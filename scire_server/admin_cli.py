@@ -274,12 +274,13 @@ def cmd_grant(args: argparse.Namespace, proxy: Any) -> None:
 
 
 def _read_script(args: argparse.Namespace) -> str:
+    # Read as bytes: text mode would turn \r\n into \n, and the script must arrive byte-exact.
     if args.command:
         return str(args.command)
-    if str(args.script) == "-":
-        return sys.stdin.read()
     try:
-        return Path(args.script).read_text(encoding="utf-8")
+        if str(args.script) == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(args.script).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CLIError(f"cannot read the script {args.script}: {exc}") from exc
 
@@ -290,7 +291,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> None:
         spec = {
             "name": args.name
             or (Path(args.script).name if args.script and str(args.script) != "-" else "command"),
-            "script": _read_script(args),
+            # Binary: an XML-RPC string would turn \r into \n and cannot carry ESC.
+            "script": xmlrpc.client.Binary(_read_script(args).encode("utf-8")),
             "hosts": args.host or [],
             "groups": args.group or [],
             "priority": args.priority,

@@ -104,6 +104,11 @@ def describe_tls_error(exc: ssl.SSLError, url: str) -> str:
         if code in _NOT_FROM_OUR_CA:
             return f"{url}: the server's certificate is not from our CA: {exc.verify_message}"
         return f"{url}: the server's certificate was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError):
+        return (
+            f"{url}: the server closed the TLS connection "
+            "(it may have refused our certificate: expired, or not from its CA)"
+        )
     reason = exc.reason or ""
     if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
         return (

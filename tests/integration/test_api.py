@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,12 @@ from scire_schema import certs, documents, files
 from scire_server import api, ca, migrations
 from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
-from scire_server.exceptions import AuthenticationRequired, Forbidden, Unavailable
+from scire_server.exceptions import (
+    AuthenticationRequired,
+    Forbidden,
+    InvalidArgument,
+    Unavailable,
+)
 from scire_server.store import Caller, Store, make_engine
 from scire_server.store.audit import AuditTrail
 
@@ -167,3 +173,37 @@ def test_identify_refuses_with_the_reason_and_records_it(server: Api) -> None:
     # A busy database is not recorded: the refusal would only make it busier.
     server.methods.record_refusal("agent.poll", None, "192.0.2.7", Unavailable())
     assert server.store.audit.events()[-1] == row
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "echo \x1b[31mred\x1b[0m\r\n",
+        xmlrpc.client.Binary(b"echo \x1b[31mred\x1b[0m\r\n"),
+        b"echo \x1b[31mred\x1b[0m\r\n",
+    ],
+)
+def test_a_script_arrives_as_text_or_binary_utf8(server: Api, script: Any) -> None:
+    client = server.methods.identify(_enroll(server, "web-17"))
+    job_id = server.methods.job_submit(server.admin, {"script": script, "hosts": ["web-17"]})[
+        "job_id"
+    ]
+    shown = server.methods.job_show(server.admin, job_id)
+    assert shown["script"] == "echo \ufffd[31mred\ufffd[0m\r\n"  # XML-RPC cannot carry ESC
+    [xml] = server.methods.poll(client, [], [], 1)["jobs"]
+    assert documents.parse_job(xml).script == "echo \x1b[31mred\x1b[0m\r\n"  # exact
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        (xmlrpc.client.Binary(b"echo caf\xe9\n"), "the script is not UTF-8 text"),
+        (xmlrpc.client.Binary(b"echo a\x00b\n"), "the script contains a NUL character"),
+        (xmlrpc.client.Binary(b"  \n"), "the job needs a script"),
+        (42, "the job needs a script"),
+    ],
+)
+def test_a_bad_script_is_refused(server: Api, script: Any, message: str) -> None:
+    _enroll(server, "web-17")
+    with pytest.raises(InvalidArgument, match=message):
+        server.methods.job_submit(server.admin, {"script": script, "hosts": ["web-17"]})

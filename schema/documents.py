@@ -9,6 +9,8 @@ network, bounded size; a document either matches its schema or raises
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import functools
 import importlib.resources
@@ -25,12 +27,24 @@ JOB_NS = "urn:scire:job:1"
 STATUS_NS = "urn:scire:status:1"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 
-# Characters XML 1.0 cannot carry; job output is arbitrary bytes, so they are replaced.
+#: The ``encoding`` attribute of a ``script`` or ``output`` carried as base64.
+BASE64 = "base64"
+
+# Characters XML 1.0 cannot carry; short texts (a reason) have them replaced.
 _NOT_XML_CHAR = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+# A lone surrogate (text decoded with surrogateescape) has no UTF-8 encoding.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def xml_safe(text: str) -> str:
+    """``text`` with every character XML 1.0 cannot carry replaced by U+FFFD."""
     return _NOT_XML_CHAR.sub("\ufffd", text)
+
+
+def without_nul(text: str) -> str:
+    """``text`` with U+0000 replaced by U+FFFD: PostgreSQL's text cannot hold it."""
+    return text.replace("\x00", "\ufffd")
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,32 @@ def _sub(parent: etree._Element, ns: str, tag: str, text: str) -> etree._Element
     return element
 
 
+def _sub_base64(parent: etree._Element, ns: str, tag: str, text: str) -> etree._Element:
+    # XML normalises line ends (a bare \r arrives as \n) and cannot carry most
+    # C0 controls at all (ESC, as in ANSI colours), so scripts and outputs
+    # travel as base64 of their UTF-8 bytes and arrive byte-exact.
+    data = _SURROGATE.sub("\ufffd", text).encode("utf-8")
+    element = _sub(parent, ns, tag, base64.b64encode(data).decode("ascii"))
+    element.set("encoding", BASE64)
+    return element
+
+
+def _decoded(element: etree._Element, what: str) -> str:
+    """The text of ``element``, decoded when it says ``encoding="base64"``
+    (the schema allows no other value); plain text is what older writers sent."""
+    text = element.text or ""
+    if element.get("encoding") != BASE64:
+        return text
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except binascii.Error as exc:
+        raise DocumentError(f"{what} is not valid base64: {exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DocumentError(f"{what} is not UTF-8 text: {exc}") from exc
+
+
 def _bool(value: bool) -> str:
     return "true" if value else "false"
 
@@ -150,7 +190,7 @@ def render_job(doc: JobDocument) -> str:
     if doc.expires is not None:
         _sub(root, JOB_NS, "expires", format_time(doc.expires))
     _sub(root, JOB_NS, "rerunOnAgentCrash", _bool(doc.rerun_on_agent_crash))
-    _sub(root, JOB_NS, "script", xml_safe(doc.script))
+    _sub_base64(root, JOB_NS, "script", doc.script)
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8").decode("utf-8")
 
 
@@ -189,7 +229,7 @@ def parse_job(text: str | bytes) -> JobDocument:
         not_before=opt_time("notBefore"),
         expires=opt_time("expires"),
         rerun_on_agent_crash=req("rerunOnAgentCrash").strip() in ("true", "1"),
-        script=req("script"),
+        script=_decoded(root.find(f"{{{JOB_NS}}}script"), "the script"),
     )
 
 
@@ -207,7 +247,7 @@ def render_status(report: StatusReport) -> str:
     if report.reason is not None:
         _sub(root, STATUS_NS, "reason", xml_safe(report.reason)[:1000])
     if report.output is not None:
-        output = _sub(root, STATUS_NS, "output", xml_safe(report.output))
+        output = _sub_base64(root, STATUS_NS, "output", without_nul(report.output))
         output.set("truncated", _bool(report.truncated))
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8").decode("utf-8")
 
@@ -226,6 +266,6 @@ def parse_status(text: str | bytes) -> StatusReport:
         started=parse_time(started) if started else None,
         finished=parse_time(finished) if finished else None,
         reason=_text(root, STATUS_NS, "reason"),
-        output=(output.text or "") if output is not None else None,
+        output=without_nul(_decoded(output, "the output")) if output is not None else None,
         truncated=output is not None and output.get("truncated") in ("true", "1"),
     )

@@ -25,12 +25,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from scire_client import enroll, lock, runner
 from scire_client.config import ClientConfig
-from scire_client.exceptions import ServerFault, SpoolError, TransportError
+from scire_client.exceptions import ConfigError, ServerFault, SpoolError, TransportError
 from scire_client.spool import RECEIVED, STARTED, Entry, Spool
 from scire_client.transport import PollAnswer, Reconcile, ServerTransport
 from scire_schema import documents
@@ -49,13 +51,34 @@ RECOVERED_OUTPUT_LIMIT = 64 * 1024  # bytes, when the job file cannot tell its o
 
 def run(config: ClientConfig) -> int:
     """``scire-client run``: enroll if needed, recover the spool, work until done."""
+    setup = job_setup(config)
     with lock.hold(config.lock_file):
         enroll.ensure_enrolled(config)
         transport = ServerTransport(config)
         try:
-            return Agent(config, transport, Spool(config.spool_dir)).run()
+            return Agent(config, transport, Spool(config.spool_dir), setup).run()
         finally:
             transport.close()
+
+
+def job_setup(config: ClientConfig) -> runner.JobSetup:
+    """How this agent runs jobs (``run_as``, ``work_root``, extra variables), checked
+    at start-up: a user that does not exist, or one a non-root agent cannot become,
+    is a ``ConfigError``."""
+    try:
+        setup = runner.JobSetup(
+            user=runner.JobUser.resolve(config.run_as),
+            work_root=config.work_path,
+            extra_environment=config.extra_environment(os.environ),
+        )
+        runner.prepare_work_root(setup)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise ConfigError(f"work_root {config.work_path}: {exc.strerror}") from exc
+    if setup.user.switch:
+        log.debug("jobs run as %s (uid %s)", setup.user.name, setup.user.uid)
+    return setup
 
 
 def status_report(
@@ -82,14 +105,14 @@ def status_report(
     )
 
 
-def recover(spool: Spool, kill_grace: float) -> list[int]:
+def recover(spool: Spool, kill_grace: float, work_root: Path | None = None) -> list[int]:
     """Finish what a dead agent left; returns the ids it changed.
 
     The spool puts its files in order first. A job still ``started`` was
     running when the agent died: the runner kills what is left of its process
-    group, then it runs again if the job allows it and was not cancelled, else
-    it is reported failed ("agent restarted") or cancelled, with the output it
-    left.
+    group and removes its tree under ``work_root``, then it runs again if the
+    job allows it and was not cancelled, else it is reported failed ("agent
+    restarted") or cancelled, with the output it left.
     """
     changed = spool.recover()
     for entry in spool.entries(STARTED):
@@ -97,6 +120,8 @@ def recover(spool: Spool, kill_grace: float) -> list[int]:
         if entry.pgid is not None:
             mark = runner.ProcessMark(entry.pgid, entry.boot_id, entry.leader_start)
             runner.kill_leftover(mark, kill_grace, f"job {entry.job_id} ({entry.name})")
+        if work_root is not None:
+            runner.remove_job_tree(work_root, entry.job_id)
         try:
             doc: JobDocument | None = spool.job(entry.job_id)
         except SpoolError as exc:
@@ -134,6 +159,7 @@ class Agent:
         config: ClientConfig,
         transport: ServerTransport,
         spool: Spool,
+        setup: runner.JobSetup,
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -141,12 +167,13 @@ class Agent:
         self.config = config
         self.transport = transport
         self.spool = spool
+        self.setup = setup
         self._sleep = sleep
         self._clock = clock
         self._last_contact = float("-inf")
 
     def run(self) -> int:
-        recover(self.spool, self.config.kill_grace)
+        recover(self.spool, self.config.kill_grace, self.setup.work_root)
         purged = self.spool.purge(self.config.spool_retention)
         if purged:
             log.info("spool: purged %d old tombstones", purged)
@@ -306,6 +333,7 @@ class Agent:
         report = runner.run_job(
             doc,
             entry.path,
+            setup=dataclasses.replace(self.setup, server=self.transport.current_server),
             delivery_id=entry.delivery_id,
             kill_grace=self.config.kill_grace,
             tick_interval=self.config.heartbeat_interval,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import socket
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from scire_client import runner
 from scire_client.exceptions import ConfigError
 from scire_schema import inifile
 
@@ -27,6 +30,8 @@ CONNECT_TIMEOUT = 10.0  # seconds per socket operation
 SPOOL_RETENTION = 7 * 24 * 3600.0  # seconds reported entries stay as dedupe tombstones
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SET_BY_SCIRE = frozenset({"PATH", "LANG", "HOME", "USER", "LOGNAME", "TMPDIR"})
 
 
 def normalize_fingerprint(raw: str) -> str:
@@ -38,6 +43,17 @@ def normalize_fingerprint(raw: str) -> str:
     if not _HEX64.fullmatch(text):
         raise ConfigError(f"ca_fingerprint {raw!r} is not a SHA-256 hex digest (64 hex digits)")
     return text
+
+
+def _check_variable(name: str, key: str) -> str:
+    if not _VARIABLE.fullmatch(name):
+        raise ConfigError(f"{key}: {name!r} is not an environment variable name")
+    # Scire's own variables say what the job is; only these defaults may be replaced.
+    if name.startswith(runner.RESERVED_PREFIX) or (
+        name in _SET_BY_SCIRE and name not in runner.OVERRIDABLE
+    ):
+        raise ConfigError(f"{key}: {name} is set by Scire for every job and cannot be changed")
+    return name
 
 
 def _check_server(url: str) -> str:
@@ -67,6 +83,10 @@ class ClientConfig:
     kill_grace: float = KILL_GRACE
     connect_timeout: float = CONNECT_TIMEOUT
     spool_retention: float = SPOOL_RETENTION
+    run_as: str = ""  # the user jobs run as; "" = the agent's own (another needs a root agent)
+    work_root: Path | None = None  # each job's tree is work_root/<job id>; default state_dir/work
+    job_environment: str = ""  # NAME=VALUE ... (shell quoting) added to every job's environment
+    pass_environment: list[str] = dataclasses.field(default_factory=list)  # names copied from ours
 
     @classmethod
     def load(
@@ -101,6 +121,33 @@ class ClientConfig:
         for name in ("enroll_wait", "report_retry_for", "kill_grace", "spool_retention"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        self.run_as = self.run_as.strip()
+        if self.work_root is None:
+            self.work_root = self.state_dir / "work"
+        self.work_root = Path(self.work_root).expanduser().absolute()
+        self.job_variables()
+        for name in self.pass_environment:
+            _check_variable(name, "pass_environment")
+
+    def job_variables(self) -> dict[str, str]:
+        """``job_environment`` as a mapping; ``ConfigError`` for a malformed one."""
+        try:
+            words = shlex.split(self.job_environment)
+        except ValueError as exc:
+            raise ConfigError(f"job_environment: {exc}") from exc
+        variables = {}
+        for word in words:
+            name, equals, value = word.partition("=")
+            if not equals:
+                raise ConfigError(f"job_environment: {word!r} is not NAME=VALUE")
+            variables[_check_variable(name, "job_environment")] = value
+        return variables
+
+    def extra_environment(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """What jobs get beyond the defaults: ``pass_environment`` from ``environ``
+        (names it lacks are left out), then ``job_environment``."""
+        passed = {name: environ[name] for name in self.pass_environment if name in environ}
+        return passed | self.job_variables()
 
     # Files in state_dir; enroll.py writes them, transport.py reads them.
     @property
@@ -119,6 +166,11 @@ class ClientConfig:
     @property
     def cert_file(self) -> Path:
         return self.state_dir / "cert.pem"
+
+    @property
+    def work_path(self) -> Path:
+        assert self.work_root is not None  # set by check()
+        return self.work_root
 
     @property
     def spool_dir(self) -> Path:

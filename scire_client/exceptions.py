@@ -10,6 +10,7 @@ original.
   + ServerFault                the server answered with an XML-RPC fault
   + EnrollmentPending          the request waits for an administrator (exit 3)
   + EnrollmentRefused          the request was rejected or revoked (exit 4)
+  + CertificateExpired         the agent's own certificate has expired: renew or re-enroll
   + AgentBusy                  another agent process holds the state directory
   + SpoolError                 a spool entry is missing or damaged
 """
@@ -58,6 +59,10 @@ class EnrollmentPending(ClientError):
 
 class EnrollmentRefused(ClientError):
     """The enrollment request was refused; remove the state directory's key to start over."""
+
+
+class CertificateExpired(ClientError):
+    """The agent's certificate has expired; renew or re-enroll."""
 
 
 class AgentBusy(ClientError):

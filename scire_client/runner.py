@@ -7,6 +7,14 @@ The job runs as ``interpreter script`` in a new session (so its whole process
 group can be signalled, and it survives an agent crash for ``kill_leftover``
 to find), with stdin from /dev/null and stdout and stderr into one file.
 
+Each job gets a tree of its own, ``work_root/<job id>/``: ``script``, the
+working directory ``work/`` and ``TMPDIR`` ``tmp/``, made fresh before the job
+and removed after it. The job runs as ``JobUser`` (the agent's own user, or
+``run_as`` when the agent is root: set in the child, after ``fork`` and before
+``exec``), with exactly the environment ``job_environment`` builds; the spool
+stays the agent's own (mode 0700), and the job writes its output through the
+file descriptor it inherits.
+
 A gate makes "started is on disk before the job runs" exact: the process is
 first a ``/bin/sh`` that waits for one line on its stdin. The runner spawns
 it, hands its ``ProcessMark`` (process group id, boot, leader start time) to
@@ -21,14 +29,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import pwd
+import shutil
 import signal
+import stat
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scire_schema.documents import JobDocument, StatusReport
+from scire_schema.files import write_atomic
 from scire_schema.protocol import utc_now
 
 log = logging.getLogger(__name__)
@@ -41,8 +53,163 @@ _GO = b"go\n"
 _GATE = f'IFS= read -r go && [ "$go" = go ] || exit {GATE_EXIT}; exec "$@" </dev/null'
 
 CANCELLED_REASON = "cancelled by the server"
+#: The job's PATH, whatever the agent's is.
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Variables ``job_environment`` and ``pass_environment`` may set over the defaults;
+#: every other variable the runner sets is Scire's.
+OVERRIDABLE = frozenset({"PATH", "LANG"})
+RESERVED_PREFIX = "SCIRE_"
+WORK_DIR = "work"
+TMP_DIR = "tmp"
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _KILL_POLL = 0.05  # seconds between checks that a leftover process group is gone
+
+
+@dataclass(frozen=True)
+class JobUser:
+    """Who a job runs as: the agent's own user, or another when the agent is root."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()  #: supplementary groups, set only when ``switch``
+    home: str = ""
+    switch: bool = False  #: the child must change to this user before it execs
+
+    @classmethod
+    def resolve(cls, run_as: str) -> JobUser:
+        """The user ``run_as`` names ("" = the agent's own); ``ValueError`` when the
+        user does not exist, or is another user and the agent is not root."""
+        euid = os.geteuid()
+        if not run_as:
+            try:
+                me = pwd.getpwuid(euid)
+            except KeyError:  # a uid without a passwd entry (containers)
+                return cls(str(euid), euid, os.getegid())
+            return cls(me.pw_name, euid, os.getegid(), home=me.pw_dir)
+        try:
+            entry = pwd.getpwuid(int(run_as)) if run_as.isdigit() else pwd.getpwnam(run_as)
+        except KeyError:
+            raise ValueError(f"run_as {run_as!r}: no such user") from None
+        if entry.pw_uid == euid:
+            return cls(entry.pw_name, euid, os.getegid(), home=entry.pw_dir)
+        if euid != 0:
+            raise ValueError(
+                f"run_as {run_as!r}: the agent runs as uid {euid}, not root, so it cannot "
+                "run jobs as another user (run the agent as root, or leave run_as unset)"
+            )
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir, switch=True)
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    """How every job of this agent runs: as whom, where, with which extra variables."""
+
+    user: JobUser
+    work_root: Path  #: each job's tree is ``work_root/<job id>``, owned by the agent
+    extra_environment: Mapping[str, str] = field(default_factory=dict)
+    server: str = ""  #: the URL the jobs came from (``SCIRE_SERVER``)
+
+
+def prepare_work_root(setup: JobSetup) -> None:
+    """Make ``work_root`` (or check it) at start-up; ``ValueError`` says why not.
+
+    Only the agent may write it: a job's tree is made in it by the agent as
+    root, so a directory others could write would let them plant links there.
+    Another run-as user needs to search it and every directory above it.
+    """
+    root = setup.work_root
+    root.mkdir(parents=True, exist_ok=True, mode=0o711 if setup.user.switch else 0o700)
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"work_root {root} is not a directory")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ValueError(
+            f"work_root {root} must belong to the agent's user and be writable by it only "
+            f"(it is uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o})"
+        )
+    if not setup.user.switch:
+        return
+    if not info.st_mode & stat.S_IXOTH:
+        os.chmod(root, stat.S_IMODE(info.st_mode) | 0o011)
+    for directory in (root, *root.parents):
+        if not _may_search(directory.stat(), setup.user):
+            raise ValueError(
+                f"run_as {setup.user.name}: {setup.user.name} cannot reach work_root {root}: "
+                f"it may not enter {directory}; set work_root to a directory every parent "
+                f"of which {setup.user.name} may enter (e.g. /var/lib/scire-work)"
+            )
+
+
+def _may_search(info: os.stat_result, user: JobUser) -> bool:
+    # Mode bits only: a POSIX ACL that grants more is not seen, one that denies is.
+    if info.st_uid == user.uid:
+        return bool(info.st_mode & stat.S_IXUSR)
+    if info.st_gid == user.gid or info.st_gid in user.groups:
+        return bool(info.st_mode & stat.S_IXGRP)
+    return bool(info.st_mode & stat.S_IXOTH)
+
+
+def job_environment(
+    doc: JobDocument, delivery_id: str, setup: JobSetup, tree: Path
+) -> dict[str, str]:
+    """The job's whole environment (documented in docs/ARCHITECTURE.md, "The job's process")."""
+    user = setup.user
+    home = user.home if user.home and os.path.isdir(user.home) else str(tree / WORK_DIR)
+    env = {
+        "PATH": SAFE_PATH,
+        "LANG": "C.UTF-8",
+        "HOME": home,
+        "USER": user.name,
+        "LOGNAME": user.name,
+        "TMPDIR": str(tree / TMP_DIR),
+        "SCIRE_JOB_ID": str(doc.job_id),
+        "SCIRE_DELIVERY_ID": delivery_id,
+        "SCIRE_JOB_NAME": doc.name,
+        "SCIRE_ATTEMPT": str(doc.attempt),
+        "SCIRE_OWNER": doc.owner,
+        "SCIRE_CLIENT": doc.client,
+    }
+    if setup.server:
+        env["SCIRE_SERVER"] = setup.server
+    for name, value in setup.extra_environment.items():
+        if name in env and name not in OVERRIDABLE:
+            continue  # the configuration refuses these; never let one through
+        env[name] = value
+    return env
+
+
+def job_tree(work_root: Path, job_id: int) -> Path:
+    return work_root / str(job_id)
+
+
+def remove_job_tree(work_root: Path, job_id: int) -> None:
+    """Remove a job's tree, whatever the job left in it."""
+    tree = job_tree(work_root, job_id)
+    if tree.is_symlink():
+        tree.unlink()
+    elif tree.exists():
+        shutil.rmtree(tree)
+
+
+def _make_job_tree(setup: JobSetup, doc: JobDocument) -> Path:
+    """A fresh tree for ``doc``: everything made by the agent first, then handed to
+    the job's user, the tree itself last, so the job user never holds a directory
+    the agent still writes in."""
+    tree = job_tree(setup.work_root, doc.job_id)
+    remove_job_tree(setup.work_root, doc.job_id)  # what a crashed run left
+    os.mkdir(tree, 0o700)
+    made = [tree / WORK_DIR, tree / TMP_DIR, tree / SCRIPT_FILE]
+    os.mkdir(made[0], 0o700)
+    os.mkdir(made[1], 0o700)
+    fd = os.open(made[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(doc.script.encode("utf-8"))
+    if setup.user.switch:
+        for path in (*made, tree):
+            os.chown(path, setup.user.uid, setup.user.gid, follow_symlinks=False)
+    return tree
 
 
 @dataclass(frozen=True)
@@ -150,6 +317,7 @@ def run_job(
     doc: JobDocument,
     entry_dir: Path,
     *,
+    setup: JobSetup,
     delivery_id: str,
     kill_grace: float,
     tick_interval: float,
@@ -157,33 +325,73 @@ def run_job(
     on_tick: Callable[[], bool],
     clock: Callable[[], float] = time.monotonic,
 ) -> StatusReport:
-    """Run ``doc`` in ``entry_dir`` and return its final status.
+    """Run ``doc`` in a fresh tree under ``setup.work_root``, its output into
+    ``entry_dir``, and return its final status.
 
     ``on_started(mark)`` runs after the spawn and before the script may
     start; ``on_tick()`` runs every ``tick_interval`` seconds and returns True
     when the job must be cancelled.
     """
-    script_path = entry_dir / SCRIPT_FILE
-    output_path = entry_dir / OUTPUT_FILE
-    script_path.write_text(doc.script, encoding="utf-8")
-    env = {
-        **os.environ,
-        "SCIRE_JOB_ID": str(doc.job_id),
-        "SCIRE_DELIVERY_ID": delivery_id,
-        "SCIRE_JOB_NAME": doc.name,
-    }
+    # The spool's copy: the script as run, for whoever looks into the entry later.
+    write_atomic(entry_dir / SCRIPT_FILE, doc.script.encode("utf-8"))
     started = utc_now()
+    try:
+        tree = _make_job_tree(setup, doc)
+    except OSError as exc:
+        reason = f"cannot make the job's directory: {exc}"
+        return _report(doc, delivery_id, "failed", started, reason=reason)
+    try:
+        return _run_in(
+            doc,
+            entry_dir,
+            tree,
+            setup,
+            delivery_id,
+            started,
+            kill_grace,
+            tick_interval,
+            on_started,
+            on_tick,
+            clock,
+        )
+    finally:
+        try:
+            remove_job_tree(setup.work_root, doc.job_id)
+        except OSError as exc:
+            log.error("job %s (%s): cannot remove %s: %s", doc.job_id, doc.name, tree, exc)
+
+
+def _run_in(
+    doc: JobDocument,
+    entry_dir: Path,
+    tree: Path,
+    setup: JobSetup,
+    delivery_id: str,
+    started: dt.datetime,
+    kill_grace: float,
+    tick_interval: float,
+    on_started: Callable[[ProcessMark], None],
+    on_tick: Callable[[], bool],
+    clock: Callable[[], float],
+) -> StatusReport:
+    output_path = entry_dir / OUTPUT_FILE
+    env = job_environment(doc, delivery_id, setup, tree)
+    user = setup.user
     with open(output_path, "wb") as output:
         gate_read, gate_write = os.pipe()
         try:
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", _GATE, "scire-job", doc.interpreter, str(script_path)],
+                ["/bin/sh", "-c", _GATE, "scire-job", doc.interpreter, str(tree / SCRIPT_FILE)],
                 stdin=gate_read,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                cwd=entry_dir,
+                cwd=tree / WORK_DIR,
                 env=env,
                 start_new_session=True,
+                # setgroups, setregid, setreuid in the child, after fork and before exec.
+                user=user.uid if user.switch else None,
+                group=user.gid if user.switch else None,
+                extra_groups=list(user.groups) if user.switch else None,
             )
         except OSError as exc:
             os.close(gate_write)
@@ -201,7 +409,13 @@ def run_job(
             gate.write(_GO)
         except BrokenPipeError:
             pass  # the gate died; its exit status tells the rest
-    log.debug("job %s (%s): process group %s started", doc.job_id, doc.name, proc.pid)
+    log.debug(
+        "job %s (%s): process group %s started as %s",
+        doc.job_id,
+        doc.name,
+        proc.pid,
+        setup.user.name,
+    )
     try:
         state, reason = _wait(proc, doc, kill_grace, tick_interval, on_tick, clock)
     except BaseException:

@@ -5,7 +5,7 @@ One directory per job under ``state_dir/spool/<job_id>/``:
 ``job.xml``     the job file as delivered; written before the agent acknowledges
 ``state``       the journal (JSON), rewritten atomically at each step:
                 received -> started -> finished -> reported, or received -> dropped
-``script``      the script as run (written by the runner)
+``script``      a copy of the script as run (the runner runs its own in the job's tree)
 ``output``      the job's stdout and stderr
 ``result.xml``  the final status document, written before the state says finished
 ``cancelled``   marker: the server cancelled the job; its text is the reason
@@ -146,7 +146,7 @@ class Spool:
             self._adopt_delivery(doc.job_id, journal, doc.delivery_id)
             return False
         path = self._dir(doc.job_id)
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(path / JOB_FILE, xml_text.encode("utf-8"))
         self._write_journal(
             doc.job_id,

@@ -18,14 +18,15 @@ import time
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from xml.parsers.expat import ExpatError
 
 from scire_client.config import ClientConfig
-from scire_client.exceptions import ConfigError, ServerFault, TransportError
-from scire_schema import documents, tls
+from scire_client.exceptions import CertificateExpired, ConfigError, ServerFault, TransportError
+from scire_schema import certs, documents, tls
 from scire_schema.documents import JobDocument
-from scire_schema.errors import DocumentError
+from scire_schema.errors import CertificateError, DocumentError
 from scire_schema.protocol import EnrollmentStatus, ReconcileAction
 
 log = logging.getLogger(__name__)
@@ -220,10 +221,8 @@ class ServerTransport:
             return getattr(proxy, method)(*args)
         except xmlrpc.client.Fault as exc:
             raise ServerFault(int(exc.faultCode), str(exc.faultString)) from exc
-        except ssl.SSLCertVerificationError as exc:
-            raise TransportError(
-                f"{url}: server certificate not trusted: {exc.verify_message}"
-            ) from exc
+        except ssl.SSLError as exc:
+            raise TransportError(tls.describe_tls_error(exc, url)) from exc
         except xmlrpc.client.ProtocolError as exc:
             raise TransportError(f"{url}: HTTP {exc.errcode} {exc.errmsg}") from exc
         except (OSError, http.client.HTTPException) as exc:
@@ -242,10 +241,25 @@ class ServerTransport:
 def _default_context(config: ClientConfig) -> ssl.SSLContext:
     cert = config.cert_file if config.cert_file.exists() else None
     key = config.key_file if cert is not None else None
+    if cert is not None:
+        _check_not_expired(cert)
     try:
         return tls.client_context(config.ca_path, cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the CA {config.ca_path} or the agent's key: {exc}") from exc
+
+
+def _check_not_expired(cert_file: Path) -> None:
+    """Say so in words before the server's handshake refuses an expired certificate."""
+    try:
+        cert = certs.load_cert(cert_file.read_bytes())
+    except (OSError, CertificateError) as exc:
+        raise ConfigError(f"cannot load the agent's certificate {cert_file}: {exc}") from exc
+    if tls.certificate_expired(cert):
+        expired = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise CertificateExpired(
+            f"your certificate expired on {expired}; renew or re-enroll ({cert_file})"
+        )
 
 
 def _status(value: str, method: str) -> EnrollmentStatus:

@@ -428,6 +428,7 @@ def cmd_grant(args: argparse.Namespace, proxy: Any) -> ExitCode:
 
 
 def _read_script(args: argparse.Namespace) -> str:
+    # Read as bytes: text mode would turn \r\n into \n, and the script must arrive byte-exact.
     if args.command:
         return str(args.command)
     where = "standard input" if str(args.script) == "-" else str(args.script)
@@ -493,7 +494,8 @@ def job_submit(args: argparse.Namespace, proxy: Any) -> ExitCode:
     spec = {
         "name": args.name
         or (Path(args.script).name if args.script and str(args.script) != "-" else "command"),
-        "script": _read_script(args),
+        # Binary: an XML-RPC string would turn \r into \n and cannot carry ESC.
+        "script": xmlrpc.client.Binary(_read_script(args).encode("utf-8")),
         "hosts": args.host or [],
         "groups": args.group or [],
         "priority": args.priority,

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 import secrets
+import xmlrpc.client
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +50,9 @@ PRIVILEGE_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
 # A client-generated key that makes a submission idempotent: a UUID fits.
 REQUEST_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,63}$")
 MAX_SCRIPT_BYTES = 1024 * 1024
-# Output bytes become up to 4 bytes each in the status document ("&lt;") and
-# twice that inside the XML-RPC envelope: 2 MiB keeps both under their caps.
+# An output byte becomes up to 4 bytes in the status document (U+FFFD for a
+# byte that is not UTF-8, then base64): 2 MiB keeps it and the XML-RPC envelope
+# under their caps.
 MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
 
 
@@ -68,6 +70,23 @@ def check_name(value: Any, what: str = "name") -> str:
 def _int(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidArgument(f"{what} must be an integer from {low} to {high}, not {clip(value)}")
+    return value
+
+
+def _script(value: Any) -> str:
+    """The script of a submission: a string, or ``Binary`` UTF-8 bytes (what
+    ``scire-admin`` sends, since an XML-RPC string loses ``\r`` and cannot carry ESC)."""
+    if isinstance(value, xmlrpc.client.Binary):
+        value = value.data
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"the script is not UTF-8 text (byte {exc.start})") from exc
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgument("the job needs a script")
+    if "\x00" in value:
+        raise InvalidArgument("the script contains a NUL character")
     return value
 
 
@@ -295,9 +314,7 @@ class RemoteMethods:
     def job_submit(self, caller: Caller, spec: Any) -> dict[str, Any]:
         if not isinstance(spec, dict):
             raise InvalidArgument("job_submit takes one struct")
-        script = spec.get("script")
-        if not isinstance(script, str) or not script.strip():
-            raise InvalidArgument("the job needs a script")
+        script = _script(spec.get("script"))
         if len(script.encode("utf-8")) > MAX_SCRIPT_BYTES:
             raise InvalidArgument(f"the script is larger than {MAX_SCRIPT_BYTES} bytes")
         hosts = [check_name(h, "client") for h in spec.get("hosts") or []]
@@ -357,7 +374,14 @@ class RemoteMethods:
         return self.store.jobs.listing(caller, _int(limit, "limit", 1, 10_000), state or None)
 
     def job_show(self, caller: Caller, job_id: Any) -> dict[str, Any]:
-        return self.store.jobs.detail(caller, _int(job_id, "job id", 1, 2**31 - 1))
+        detail = self.store.jobs.detail(caller, _int(job_id, "job id", 1, 2**31 - 1))
+        # A script or output may hold characters an XML-RPC string cannot carry
+        # (ESC); shown with U+FFFD in their place, kept exact in the database.
+        detail["script"] = documents.xml_safe(detail["script"])
+        for assignment in detail["assignments"]:
+            if assignment.get("output") is not None:
+                assignment["output"] = documents.xml_safe(assignment["output"])
+        return detail
 
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         count = self.store.jobs.cancel(caller, _int(job_id, "job id", 1, 2**31 - 1))

@@ -94,8 +94,11 @@ def issue_certificate(
     role: str,
     alt_names: list[str] | None = None,
     days: int = CERT_VALIDITY_DAYS,
+    not_before: dt.datetime | None = None,
 ) -> x509.Certificate:
+    """Valid from ``not_before`` (default: now, less five minutes of clock skew) for ``days``."""
     now = utc_now()
+    start = not_before or now - dt.timedelta(minutes=5)
     # Servers also call agents (poll_now) and agents also listen in daemon mode,
     # so both usages go on every end-entity certificate.
     builder = (
@@ -104,8 +107,8 @@ def issue_certificate(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after((not_before or now) + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(

@@ -30,7 +30,7 @@ from scire_schema.protocol import FaultCode
 LEAK_MARKERS = ("<class", "Traceback", "Error:")
 #: The audit actions of refused calls: refusals are recorded by design, so a
 #: "nothing changed" comparison leaves them out.
-REFUSAL_ACTIONS = ("refused",)
+REFUSAL_ACTIONS = ("refused", "anonymous_refusals")
 WAIT = 30.0  # seconds any one socket operation of a test peer may take
 
 

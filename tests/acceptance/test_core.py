@@ -7,6 +7,7 @@ Every test runs a real server, real agents and the real ``scire-admin``.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -217,4 +218,6 @@ def test_spooled_documents_match_the_schemas(running: Deployment) -> None:
     assert job_root.findtext("{urn:scire:job:1}priority") == "7"
     status_root = etree.parse(str(entry / "result.xml")).getroot()
     assert status_root.findtext("{urn:scire:status:1}state") == "succeeded"
-    assert status_root.findtext("{urn:scire:status:1}output") == "x < y & z\n"
+    output = status_root.find("{urn:scire:status:1}output")
+    assert output is not None and output.get("encoding") == "base64"  # byte-exact on the wire
+    assert base64.b64decode(output.text or "") == b"x < y & z\n"

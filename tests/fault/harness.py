@@ -2,10 +2,11 @@
 the checks that nothing was lost and nothing ran twice.
 
 Every job the harness submits appends its id to a per-host file when it
-runs: the script's working directory is the agent's spool entry
-(``state_dir/spool/<job_id>/``), so ``../../ran.log`` is
-``agents/<host>/ran.log``. At the end ``FaultRig.check`` compares those files
-with the ``assignments`` and ``events`` tables of the SQLite database.
+runs: the script's working directory is the job's ``work/`` in its tree under
+the agent's default ``work_root`` (``state_dir/work/<job_id>/work/``), so
+``../../../ran.log`` is ``agents/<host>/ran.log``. At the end
+``FaultRig.check`` compares those files with the ``assignments`` and
+``events`` tables of the SQLite database.
 
 Faults are injected with plain signals (``kill -9`` of the server or of an
 agent, SIGTERM of the server), with an agent impersonated over XML-RPC
@@ -36,7 +37,7 @@ from conftest import Deployment
 from scire_schema import tls
 
 #: The marker: one line with the job id, appended when the job runs.
-MARK = 'echo "$SCIRE_JOB_ID" >> ../../ran.log'
+MARK = 'echo "$SCIRE_JOB_ID" >> ../../../ran.log'
 RAN_LOG = "ran.log"
 STARTS_LOG = "starts.log"
 FINAL = frozenset({"succeeded", "failed", "timed_out", "denied", "expired", "cancelled"})

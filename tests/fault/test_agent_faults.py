@@ -16,11 +16,11 @@ from scire_schema import documents
 
 HOST = "host1"
 #: Records that it started, runs long, and records that it completed.
-STARTED = f'echo "$SCIRE_JOB_ID" >> ../../{STARTS_LOG}'
+STARTED = f'echo "$SCIRE_JOB_ID" >> ../../../{STARTS_LOG}'
 SLOW = f"{STARTED}; sleep 30; {MARK}"
 #: Slow only on its first execution on this host.
 SLOW_ONCE = (
-    f'{STARTED}; [ "$(grep -cx "$SCIRE_JOB_ID" ../../{STARTS_LOG})" -gt 1 ] || sleep 30; {MARK}'
+    f'{STARTED}; [ "$(grep -cx "$SCIRE_JOB_ID" ../../../{STARTS_LOG})" -gt 1 ] || sleep 30; {MARK}'
 )
 
 

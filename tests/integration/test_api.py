@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import uuid
+import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,37 @@ def test_a_repeated_request_key_answers_with_the_first_job(server: Api) -> None:
     }
     assert again == first | {"repeated": True}
     assert len(server.methods.job_list(server.admin)) == 1
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "echo \x1b[31mred\x1b[0m\r\n",
+        xmlrpc.client.Binary(b"echo \x1b[31mred\x1b[0m\r\n"),
+        b"echo \x1b[31mred\x1b[0m\r\n",
+    ],
+)
+def test_a_script_arrives_as_text_or_binary_utf8(server: Api, script: Any) -> None:
+    client = server.methods.identify(_enroll(server, "web-17"))
+    job_id = server.methods.job_submit(server.admin, {"script": script, "hosts": ["web-17"]})[
+        "job_id"
+    ]
+    shown = server.methods.job_show(server.admin, job_id)
+    assert shown["script"] == "echo \ufffd[31mred\ufffd[0m\r\n"  # XML-RPC cannot carry ESC
+    [xml] = server.methods.poll(client, [], [], 1)["jobs"]
+    assert documents.parse_job(xml).script == "echo \x1b[31mred\x1b[0m\r\n"  # exact
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        (xmlrpc.client.Binary(b"echo caf\xe9\n"), "the script is not UTF-8 text"),
+        (xmlrpc.client.Binary(b"echo a\x00b\n"), "the script contains a NUL character"),
+        (xmlrpc.client.Binary(b"  \n"), "the job needs a script"),
+        (42, "the job needs a script"),
+    ],
+)
+def test_a_bad_script_is_refused(server: Api, script: Any, message: str) -> None:
+    _enroll(server, "web-17")
+    with pytest.raises(InvalidArgument, match=message):
+        server.methods.job_submit(server.admin, {"script": script, "hosts": ["web-17"]})

@@ -41,6 +41,13 @@ def make_job(script: str, **changes: object) -> JobDocument:
     return JobDocument(**values)  # type: ignore[arg-type]
 
 
+def own_setup(tmp_path: Path) -> runner.JobSetup:
+    """Jobs as the test's own user, their trees under ``tmp_path/work``."""
+    setup = runner.JobSetup(user=runner.JobUser.resolve(""), work_root=tmp_path / "work")
+    runner.prepare_work_root(setup)
+    return setup
+
+
 def run(
     tmp_path: Path,
     doc: JobDocument,
@@ -57,6 +64,7 @@ def run(
     return runner.run_job(
         doc,
         tmp_path,
+        setup=own_setup(tmp_path),
         delivery_id=doc.delivery_id,
         kill_grace=kill_grace,
         tick_interval=tick_interval,
@@ -79,10 +87,11 @@ def test_success_captures_stdout_and_stderr_in_order(tmp_path: Path) -> None:
     assert (tmp_path / "script").read_text() == script
 
 
-def test_the_job_runs_in_its_entry_with_no_stdin(tmp_path: Path) -> None:
-    report = run(tmp_path, make_job("pwd\ncat\necho end\n"))
+def test_the_job_runs_in_a_fresh_work_dir_with_no_stdin(tmp_path: Path) -> None:
+    report = run(tmp_path, make_job("pwd\nls -A\ncat\necho end\n"))
     assert report.state == "succeeded"
-    assert report.output == f"{tmp_path}\nend\n"
+    assert report.output == f"{tmp_path / 'work' / '42' / 'work'}\nend\n"
+    assert not (tmp_path / "work" / "42").exists()  # removed after the job
 
 
 def test_failure_keeps_the_exit_code(tmp_path: Path) -> None:
@@ -98,7 +107,7 @@ def test_a_missing_interpreter_fails_with_127(tmp_path: Path) -> None:
 def test_another_interpreter(tmp_path: Path) -> None:
     report = run(tmp_path, make_job("import sys\nprint(sys.argv[0])\n", interpreter=sys.executable))
     assert report.state == "succeeded"
-    assert report.output == f"{tmp_path / 'script'}\n"
+    assert report.output == f"{tmp_path / 'work' / '42' / 'script'}\n"
 
 
 def test_death_by_signal_is_128_plus_the_signal(tmp_path: Path) -> None:
@@ -153,11 +162,12 @@ def test_started_is_recorded_before_the_script_runs(tmp_path: Path) -> None:
 
     def on_started(mark: runner.ProcessMark) -> None:
         time.sleep(0.2)  # were the script not gated, it would have run by now
-        seen.append((mark.pgid, (tmp_path / "ran").exists()))
+        seen.append((mark.pgid, (tmp_path / "work" / "42" / "work" / "ran").exists()))
 
     report = runner.run_job(
         make_job("touch ran\necho $$\n"),
         tmp_path,
+        setup=own_setup(tmp_path),
         delivery_id=uuid.uuid4().hex,
         kill_grace=1,
         tick_interval=10,
@@ -175,7 +185,7 @@ def test_a_failing_on_started_never_runs_the_script(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        run_with(tmp_path, make_job("touch ran\n"), on_started)
+        run_with(tmp_path, make_job(f"touch {tmp_path}/ran\n"), on_started)
     time.sleep(0.1)
     assert not (tmp_path / "ran").exists()
 
@@ -184,6 +194,7 @@ def run_with(tmp_path: Path, doc: JobDocument, on_started: object) -> StatusRepo
     return runner.run_job(
         doc,
         tmp_path,
+        setup=own_setup(tmp_path),
         delivery_id=doc.delivery_id,
         kill_grace=1,
         tick_interval=10,

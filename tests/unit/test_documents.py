@@ -116,16 +116,52 @@ def test_times_are_utc_with_z() -> None:
 # --- invalid XML characters in output ---------------------------------------------
 
 
-def test_invalid_xml_characters_in_output_are_replaced() -> None:
-    raw = "ok\x00nul\x1besc\x07bell\ttab\nline\ud800lone-surrogate"
+def test_output_arrives_exact_but_nul_and_lone_surrogates() -> None:
+    # Base64 carries what XML cannot (ESC, BEL, a bare CR); NUL and a lone
+    # surrogate, which no database text or UTF-8 can hold, become U+FFFD.
+    raw = "ok\x00nul\x1besc\x07bell\ttab\r\nline\rcr\ud800lone-surrogate"
     xml = documents.render_status(make_status(output=raw))
+    assert 'encoding="base64"' in xml
     parsed = documents.parse_status(xml)
-    assert parsed.output == "ok\ufffdnul\ufffdesc\ufffdbell\ttab\nline\ufffdlone-surrogate"
+    assert parsed.output == "ok\ufffdnul\x1besc\x07bell\ttab\r\nline\rcr\ufffdlone-surrogate"
 
 
-def test_invalid_xml_characters_in_script_and_reason_are_replaced() -> None:
-    job = documents.parse_job(documents.render_job(make_job(script="echo \x01\n")))
-    assert job.script == "echo \ufffd\n"
+def test_script_arrives_byte_exact() -> None:
+    script = "printf '\x1b[31mred\x1b[0m'\r\necho \x01\x7f\u0085 é ✓\rend\n"
+    xml = documents.render_job(make_job(script=script))
+    assert 'encoding="base64"' in xml and "printf" not in xml
+    assert documents.parse_job(xml).script == script
+
+
+def test_a_plain_script_from_an_older_writer_still_parses() -> None:
+    xml = documents.render_job(make_job())
+    start = xml.index("<script")
+    plain = xml[:start] + "<script>echo 'a &lt; b'&#13;\n</script></job>"
+    assert documents.parse_job(plain).script == "echo 'a < b'\r\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("not base64!", "the script is not valid base64"),
+        ("//79", "the script is not UTF-8 text"),  # bytes ff fe fd
+    ],
+)
+def test_a_bad_base64_script_is_refused(body: str, message: str) -> None:
+    xml = documents.render_job(make_job())
+    start = xml.index("<script")
+    bad = xml[:start] + f'<script encoding="base64">{body}</script></job>'
+    with pytest.raises(DocumentError, match=message):
+        documents.parse_job(bad)
+
+
+def test_an_unknown_encoding_is_invalid() -> None:
+    xml = documents.render_job(make_job()).replace('encoding="base64"', 'encoding="hex"')
+    with pytest.raises(DocumentError, match="not valid against job.xsd"):
+        documents.parse_job(xml)
+
+
+def test_invalid_xml_characters_in_reason_are_replaced() -> None:
     status = documents.parse_status(documents.render_status(make_status(reason="bad\x02")))
     assert status.reason == "bad\ufffd"
 
@@ -232,7 +268,7 @@ def _swap(xml: str, old: str, new: str) -> str:
         ('id="42"', 'id="0"'),
         ('attempt="1"', ""),
         ("<owner>alice</owner>", ""),
-        ("<script>", "<unexpected/><script>"),
+        ("<script ", "<unexpected/><script "),
         (f'xmlns="{documents.JOB_NS}"', 'xmlns="urn:other"'),
     ],
 )

@@ -116,7 +116,10 @@ def _parser() -> etree.XMLParser:
 
 
 def _parse(text: str | bytes, schema_name: str) -> etree._Element:
-    data = text.encode("utf-8") if isinstance(text, str) else text
+    try:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+    except UnicodeEncodeError as exc:
+        raise DocumentError(f"not encodable as UTF-8 at character {exc.start}") from exc
     if len(data) > MAX_DOCUMENT_BYTES:
         raise DocumentError(f"document larger than {MAX_DOCUMENT_BYTES} bytes")
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
@@ -201,6 +204,14 @@ def _text(root: etree._Element, ns: str, tag: str) -> str | None:
     return element.text or ""
 
 
+def _time(value: str, tag: str) -> dt.datetime:
+    """A wire time; the schema's dateTime is wider than what ``datetime`` holds."""
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise DocumentError(f"{tag}: {exc}") from exc
+
+
 def parse_job(text: str | bytes) -> JobDocument:
     root = _parse(text, "job.xsd")
 
@@ -211,7 +222,7 @@ def parse_job(text: str | bytes) -> JobDocument:
 
     def opt_time(tag: str) -> dt.datetime | None:
         value = _text(root, JOB_NS, tag)
-        return parse_time(value) if value else None
+        return _time(value, tag) if value else None
 
     return JobDocument(
         job_id=int(root.get("id")),
@@ -225,7 +236,7 @@ def parse_job(text: str | bytes) -> JobDocument:
         timeout=int(req("timeout")),
         output_limit=int(req("outputLimit")),
         interpreter=req("interpreter"),
-        created=parse_time(req("created")),
+        created=_time(req("created"), "created"),
         not_before=opt_time("notBefore"),
         expires=opt_time("expires"),
         rerun_on_agent_crash=req("rerunOnAgentCrash").strip() in ("true", "1"),
@@ -263,8 +274,8 @@ def parse_status(text: str | bytes) -> StatusReport:
         delivery_id=root.get("delivery"),
         state=(_text(root, STATUS_NS, "state") or "").strip(),
         exit_code=int(exit_code) if exit_code is not None else None,
-        started=parse_time(started) if started else None,
-        finished=parse_time(finished) if finished else None,
+        started=_time(started, "started") if started else None,
+        finished=_time(finished, "finished") if finished else None,
         reason=_text(root, STATUS_NS, "reason"),
         output=without_nul(_decoded(output, "the output")) if output is not None else None,
         truncated=output is not None and output.get("truncated") in ("true", "1"),

@@ -55,6 +55,9 @@ MAX_CONNECTIONS_PER_PEER = 64  # open connections from one peer address
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers
 MAX_HEADER_COUNT = 100
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# A peer without a client certificate reaches only enrollment (a CSR and a few
+# facts): a small cap keeps strangers from making the server buffer 32 MiB each.
+MAX_ANONYMOUS_BODY_BYTES = 64 * 1024
 MAX_THREADS = 16  # worker threads running the handler
 MAX_QUEUED = 64  # complete requests waiting for a worker; beyond that, 503
 RETRY_AFTER = 2  # seconds, sent with a 503
@@ -122,6 +125,7 @@ class ListenerLimits:
     max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
     max_header_bytes: int = MAX_HEADER_BYTES
     max_body_bytes: int = MAX_BODY_BYTES
+    max_anonymous_body_bytes: int = MAX_ANONYMOUS_BODY_BYTES
     max_threads: int = MAX_THREADS
     max_queued: int = MAX_QUEUED
 
@@ -134,6 +138,7 @@ class ListenerLimits:
             "max_connections_per_peer",
             "max_header_bytes",
             "max_body_bytes",
+            "max_anonymous_body_bytes",
             "max_threads",
         ):
             if getattr(self, name) < 1:
@@ -826,11 +831,11 @@ class Listener:
             if not _DIGITS.match(length_text):
                 raise _Refusal(400, "bad Content-Length")
             length = int(length_text)
-        if length > limits.max_body_bytes:
+        cap = limits.max_body_bytes if conn.cert else limits.max_anonymous_body_bytes
+        if length > cap:
             # Before any 100 Continue: a client that waits for it sends nothing.
-            raise _Refusal(
-                413, f"request body over {limits.max_body_bytes} bytes", unread_body=True
-            )
+            without = "" if conn.cert else " without a client certificate"
+            raise _Refusal(413, f"request body over {cap} bytes{without}", unread_body=True)
         expect = headers.get("expect", "").lower()
         if expect and expect != "100-continue":
             raise _Refusal(417, "only Expect: 100-continue is understood")

@@ -102,8 +102,12 @@ def format_time(value: dt.datetime) -> str:
 
 
 def parse_time(text: str) -> dt.datetime:
-    """The inverse of ``format_time``: a naive UTC datetime. ValueError when it is not one."""
-    value = dt.datetime.fromisoformat(text.strip())
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    """The inverse of ``format_time``: a naive UTC datetime. ValueError when it is not one,
+    also for a time XML Schema allows but ``datetime`` cannot hold (24:00:00, year 10000)."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    except OverflowError as exc:
+        raise ValueError(f"time {text.strip()[:40]!r} is out of range") from exc
     return value

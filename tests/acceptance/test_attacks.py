@@ -43,6 +43,7 @@ from hostile import (
 )
 
 from scire_schema import certs
+from scire_schema.listener import MAX_ANONYMOUS_BODY_BYTES
 from scire_schema.protocol import FaultCode
 
 MALFORMED = FaultCode.MALFORMED_REQUEST.value
@@ -220,7 +221,15 @@ class HostileRequests(Attack):
         try:
             while not self._stop.is_set():
                 for body in self.bodies:
-                    answer = peer.post(body)
+                    try:
+                        answer = peer.post(body)
+                    except OSError:  # reset, broken pipe, or TLS cut mid-body
+                        if len(body) <= MAX_ANONYMOUS_BODY_BYTES:
+                            raise
+                        # Refused unread: the 413 came while the body was still going out.
+                        peer.close()
+                        self.sent += 1
+                        continue
                     self.sent += 1
                     try:
                         self.expect(body, answer)
@@ -387,6 +396,15 @@ def expect_malformed(body: bytes, answer: Answer) -> None:
     assert len(answer.fault_string) <= MAX_MESSAGE, answer.fault_string
 
 
+def expect_malformed_or_too_large(body: bytes, answer: Answer) -> None:
+    """A stranger's body over its cap is refused unread (413); a smaller one is
+    parsed with bounded depth and refused as malformed."""
+    if len(body) > MAX_ANONYMOUS_BODY_BYTES:
+        assert answer.status == 413, answer
+    else:
+        expect_malformed(body, answer)
+
+
 def attacks() -> dict[str, Callable[[], Attack]]:
     csr = certs.make_csr(certs.generate_key(), "entity-probe").decode()
     return {
@@ -404,7 +422,7 @@ def attacks() -> dict[str, Callable[[], Attack]]:
         ),
         "oversize body": lambda: Oversize(),
         "200,000 nested arrays": lambda: HostileRequests(
-            [nested_arrays(200_000)], expect_malformed, 2
+            [nested_arrays(200_000), nested_arrays(1_000)], expect_malformed_or_too_large, 2
         ),
         "malformed, ESC and NUL bodies": lambda: HostileRequests(
             MALFORMED_BODIES, expect_malformed

@@ -258,11 +258,6 @@ def test_after_the_fuzzing_nothing_changed(endpoint: Endpoint) -> None:
     assert snapshot_difference(endpoint.before, database_snapshot(endpoint.dep)) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scire_schema.documents.parse_status lets ValueError out for an XSD-valid "
-    "dateTime that datetime cannot hold (24:00:00, year 10000): fault 99 instead of 5",
-)
 def test_a_report_with_a_time_python_cannot_hold_is_fault_5(endpoint: Endpoint) -> None:
     xml = documents.render_status(
         StatusReport(

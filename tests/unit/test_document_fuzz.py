@@ -166,13 +166,6 @@ def test_fuzz_status_fields(
     parses_or_refuses(documents.parse_status, xml)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, OverflowError),
-    reason="parse_job/parse_status hand an XSD-valid xs:dateTime to datetime.fromisoformat "
-    "unguarded: 24:00:00, a 5-digit or negative year, or an offset past year 1/9999 "
-    "raise ValueError/OverflowError instead of DocumentError",
-)
 @pytest.mark.parametrize(
     "when",
     [
@@ -196,12 +189,6 @@ def test_times_datetime_cannot_hold_are_document_errors(kind: str, when: str) ->
         parser(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="a str holding a lone surrogate is encoded unguarded (UnicodeEncodeError, not "
-    "DocumentError); it cannot arrive over the wire, whose bodies must be valid UTF-8",
-)
 @pytest.mark.parametrize("parser", PARSERS, ids=["job", "status"])
 def test_a_lone_surrogate_is_a_document_error(parser: object) -> None:
     assert callable(parser)

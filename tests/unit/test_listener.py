@@ -392,6 +392,22 @@ def test_total_cap_refuses_when_nothing_is_idle(listeners: Listeners, certs: Cer
 # Requests refused before a worker sees them.
 
 
+def test_a_stranger_s_body_is_capped_lower_than_an_agent_s(
+    listeners: Listeners, certs: Certs
+) -> None:
+    listener = listeners.start(max_body_bytes=100_000, max_anonymous_body_bytes=1000)
+    body = xmlrpc.client.dumps(("x" * 5000,), "echo").encode()
+    request = b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with tls_socket(listener, client_context(certs, with_cert=False)) as sock:
+        sock.sendall(request + body)
+        status, _, answer = read_response(sock)
+        assert status == 413
+        assert b"without a client certificate" in answer
+    with tls_socket(listener, client_context(certs)) as sock:
+        sock.sendall(request + body)
+        assert read_response(sock)[0] == 200
+
+
 def test_oversize_body_gets_413_without_100_continue(listeners: Listeners, certs: Certs) -> None:
     listener = listeners.start(max_body_bytes=1000)
     context = client_context(certs)

@@ -84,7 +84,7 @@ MATRIX: dict[str, tuple[str, tuple[str, ...]]] = {
     "admin.user_revoke": ("admin", ADMIN),
     "admin.grant_add": ("admin", ADMIN),
     "admin.grant_remove": ("admin", ADMIN),
-    "admin.grant_list": ("admin", ADMIN),
+    "admin.grant_list": ("user", USER),
     "admin.audit": ("admin", ADMIN),
     "admin.server_list": ("admin", ADMIN),
 }

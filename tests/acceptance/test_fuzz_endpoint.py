@@ -41,7 +41,7 @@ from scire_schema.protocol import FaultCode
 AGENT = "fuzz-agent"
 EXAMPLES = 2000
 FUZZ = settings(
-    deadline=dt.timedelta(seconds=10),
+    deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -16,7 +16,7 @@ from scire_schema.errors import DocumentError
 
 FUZZ = settings(
     max_examples=300,
-    deadline=dt.timedelta(seconds=2),
+    deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

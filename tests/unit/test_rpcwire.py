@@ -10,7 +10,6 @@ import logging
 import re
 import tracemalloc
 import xmlrpc.client
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -34,7 +33,7 @@ from scire_schema.rpcwire import (
 
 FUZZ = settings(
     max_examples=1000,
-    deadline=timedelta(seconds=2),
+    deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import ssl
-import urllib.parse
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
@@ -70,56 +69,6 @@ def _harden(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Compression leaks secrets through the length of what it sends (CRIME).
     ctx.options |= ssl.OP_NO_COMPRESSION
-
-
-# OpenSSL's X509_V_ERR_* codes of ssl.SSLCertVerificationError.verify_code.
-_NOT_YET_VALID = 9
-_EXPIRED = 10
-_NOT_FROM_OUR_CA = frozenset({18, 19, 20, 21})  # self-signed, unknown issuer, unverifiable leaf
-_NAME_MISMATCH = frozenset({62, 64})  # host name, IP address
-
-
-def describe_tls_error(exc: ssl.SSLError, url: str) -> str:
-    """What a failed TLS connection to ``url`` means, in words.
-
-    The server's certificate refused here (``SSLCertVerificationError``), or
-    ours refused by the server (a TLS alert), instead of OpenSSL's
-    ``CERTIFICATE_VERIFY_FAILED``. Both programs use it.
-    """
-    host = urllib.parse.urlsplit(url).hostname or url
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        if code == _EXPIRED:
-            return (
-                f"{url}: the server's certificate has expired (or this host's clock is wrong); "
-                "the server's administrator must renew it"
-            )
-        if code == _NOT_YET_VALID:
-            return f"{url}: the server's certificate is not valid yet: check this host's clock"
-        if code in _NAME_MISMATCH:
-            return (
-                f"{url}: the server's certificate does not name {host}: use a name it carries "
-                "in the URL, or have it issued with that name (scire-admin init --alt-name)"
-            )
-        if code in _NOT_FROM_OUR_CA:
-            return f"{url}: the server's certificate is not from our CA: {exc.verify_message}"
-        return f"{url}: the server's certificate was refused: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLEOFError):
-        return (
-            f"{url}: the server closed the TLS connection "
-            "(it may have refused our certificate: expired, or not from its CA)"
-        )
-    reason = exc.reason or ""
-    if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
-        return (
-            f"{url}: the server refused our certificate as expired "
-            "(or a clock is wrong); renew or re-enroll"
-        )
-    if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA"):
-        return f"{url}: the server refused our certificate: is it from the server's CA?"
-    if reason in ("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER"):
-        return f"{url}: no common TLS version (1.2 or newer), or not a TLS server"
-    return f"{url}: TLS failed: {reason or exc}"
 
 
 def certificate_expired(cert: x509.Certificate, now: dt.datetime | None = None) -> bool:

@@ -2,8 +2,10 @@
 
 ``ssl`` reports ``CERTIFICATE_VERIFY_FAILED``, ``WRONG_VERSION_NUMBER`` or
 ``EOF occurred in violation of protocol``; an operator needs to hear "the
-server's certificate does not name this host; use a name it has". Both the
-admin CLI and (later) the agent translate through ``explain``.
+server's certificate does not name this host; use a name it has". One
+classification of the failure, two wordings: ``explain`` for the operator at
+``scire-admin`` (whose remedy is a flag or a bundle), ``explain_for_agent`` for
+the agent's log (whose remedy is renewing or re-enrolling the host).
 """
 
 from __future__ import annotations
@@ -12,13 +14,11 @@ import socket
 import ssl
 from urllib.parse import urlsplit
 
-# OpenSSL's X509_V_ERR_* codes that an operator can act on.
-_CERT_HAS_EXPIRED = 10
+# OpenSSL's X509_V_ERR_* codes (ssl.SSLCertVerificationError.verify_code) one can act on.
 _CERT_NOT_YET_VALID = 9
-_SELF_SIGNED_IN_CHAIN = 19
-_UNABLE_TO_GET_ISSUER = 20
-_HOSTNAME_MISMATCH = 62
-_IP_ADDRESS_MISMATCH = 64
+_CERT_HAS_EXPIRED = 10
+_NOT_FROM_OUR_CA = frozenset({18, 19, 20, 21})  # self-signed, unknown issuer, unverifiable leaf
+_NAME_MISMATCH = frozenset({62, 64})  # host name, IP address
 
 
 def explain(exc: BaseException, server: str) -> str:
@@ -77,13 +77,13 @@ def explain(exc: BaseException, server: str) -> str:
 def _verify_failure(exc: ssl.SSLCertVerificationError, where: str) -> str:
     code = exc.verify_code
     host = where.rsplit(":", 1)[0].strip("[]")
-    if code in (_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH):
+    if code in _NAME_MISMATCH:
         return (
             f"the server's certificate is not valid for {host!r}: connect with a name it has "
             "(scire-admin init --alt-name set them; 'localhost' or 127.0.0.1 on the server "
             "itself), or reissue the server certificate with this name"
         )
-    if code in (_SELF_SIGNED_IN_CHAIN, _UNABLE_TO_GET_ISSUER):
+    if code in _NOT_FROM_OUR_CA:
         return (
             f"the server at {where} has a certificate from another CA than your bundle's: "
             "this bundle belongs to another Scire installation, or --server points at the "
@@ -100,3 +100,46 @@ def _verify_failure(exc: ssl.SSLCertVerificationError, where: str) -> str:
             "behind; set the clock right (NTP)"
         )
     return f"the server's certificate at {where} was refused: {exc.verify_message}"
+
+
+def explain_for_agent(exc: ssl.SSLError, url: str) -> str:
+    """What a failed TLS connection to ``url`` means, in words.
+
+    The server's certificate refused here (``SSLCertVerificationError``), or
+    ours refused by the server (a TLS alert), instead of OpenSSL's
+    ``CERTIFICATE_VERIFY_FAILED``, worded for the agent's log.
+    """
+    host = urlsplit(url).hostname or url
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == _CERT_HAS_EXPIRED:
+            return (
+                f"{url}: the server's certificate has expired (or this host's clock is wrong); "
+                "the server's administrator must renew it"
+            )
+        if code == _CERT_NOT_YET_VALID:
+            return f"{url}: the server's certificate is not valid yet: check this host's clock"
+        if code in _NAME_MISMATCH:
+            return (
+                f"{url}: the server's certificate does not name {host}: use a name it carries "
+                "in the URL, or have it issued with that name (scire-admin init --alt-name)"
+            )
+        if code in _NOT_FROM_OUR_CA:
+            return f"{url}: the server's certificate is not from our CA: {exc.verify_message}"
+        return f"{url}: the server's certificate was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError):
+        return (
+            f"{url}: the server closed the TLS connection "
+            "(it may have refused our certificate: expired, or not from its CA)"
+        )
+    reason = exc.reason or ""
+    if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+        return (
+            f"{url}: the server refused our certificate as expired "
+            "(or a clock is wrong); renew or re-enroll"
+        )
+    if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA"):
+        return f"{url}: the server refused our certificate: is it from the server's CA?"
+    if reason in ("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER"):
+        return f"{url}: no common TLS version (1.2 or newer), or not a TLS server"
+    return f"{url}: TLS failed: {reason or exc}"

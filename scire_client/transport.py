@@ -24,7 +24,7 @@ from xml.parsers.expat import ExpatError
 
 from scire_client.config import ClientConfig
 from scire_client.exceptions import CertificateExpired, ConfigError, ServerFault, TransportError
-from scire_schema import certs, documents, tls
+from scire_schema import certs, documents, tls, tls_errors
 from scire_schema.documents import JobDocument
 from scire_schema.errors import CertificateError, DocumentError
 from scire_schema.protocol import EnrollmentStatus, ReconcileAction
@@ -222,7 +222,7 @@ class ServerTransport:
         except xmlrpc.client.Fault as exc:
             raise ServerFault(int(exc.faultCode), str(exc.faultString)) from exc
         except ssl.SSLError as exc:
-            raise TransportError(tls.describe_tls_error(exc, url)) from exc
+            raise TransportError(tls_errors.explain_for_agent(exc, url)) from exc
         except xmlrpc.client.ProtocolError as exc:
             raise TransportError(f"{url}: HTTP {exc.errcode} {exc.errmsg}") from exc
         except (OSError, http.client.HTTPException) as exc:

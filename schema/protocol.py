@@ -89,6 +89,24 @@ class ReportedState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class AgentMode(enum.StrEnum):
+    """How an agent runs, as it says in the ``presence`` of each poll."""
+
+    ONCE = "once"  #: ``scire-client run`` from cron or by hand: one pass, then exit
+    DAEMON = "daemon"  #: ``scire-client daemon``: polls on its own, may listen for poll_now
+
+
+#: The one method of a daemon-mode agent's listener. It takes no arguments and
+#: answers ``True``; only a caller with a *server* certificate from the CA may call it.
+POLL_NOW_METHOD = "poll_now"
+
+#: The organizational unit (OU) of the subject that says what a certificate is for.
+#: The database decides who a caller is; the role decides what it may be at all.
+ROLE_SERVER = "scire-server"
+ROLE_CLIENT = "scire-client"
+ROLE_USER = "scire-user"
+
+
 def utc_now() -> dt.datetime:
     """The current time, aware, in UTC: what every party stamps."""
     return dt.datetime.now(dt.UTC)

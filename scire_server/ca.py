@@ -14,16 +14,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from scire_schema import certs
+from scire_schema import certs, protocol
 from scire_schema.certs import PrivateKey
 from scire_schema.protocol import utc_now
 
 CA_VALIDITY_DAYS = 3650
 CERT_VALIDITY_DAYS = 825
-#: Organizational units mark what a certificate is for; the database decides who it is.
-ROLE_SERVER = "scire-server"
-ROLE_CLIENT = "scire-client"
-ROLE_USER = "scire-user"
+ROLE_SERVER = protocol.ROLE_SERVER
+ROLE_CLIENT = protocol.ROLE_CLIENT
+ROLE_USER = protocol.ROLE_USER
 
 
 def _name(cn: str, role: str) -> x509.Name:

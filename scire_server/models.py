@@ -67,6 +67,11 @@ class Client(Base):
     decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     decided_by: Mapped[str | None] = mapped_column(String(255))
     last_seen_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # What the agent said of itself on its last poll (``presence`` argument).
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    agent_mode: Mapped[str | None] = mapped_column(String(16))  # once | daemon
+    # host:port of a daemon-mode agent's poll_now listener; NULL when it has none.
+    callback_address: Mapped[str | None] = mapped_column(String(255))
 
 
 class ClientGroup(Base):
@@ -154,12 +159,41 @@ class EnrollmentToken(Base):
     uses_left: Mapped[int] = mapped_column(Integer)
 
 
+class Schedule(Base):
+    """A recurring or deferred submission: each run is its own job, linked back
+    by ``jobs.schedule_id`` and its ``due_at``."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_state_next_due_at", "state", "next_due_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # at | every | cron
+    # ISO time for "at", seconds for "every", the five cron fields for "cron".
+    expression: Mapped[str] = mapped_column(String(255))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    # The job spec each run is made from, with its hosts and groups.
+    spec: Mapped[dict[str, object]] = mapped_column(JSON)
+    allow_overlap: Mapped[bool] = mapped_column(Boolean, default=False)
+    catch_up: Mapped[str] = mapped_column(String(16), default="once")  # once | all | skip
+    state: Mapped[str] = mapped_column(String(16))  # active | paused | finished | deleted
+    next_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    last_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
 class Job(Base):
     """A job definition. ``request_key`` is the submitter's key for an idempotent
-    submission: one owner, one key, one job (NULLs never collide)."""
+    submission: one owner, one key, one job (NULLs never collide). A run of a
+    schedule carries ``schedule_id`` and ``due_at``, unique together, so two
+    daemons can never make the same run twice."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner_id", "request_key"),)
+    __table_args__ = (
+        UniqueConstraint("owner_id", "request_key"),
+        UniqueConstraint("schedule_id", "due_at"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -176,6 +210,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     cancelled_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     request_key: Mapped[str | None] = mapped_column(String(64))
+    schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id"), index=True)
+    due_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
 
 class Assignment(Base):

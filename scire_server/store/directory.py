@@ -50,6 +50,19 @@ TOKEN = "token"
 _ACTIVE_STATES = [State.PENDING, State.SENT, State.ACKNOWLEDGED, State.RUNNING]
 
 
+def token_refusal(token: EnrollmentToken | None, now: dt.datetime) -> str:
+    """Why an enrollment token cannot be used, in words; "" when it can. The
+    token is a long random secret, so telling "expired" from "unknown" tells a
+    guesser nothing."""
+    if token is None:
+        return "the enrollment token is unknown (mistyped, or from another server)"
+    if token.expires_at <= now:
+        return f"the enrollment token expired at {token.expires_at:%Y-%m-%d %H:%M} UTC"
+    if token.uses_left <= 0:
+        return "the enrollment token is used up (every enrollment it allowed has happened)"
+    return ""
+
+
 class Directory:
     """Users, clients, groups and grants of one database."""
 
@@ -201,9 +214,17 @@ class Directory:
                 token = session.scalars(
                     select(EnrollmentToken).where(EnrollmentToken.token_hash == token_hash)
                 ).first()
-                if token is not None and token.expires_at > now and token.uses_left > 0:
-                    token.uses_left -= 1
-                    token_ok = True
+                # A bad token is refused, not quietly turned into a request that
+                # waits for an administrator nobody told.
+                refusal = token_refusal(token, now)
+                if refusal:
+                    raise EnrollmentRefused(
+                        f"{refusal}; ask an administrator for a new one (scire-admin client "
+                        "token), or enroll without a token and wait to be accepted"
+                    )
+                assert token is not None
+                token.uses_left -= 1
+                token_ok = True
             if client is not None and same_key and not token_ok:
                 # The same key again, still waiting: keep its newest request.
                 client.csr_pem, client.facts = csr_pem, facts
@@ -229,9 +250,7 @@ class Directory:
                 "register",
                 client=name,
                 new=ClientStatus.PENDING.value,
-                detail="with a valid enrollment token"
-                if token_ok
-                else ("with an invalid or used token" if token_hash else None),
+                detail="with a valid enrollment token" if token_ok else None,
             )
             if token_ok:
                 assert certificate is not None

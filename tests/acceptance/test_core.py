@@ -56,11 +56,18 @@ def test_single_use_token_signs_one_agent_only(running: Deployment) -> None:
     dep = running
     token = dep.admin("client", "token", "--uses", "1")["token"]
     assert _enroll_pending(dep, "first", token=token) == 0
-    assert _enroll_pending(dep, "second", token=token) == EXIT_PENDING
+    # A spent or bogus token is refused with its reason, not parked as a request.
+    second = dep.agent("second", "--enroll-wait", "0", "enroll", token=token)
+    assert second.returncode == EXIT_REFUSED
+    assert "the enrollment token is used up" in second.stderr
+    bogus = dep.agent("third", "--enroll-wait", "0", "enroll", token="0" * 48)
+    assert bogus.returncode == EXIT_REFUSED
+    assert "the enrollment token is unknown" in bogus.stderr
     clients = _clients(dep)
     assert clients["first"] == "accepted"
-    assert clients["second"] == "pending"
+    assert "second" not in clients and "third" not in clients
     assert not (dep.agent_dir("second") / "cert.pem").exists()
+    assert "the enrollment token is used up" in dep.server_log()
 
 
 def test_job_for_host_and_nested_group_by_granted_user(running: Deployment) -> None:

@@ -5,6 +5,7 @@ after the claim commits, and the caller's identity with its refusals."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import uuid
 import xmlrpc.client
@@ -27,7 +28,7 @@ from scire_server.exceptions import (
     NotFound,
     Unavailable,
 )
-from scire_server.store import Caller, Store, make_engine
+from scire_server.store import Caller, Store, directory, make_engine
 from scire_server.store.audit import AuditTrail
 
 
@@ -106,8 +107,24 @@ def test_a_one_use_token_survives_a_failed_enrollment(
     assert answer["status"] == "accepted"
     cert = certs.load_cert(answer["certificate"].encode())
     assert server.methods.identify(certs.fingerprint(cert)).name == "web-17"
-    # ... and the token is spent now: the next host waits for an administrator.
-    assert server.methods.register(None, "db-1", _csr("db-1"), {}, token)["status"] == "pending"
+    # ... and the token is spent now: the next host is refused, and told why.
+    with pytest.raises(EnrollmentRefused, match="used up"):
+        server.methods.register(None, "db-1", _csr("db-1"), {}, token)
+
+
+def test_a_bad_token_is_refused_with_its_reason(
+    server: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(EnrollmentRefused, match="unknown"):
+        server.methods.register(None, "web-17", _csr("web-17"), {}, "not-a-token")
+    token = server.methods.client_token(server.admin, 1, 60)["token"]
+    later = directory.utcnow() + dt.timedelta(minutes=2)
+    monkeypatch.setattr(directory, "utcnow", lambda: later)
+    with pytest.raises(EnrollmentRefused, match="expired at"):
+        server.methods.register(None, "web-17", _csr("web-17"), {}, token)
+    # Nothing was recorded: no request waits for an administrator.
+    with pytest.raises(NotFound):
+        server.methods.client_show(server.admin, "web-17")
 
 
 def test_client_accept_is_one_transaction(server: Api, monkeypatch: pytest.MonkeyPatch) -> None:

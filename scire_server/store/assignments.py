@@ -24,7 +24,7 @@ from scire_server.models import Assignment, Client, Job, User
 from scire_server.states import FINAL, State, allowed
 from scire_server.store import directory
 from scire_server.store.audit import AuditTrail
-from scire_server.store.database import Database, utcnow
+from scire_server.store.database import Database, log_after_commit, utcnow
 from scire_server.store.records import SERVER, Caller, PollResult
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,16 @@ class Assignments:
                         why=why,
                         now=now,
                     )
-                    log.warning("job %s (%s) on %s: denied: %s", job.id, job.name, client.name, why)
+                    log_after_commit(
+                        session,
+                        log,
+                        logging.WARNING,
+                        "job %s (%s) on %s: denied: %s",
+                        job.id,
+                        job.name,
+                        client.name,
+                        why,
+                    )
                     assignment.reason = why
                     assignment.finished_at = now
                     result.denied += 1
@@ -300,7 +309,10 @@ class Assignments:
                     new=new.value,
                     detail=f"report of {new.value} after {old.value}; not applied",
                 )
-                log.info(
+                log_after_commit(
+                    session,
+                    log,
+                    logging.INFO,
                     "job %s on %s: late report %s ignored, stays %s",
                     report.job_id,
                     client.name,

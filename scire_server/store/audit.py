@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from scire_server.exceptions import IllegalTransition
 from scire_server.models import Assignment, Event
 from scire_server.states import State, allowed
-from scire_server.store.database import Database, utcnow
+from scire_server.store.database import Database, log_after_commit, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,10 @@ class AuditTrail:
             detail=why,
             at=now,
         )
-        log.info(
+        log_after_commit(
+            session,
+            log,
+            logging.INFO,
             "job %s on %s: %s -> %s (%s%s)",
             assignment.job_id,
             client,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any, TypeVarTuple
@@ -100,6 +101,23 @@ def database_errors() -> Iterator[None]:
         raise Conflict(f"conflicts with an existing object: {what}") from exc
 
 
+_AFTER_COMMIT = "scire_log_after_commit"
+
+
+def log_after_commit(
+    session: Session,
+    logger: logging.Logger,
+    level: int,
+    message: str,
+    *args: Any,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Log ``message`` once the session's transaction has committed, never for
+    one that rolled back: an operator must not read "job 7 submitted" for a job
+    the full disk refused."""
+    session.info.setdefault(_AFTER_COMMIT, []).append((logger, level, message, args, extra))
+
+
 class Database:
     """One database, and the daemon that writes to it.
 
@@ -131,8 +149,12 @@ class Database:
                 with self._read_sessions.begin() as session:
                     yield session
                 return
-            with self._sqlite_lock, self._sessions.begin() as session:
-                yield session
+            with self._sqlite_lock:
+                with self._sessions.begin() as session:
+                    yield session
+                # Committed: only now may the log say it happened.
+                for logger, level, message, args, extra in session.info.pop(_AFTER_COMMIT, ()):
+                    logger.log(level, message, *args, extra=extra)
 
     def for_update(self, query: Select[*Columns], skip_locked: bool = False) -> Select[*Columns]:
         """Lock the assignment rows a read-then-write transaction reads.

@@ -39,7 +39,7 @@ from scire_server.models import (
 )
 from scire_server.states import ClientStatus, State, UserStatus
 from scire_server.store.audit import AuditTrail
-from scire_server.store.database import Database, row_dict, utcnow
+from scire_server.store.database import Database, log_after_commit, row_dict, utcnow
 from scire_server.store.records import Caller, Certificate, actor
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,16 @@ class Directory:
             old=old,
             new=status.value,
         )
-        log.info("client %s: %s -> %s by %s", client.name, old, status.value, by)
+        log_after_commit(
+            session,
+            log,
+            logging.INFO,
+            "client %s: %s -> %s by %s",
+            client.name,
+            old,
+            status.value,
+            by,
+        )
 
     def delete_client(self, name: str, by: str) -> None:
         """Delete a client that is not accepted (revoke it first)."""

@@ -18,7 +18,7 @@ from scire_server.models import Assignment, Client, Event, Job, User
 from scire_server.states import FINAL, ClientStatus, State, job_summary
 from scire_server.store import directory
 from scire_server.store.audit import AuditTrail
-from scire_server.store.database import Database, row_dict, utcnow
+from scire_server.store.database import Database, log_after_commit, row_dict, utcnow
 from scire_server.store.records import Caller, JobSpec, SubmitResult
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,10 @@ class Jobs:
                     detail=why,
                     at=now,
                 )
-            log.info(
+            log_after_commit(
+                session,
+                log,
+                logging.INFO,
                 "job %s (%s) submitted by %s for %d client(s), %d refused",
                 job.id,
                 spec.name,
@@ -204,7 +207,10 @@ class Jobs:
             .where(Event.job_id == job.id, Event.action == "submit_refused")
             .order_by(Event.id)
         ).all()
-        log.info(
+        log_after_commit(
+            session,
+            log,
+            logging.INFO,
             "job %s: submission with request key %s repeated by %s",
             job.id,
             request_key,

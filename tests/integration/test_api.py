@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import logging
 import uuid
 import xmlrpc.client
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import SessionTransaction
 
 from scire_schema import certs, documents, files
 from scire_server import api, ca, migrations
@@ -367,3 +370,24 @@ def test_a_bad_script_is_refused(server: Api, script: Any, message: str) -> None
     _enroll(server, "web-17")
     with pytest.raises(InvalidArgument, match=message):
         server.methods.job_submit(server.admin, {"script": script, "hosts": ["web-17"]})
+
+
+def test_nothing_is_logged_as_done_when_the_commit_fails(
+    server: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _enroll(server, "web-17")
+    commit = SessionTransaction.commit
+
+    def full_disk(transaction: SessionTransaction, _to_root: bool = False) -> None:
+        raise OperationalError("COMMIT", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(SessionTransaction, "commit", full_disk)
+    caplog.set_level(logging.INFO, logger="scire_server")
+    with pytest.raises(Unavailable):
+        server.methods.job_submit(server.admin, {"script": "true", "hosts": ["web-17"]})
+    assert "submitted" not in caplog.text
+    monkeypatch.setattr(SessionTransaction, "commit", commit)
+    job_id = server.methods.job_submit(server.admin, {"script": "true", "hosts": ["web-17"]})[
+        "job_id"
+    ]
+    assert f"job {job_id} (job) submitted by admin" in caplog.text

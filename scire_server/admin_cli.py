@@ -455,16 +455,39 @@ def _read_script(args: argparse.Namespace) -> str:
     return text
 
 
+def job_list(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """One page of jobs, or with ``--all`` every page, oldest first."""
+    columns = ["id", "name", "owner", "priority", "state", "states", "created_at"]
+    before = args.before or 0
+    if not args.all:
+        jobs = call(proxy, "admin.job_list", args.limit, args.state or "", before)
+        show(args, jobs, columns)
+        if len(jobs) == args.limit and not args.json:
+            print(
+                f"(more: scire-admin job list --before {jobs[0]['id']}"
+                f"{' --state ' + args.state if args.state else ''})",
+                file=sys.stderr,
+            )
+        return ExitCode.OK
+    pages: list[list[dict[str, Any]]] = []
+    while True:
+        jobs = call(proxy, "admin.job_list", 1000, args.state or "", before)
+        if not jobs:
+            break
+        pages.append(jobs)
+        before = jobs[0]["id"]
+        if len(jobs) < 1000:
+            break
+    show(args, [job for page in reversed(pages) for job in page], columns)
+    return ExitCode.OK
+
+
 def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
     sub = args.job_command
     if sub == "submit":
         return job_submit(args, proxy)
     if sub == "list":
-        show(
-            args,
-            call(proxy, "admin.job_list", args.limit, args.state or ""),
-            ["id", "name", "owner", "priority", "state", "states", "created_at"],
-        )
+        return job_list(args, proxy)
     elif sub == "show":
         show_job(args, call(proxy, "admin.job_show", args.id))
     elif sub == "cancel":
@@ -1067,8 +1090,10 @@ def build_parser() -> argparse.ArgumentParser:
         "list",
         "list the newest jobs",
         ("the last 50 jobs", "scire-admin job list"),
-        ("failed jobs among the last 500", "scire-admin job list --state failed --limit 500"),
-        more="--state filters among the newest --limit jobs.",
+        ("the 20 newest failed jobs", "scire-admin job list --state failed --limit 20"),
+        ("the page before job 1200", "scire-admin job list --before 1200"),
+        ("every job, as JSON", "scire-admin --json job list --all"),
+        more="A full page ends with the command that shows the one before it.",
     )
     jl.add_argument(
         "--state",
@@ -1083,6 +1108,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how many of the newest jobs (default 50, at most 10000)",
     )
+    jl.add_argument(
+        "--before",
+        type=positive_int,
+        metavar="ID",
+        help="only jobs older than job ID (the next page)",
+    )
+    jl.add_argument("--all", action="store_true", help="every job, page after page")
     for verb, summary in (
         ("show", "a job: its hosts, their states and output"),
         ("cancel", "cancel a job on the hosts where it has not finished"),

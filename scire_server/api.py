@@ -368,10 +368,15 @@ class RemoteMethods:
             "repeated": result.repeated,
         }
 
-    def job_list(self, caller: Caller, limit: Any = 50, state: Any = "") -> list[dict[str, Any]]:
+    def job_list(
+        self, caller: Caller, limit: Any = 50, state: Any = "", before: Any = 0
+    ) -> list[dict[str, Any]]:
         if state and state not in JOB_SUMMARIES:
             raise InvalidArgument(f"state {state!r} is not one of {', '.join(JOB_SUMMARIES)}")
-        return self.store.jobs.listing(caller, _int(limit, "limit", 1, 10_000), state or None)
+        cursor = _int(before, "before", 0, 2**31 - 1) or None
+        return self.store.jobs.listing(
+            caller, _int(limit, "limit", 1, 10_000), state or None, cursor
+        )
 
     def job_show(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         detail = self.store.jobs.detail(caller, _int(job_id, "job id", 1, 2**31 - 1))

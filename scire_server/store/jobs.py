@@ -220,44 +220,62 @@ class Jobs:
         return SubmitResult(job.id, list(accepted), [r for r in refused if r], repeated=True)
 
     def listing(
-        self, caller: Caller, limit: int = 50, state: str | None = None
+        self,
+        caller: Caller,
+        limit: int = 50,
+        state: str | None = None,
+        before: int | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest ``limit`` jobs the caller may see (an admin sees all), oldest
-        first, each with its summary word; ``state`` keeps one summary."""
+        """Up to ``limit`` of the newest jobs the caller may see (an admin sees
+        all) with an id below ``before``, oldest first, each with its summary
+        word. With ``state``, the newest ``limit`` jobs in that summary: the
+        search goes back page by page, so the oldest id shown is the cursor of
+        the next page whatever the filter."""
+        out: list[dict[str, Any]] = []
+        page = max(limit, 200)
         with self.db.tx(write=False) as session:
-            query = (
-                select(Job, User.name)
-                .join(User, User.id == Job.owner_id)
-                .order_by(Job.id.desc())
-                .limit(limit)
-            )
-            if not caller.is_admin:
-                query = query.where(Job.owner_id == caller.id)
-            rows = session.execute(query).all()
-            ids = [job.id for job, _ in rows]
-            counts: dict[int, dict[str, int]] = {}
-            for job_id, st, n in session.execute(
-                select(Assignment.job_id, Assignment.state, sa.func.count())
-                .where(Assignment.job_id.in_(ids))
-                .group_by(Assignment.job_id, Assignment.state)
-            ):
-                counts.setdefault(job_id, {})[st] = n
-            out = []
-            for job, owner in reversed(rows):
-                states = counts.get(job.id, {})
-                summary = job_summary(states)
-                if state and summary != state:
-                    continue
-                out.append(
-                    row_dict(job, "id", "name", "priority", "privilege", "created_at")
-                    | {
-                        "owner": owner,
-                        "state": summary,
-                        "states": states,
-                        "cancelled": job.cancelled_at is not None,
-                    }
+            while len(out) < limit:
+                query = (
+                    select(Job, User.name)
+                    .join(User, User.id == Job.owner_id)
+                    .order_by(Job.id.desc())
+                    .limit(page)
                 )
-            return out
+                if not caller.is_admin:
+                    query = query.where(Job.owner_id == caller.id)
+                if before is not None:
+                    query = query.where(Job.id < before)
+                rows = session.execute(query).all()
+                if not rows:
+                    break
+                before = rows[-1][0].id
+                counts: dict[int, dict[str, int]] = {}
+                for job_id, st, n in session.execute(
+                    select(Assignment.job_id, Assignment.state, sa.func.count())
+                    .where(Assignment.job_id.in_([job.id for job, _ in rows]))
+                    .group_by(Assignment.job_id, Assignment.state)
+                ):
+                    counts.setdefault(job_id, {})[st] = n
+                for job, owner in rows:
+                    states = counts.get(job.id, {})
+                    summary = job_summary(states)
+                    if state and summary != state:
+                        continue
+                    out.append(
+                        row_dict(job, "id", "name", "priority", "privilege", "created_at")
+                        | {
+                            "owner": owner,
+                            "state": summary,
+                            "states": states,
+                            "cancelled": job.cancelled_at is not None,
+                        }
+                    )
+                    if len(out) == limit:
+                        break
+                if len(rows) < page:
+                    break
+        out.reverse()
+        return out
 
     def detail(self, caller: Caller, job_id: int) -> dict[str, Any]:
         """One job the caller may see, with every assignment and its result."""

@@ -108,6 +108,17 @@ def test_every_listing_as_a_table_and_as_json(fleet: Deployment) -> None:
     assert cancel == {"job_id": job_id, "cancelled": 0}
 
 
+def test_job_list_pages_past_the_newest(fleet: Deployment) -> None:
+    dep = fleet
+    jobs = [dep.submit("--command", "true", "--host", "host1") for _ in range(5)]
+    page = admin_text(dep, "job", "list", "--limit", "2")
+    assert [int(line.split()[0]) for line in page.stdout.splitlines()[1:]] == jobs[3:]
+    assert f"scire-admin job list --before {jobs[3]}" in page.stderr
+    older = dep.admin("job", "list", "--limit", "2", "--before", str(jobs[3]))
+    assert [j["id"] for j in older] == jobs[1:3]
+    assert [j["id"] for j in dep.admin("job", "list", "--all")] == jobs
+
+
 def test_a_user_sees_their_own_grants(fleet: Deployment) -> None:
     dep = fleet
     alice = dep.root / "alice.pem"

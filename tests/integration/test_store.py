@@ -702,3 +702,28 @@ def test_no_target_error_names_user_privilege_and_targets() -> None:
     assert error.code == 2
     assert "alice may not run" in error.message
     assert "web-17 (no grant); db-1 (client is pending)" in error.message
+
+
+# --- job listing -----------------------------------------------------------------------
+
+
+def test_job_listing_pages_back_by_cursor_whatever_the_filter(world: World) -> None:
+    jobs = [submit(world, name=f"j{i}") for i in range(7)]
+    # The two cancelled jobs are the oldest: a filter must look past the first page.
+    for job in jobs[:2]:
+        world.store.jobs.cancel(world.admin, job)
+    listing = world.store.jobs.listing
+
+    newest = listing(world.admin, 3)
+    assert [j["id"] for j in newest] == jobs[4:]
+    page_before = listing(world.admin, 3, before=newest[0]["id"])
+    assert [j["id"] for j in page_before] == jobs[1:4]
+    assert [j["id"] for j in listing(world.admin, 3, before=jobs[1])] == jobs[:1]
+    assert listing(world.admin, 3, before=jobs[0]) == []
+
+    cancelled = listing(world.admin, 1, state="cancelled")
+    assert [j["id"] for j in cancelled] == jobs[1:2]
+    older = listing(world.admin, 1, state="cancelled", before=cancelled[0]["id"])
+    assert [j["id"] for j in older] == jobs[:1]
+    # A user sees only their own jobs, paged the same way.
+    assert listing(world.alice, 10) == []

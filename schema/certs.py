@@ -123,3 +123,16 @@ def load_csr(pem: str | bytes) -> x509.CertificateSigningRequest:
     if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
         raise CertificateError("the certificate request must carry an EC P-256 key")
     return csr
+
+
+def subject_alt_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for, in its order."""
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    names: list[str] = []
+    for entry in extension.value:
+        if isinstance(entry, (x509.DNSName, x509.IPAddress)):
+            names.append(str(entry.value))
+    return names

@@ -23,7 +23,8 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
-from scire_schema import certs, files, tls
+from scire_schema import certs, files, protocol, tls
+from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_schema.tls_errors import explain
 from scire_server import __version__, ca, job_watch, migrations, store
@@ -305,6 +306,47 @@ def cmd_db(args: argparse.Namespace) -> ExitCode:
     except (OSError, ScireError) as exc:
         raise CLIError(f"{config.database_url}: {_why(exc)}") from exc
     show(args, answer)
+    return ExitCode.OK
+
+
+def cmd_server_cert(args: argparse.Namespace) -> ExitCode:
+    """Reissue the server's certificate from the CA: the names it has, plus
+    ``--alt-name`` ones, valid from now. The server reads it when it starts."""
+    config = server_config(args)
+    try:
+        ca_key = certs.load_key(config.ca_key_file.read_bytes())
+        ca_cert = certs.load_cert(config.ca_cert_file.read_bytes())
+        old = certs.load_cert(config.cert_file.read_bytes())
+    except OSError as exc:
+        raise CLIError(
+            f"{config.state_dir}: {_why(exc)}; run this on the server host as the user that "
+            "owns its state directory"
+        ) from exc
+    except SchemaError as exc:
+        raise CLIError(f"{config.state_dir}: {exc}") from exc
+    names = certs.subject_alt_names(old)
+    names += [name for name in args.alt_name or [] if name not in names]
+    key = certs.generate_key()
+    cert = ca.issue_certificate(
+        ca_key, ca_cert, key.public_key(), names[0], ca.ROLE_SERVER, names, days=args.days
+    )
+    try:
+        # The key first: a server started in between reads the old pair or fails
+        # on a mismatch, never serves a certificate for the wrong key.
+        files.write_private(config.key_file, certs.key_to_pem(key))
+        files.write_public(config.cert_file, certs.cert_to_pem(cert))
+    except OSError as exc:
+        raise CLIError(f"{config.cert_file}: {_why(exc)}") from exc
+    show(
+        args,
+        {
+            "certificate": str(config.cert_file),
+            "names": names,
+            "added": [name for name in names if name not in certs.subject_alt_names(old)],
+            "expires": protocol.format_time(cert.not_valid_after_utc),
+            "next": "restart scire-server to serve it",
+        },
+    )
     return ExitCode.OK
 
 
@@ -816,6 +858,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"where to write the administrator's bundle (default {DEFAULT_BUNDLE})",
     )
+    server_cert = _command(
+        sub,
+        "server-cert",
+        "reissue the server certificate with more names or a new expiry (offline)",
+        (
+            "agents will also reach the server as scire2.example.com",
+            "scire-admin server-cert --state-dir /var/lib/scire --alt-name scire2.example.com",
+        ),
+        (
+            "renew it for another 825 days with the same names",
+            "scire-admin server-cert --state-dir /var/lib/scire",
+        ),
+        more="The certificate keeps every name it has; restart scire-server to serve it.",
+    )
+    offline(server_cert)
+    server_cert.add_argument(
+        "--days",
+        type=positive_int,
+        default=ca.CERT_VALIDITY_DAYS,
+        metavar="N",
+        help=f"valid for N days from now (default {ca.CERT_VALIDITY_DAYS})",
+    )
     db = _command(
         sub,
         "db",
@@ -1200,7 +1264,12 @@ ONLINE = {
     "audit": cmd_audit,
     "server": cmd_server,
 }
-OFFLINE = {"init": cmd_init, "db": cmd_db, "completion": cmd_completion}
+OFFLINE = {
+    "init": cmd_init,
+    "server-cert": cmd_server_cert,
+    "db": cmd_db,
+    "completion": cmd_completion,
+}
 
 
 def admin_config(args: argparse.Namespace) -> AdminConfig:

@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import socket
 import ssl
 import struct
 import subprocess
@@ -27,7 +28,7 @@ from conftest import Deployment, _exe, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from scire_schema import certs
+from scire_schema import certs, tls
 from scire_schema.exitcodes import ExitCode
 from scire_server import admin_cli, ca
 
@@ -452,6 +453,30 @@ def test_user_add_to_an_unwritable_place_is_one_line(running: Deployment) -> Non
 
 
 # --- configuration, help, completion, man pages ------------------------------------------
+
+
+def _handshake_as(dep: Deployment, host_name: str) -> ssl.SSLSocket:
+    """A verified TLS handshake with the server, as a caller that reached it by ``host_name``."""
+    context = tls.client_context(dep.state_dir / "ca.pem")
+    raw = socket.create_connection(("127.0.0.1", dep.port), timeout=10)
+    return context.wrap_socket(raw, server_hostname=host_name)
+
+
+def test_server_certificate_reissued_with_another_name(running: Deployment) -> None:
+    dep = running
+    with pytest.raises(ssl.SSLCertVerificationError, match="scire2.example.test"):
+        _handshake_as(dep, "scire2.example.test")
+    dep.stop_server()
+    answer = dep.admin_offline(
+        "server-cert", "--state-dir", str(dep.state_dir), "--alt-name", "scire2.example.test"
+    )
+    assert answer["names"] == ["localhost", "127.0.0.1", "scire2.example.test"]
+    assert answer["added"] == ["scire2.example.test"]
+    dep.start_server()
+    with _handshake_as(dep, "scire2.example.test") as tls_socket:
+        assert tls_socket.version() in ("TLSv1.2", "TLSv1.3")
+    # The old names still work, and so does everything signed before.
+    assert dep.admin("server", "list")[0]["state"] == "running"
 
 
 def test_default_config_file_means_no_flags(running: Deployment, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ The agent decides what becomes of each job (the spool stores, the runner runs
 and kills, the transport talks), and every status report it sends on its own
 account is built by ``status_report``; the runner builds the one of a run.
 
-A run starts with ``recover``: what a dead agent left is put in order.
+A run starts with ``recover``: what a dead agent left is put in order, and
+the jobs it started whose end is known or still to come are waited for and
+reported with their real result (their wrapper recorded it, see ``runner``).
 
 One pass of the loop:
 

@@ -1,27 +1,34 @@
-"""Runs one job as its own process: timeout, output cap, heartbeats, kill.
+"""Runs one job as its own process: timeout, output cap, kill, and its end recorded.
 
 The runner owns the job's process group, in this agent's life and after it:
 nothing else signals one.
 
-The job runs as ``interpreter script`` in a new session (so its whole process
-group can be signalled, and it survives an agent crash for ``kill_leftover``
-to find), with stdin from /dev/null and stdout and stderr into one file.
+The job runs as ``interpreter script`` in a process group of its own (so the
+whole group can be signalled, and it survives an agent crash), with stdin from
+/dev/null and stdout and stderr into one file. Its parent is not the agent but
+``jobwrapper``, started in a session of its own, which records the job's exit
+status in the spool entry (``EXIT_RECORD``) when it ends: a restarted agent
+reads it, or re-attaches to a job whose wrapper still runs (``attach_job``).
 
 Each job gets a tree of its own, ``work_root/<job id>/``: ``script``, the
 working directory ``work/`` and ``TMPDIR`` ``tmp/``, made fresh before the job
 and removed after it. The job runs as ``JobUser`` (the agent's own user, or
-``run_as`` when the agent is root: set in the child, after ``fork`` and before
-``exec``), with exactly the environment ``job_environment`` builds; the spool
-stays the agent's own (mode 0700), and the job writes its output through the
-file descriptor it inherits.
+``run_as`` when the agent is root: set by the wrapper in the child, after
+``fork`` and before ``exec``), with exactly the environment ``job_environment``
+builds; the spool stays the agent's own (mode 0700), and the job writes its
+output through the file descriptor it inherits.
 
-A gate makes "started is on disk before the job runs" exact: the process is
-first a ``/bin/sh`` that waits for one line on its stdin. The runner spawns
-it, hands its ``ProcessMark`` (process group id, boot, leader start time) to
-``on_started`` -- which journals it -- and only then writes the go-ahead; the
-shell swaps stdin for /dev/null and execs the interpreter in the same process.
-If the agent dies before the go-ahead, the shell reads end-of-file and exits
-without running anything.
+A gate makes "started is on disk before the job runs" exact: the job is first
+a ``/bin/sh`` that waits for one line on its stdin, a pipe only the runner can
+write. The wrapper spawns it and tells the runner its pid; the runner hands its
+``ProcessMark`` (process group id, boot, leader start time, the wrapper's pid
+and start time) to ``on_started`` -- which journals it -- and only then writes
+the go-ahead; the shell swaps stdin for /dev/null and execs the interpreter in
+the same process. If the agent dies before the go-ahead, the shell reads
+end-of-file and exits without running anything.
+
+``JobRun.check`` never blocks, so the daemon watches many runs at once;
+``run_job`` and ``wait_job`` wait for one, with heartbeats, for normal mode.
 """
 
 from __future__ import annotations

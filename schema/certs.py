@@ -95,6 +95,19 @@ def common_name(cert: x509.Certificate | x509.CertificateSigningRequest) -> str:
     return str(attrs[0].value) if attrs else ""
 
 
+def role(cert: x509.Certificate | bytes) -> str:
+    """What the certificate is for: its subject's organizational unit (OU), one of
+    ``protocol.ROLE_SERVER``, ``ROLE_CLIENT``, ``ROLE_USER``; "" when it has none.
+    ``cert`` may be DER bytes, as a listener sees its peer's."""
+    if isinstance(cert, bytes):
+        try:
+            cert = x509.load_der_x509_certificate(cert)
+        except ValueError as exc:
+            raise CertificateError(f"not a DER certificate: {exc}") from exc
+    attrs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return str(attrs[0].value) if len(attrs) == 1 else ""
+
+
 def same_key(public_key: object, key: PrivateKey) -> bool:
     """True when ``public_key`` (of a certificate or a request) belongs to ``key``."""
     spki = serialization.PublicFormat.SubjectPublicKeyInfo

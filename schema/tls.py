@@ -35,6 +35,19 @@ def server_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLCon
     return ctx
 
 
+def callback_server_context(cert_file: Path, key_file: Path, ca_file: Path) -> ssl.SSLContext:
+    """The daemon-mode agent's ``poll_now`` listener: TLS 1.2+, the agent's own
+    certificate, and a client certificate from the CA required in the handshake
+    (there is no enrollment on this port). Which certificates may call is the
+    listener's check (the role, ``certs.role``)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.load_verify_locations(cafile=str(ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 def client_context(
     ca_file: Path | None,
     cert_file: Path | None = None,

@@ -4,7 +4,9 @@ The agent decides what becomes of each job (the spool stores, the runner runs
 and kills, the transport talks), and every status report it sends on its own
 account is built by ``status_report``; the runner builds the one of a run.
 
-A run starts with ``recover``: what a dead agent left is put in order.
+A run starts with ``recover``: what a dead agent left is put in order, and
+the jobs it started whose end is known or still to come are waited for and
+reported with their real result (their wrapper recorded it, see ``runner``).
 
 One pass of the loop:
 
@@ -30,14 +32,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scire_client import enroll, lock, runner
+from scire_client import __version__, enroll, lock, runner
 from scire_client.config import ClientConfig
 from scire_client.exceptions import ConfigError, ServerFault, SpoolError, TransportError
 from scire_client.spool import RECEIVED, STARTED, Entry, Spool
 from scire_client.transport import PollAnswer, Reconcile, ServerTransport
 from scire_schema import documents
 from scire_schema.documents import JobDocument, StatusReport
-from scire_schema.protocol import ReconcileAction, ReportedState, utc_now
+from scire_schema.protocol import AgentMode, ReconcileAction, ReportedState, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ REPORT_BACKOFF_START = 0.5  # seconds before the first retry of an undelivered r
 REPORT_BACKOFF_MAX = 10.0  # seconds; the delay doubles up to this
 EXPIRED_REASON = "expired before it started"
 UNKNOWN_REASON = "unknown to the server"
-REASON_AGENT_RESTARTED = "agent restarted"
+REASON_AGENT_RESTARTED = runner.AGENT_RESTARTED_REASON
 RECOVERED_OUTPUT_LIMIT = 64 * 1024  # bytes, when the job file cannot tell its own limit
 
 
@@ -105,28 +107,50 @@ def status_report(
     )
 
 
-def recover(spool: Spool, kill_grace: float, work_root: Path | None = None) -> list[int]:
+def recover(
+    spool: Spool,
+    kill_grace: float,
+    work_root: Path | None = None,
+    *,
+    attach: Callable[[runner.JobRun], None] | None = None,
+) -> list[int]:
     """Finish what a dead agent left; returns the ids it changed.
 
     The spool puts its files in order first. A job still ``started`` was
-    running when the agent died: the runner kills what is left of its process
-    group and removes its tree under ``work_root``, then it runs again if the
-    job allows it and was not cancelled, else it is reported failed ("agent
-    restarted") or cancelled, with the output it left.
+    running when the agent died. When its wrapper recorded how it ended, or
+    still runs it, and ``attach`` is given, its ``JobRun`` goes to ``attach``:
+    the caller waits for it (it keeps its timeout) and reports its real result.
+    Otherwise how it ended is unknown: the runner kills what is left of its
+    process group and removes its tree under ``work_root``, then it runs again
+    if the job allows it and was not cancelled, else it is reported failed
+    ("agent restarted") or cancelled, with the output it left.
     """
     changed = spool.recover()
     for entry in spool.entries(STARTED):
         changed.append(entry.job_id)
+        mark = None
         if entry.pgid is not None:
-            mark = runner.ProcessMark(entry.pgid, entry.boot_id, entry.leader_start)
-            runner.kill_leftover(mark, kill_grace, f"job {entry.job_id} ({entry.name})")
-        if work_root is not None:
-            runner.remove_job_tree(work_root, entry.job_id)
+            mark = runner.ProcessMark(
+                entry.pgid,
+                entry.boot_id,
+                entry.leader_start,
+                entry.wrapper_pid,
+                entry.wrapper_start,
+            )
         try:
             doc: JobDocument | None = spool.job(entry.job_id)
         except SpoolError as exc:
             log.error("job %s (%s): %s", entry.job_id, entry.name, exc)
             doc = None
+        if attach is not None and work_root is not None and doc is not None and mark is not None:
+            run = _reattach(entry, doc, mark, kill_grace, work_root)
+            if run is not None:
+                attach(run)
+                continue
+        if mark is not None:
+            runner.kill_leftover(mark, kill_grace, f"job {entry.job_id} ({entry.name})")
+        if work_root is not None:
+            runner.remove_job_tree(work_root, entry.job_id)
         cancelled = spool.cancel_reason(entry.job_id)
         if doc is not None and doc.rerun_on_agent_crash and cancelled is None:
             spool.requeue(entry.job_id)
@@ -153,6 +177,34 @@ def recover(spool: Spool, kill_grace: float, work_root: Path | None = None) -> l
     return sorted(changed)
 
 
+def _reattach(
+    entry: Entry, doc: JobDocument, mark: runner.ProcessMark, kill_grace: float, work_root: Path
+) -> runner.JobRun | None:
+    """The run of a job whose end is known or still to come, else None."""
+    finished = runner.read_exit_record(entry.path, mark.wrapper_pid) is not None
+    if not finished and not mark.wrapper_alive():
+        # The wrapper may have written its record and exited between the two looks.
+        finished = runner.read_exit_record(entry.path, mark.wrapper_pid) is not None
+        if not finished:
+            return None
+    log.warning(
+        "job %s (%s): %s while the agent was down; %s",
+        entry.job_id,
+        entry.name,
+        "finished" if finished else "still running",
+        "reporting its result" if finished else "re-attached to it",
+    )
+    return runner.attach_job(
+        doc,
+        entry.path,
+        delivery_id=entry.delivery_id,
+        mark=mark,
+        started=entry.started_at or utc_now(),
+        kill_grace=kill_grace,
+        work_root=work_root,
+    )
+
+
 class Agent:
     def __init__(
         self,
@@ -171,12 +223,23 @@ class Agent:
         self._sleep = sleep
         self._clock = clock
         self._last_contact = float("-inf")
+        #: What the agent says of itself with each poll (``presence`` in docs/PROTOCOL.md).
+        self.presence = {"version": __version__, "mode": AgentMode.ONCE.value, "callback": ""}
 
-    def run(self) -> int:
-        recover(self.spool, self.config.kill_grace, self.setup.work_root)
+    def recover(self) -> list[runner.JobRun]:
+        """Put the spool in order after a crash; the runs of jobs an earlier agent
+        process started whose end is known or still to come."""
+        attached: list[runner.JobRun] = []
+        recover(self.spool, self.config.kill_grace, self.setup.work_root, attach=attached.append)
         purged = self.spool.purge(self.config.spool_retention)
         if purged:
             log.info("spool: purged %d old tombstones", purged)
+        return attached
+
+    def run(self) -> int:
+        attached = self.recover()
+        if attached and not self._finish_attached(attached):
+            return 1
         while True:
             if not self.deliver_reports():
                 return 1
@@ -191,7 +254,9 @@ class Agent:
     # Talking to the server.
 
     def _poll(self, limit: int) -> PollAnswer:
-        answer = self.transport.poll(self.spool.held_ids(), self.spool.running_ids(), limit)
+        answer = self.transport.poll(
+            self.spool.held_ids(), self.spool.running_ids(), limit, self.presence
+        )
         self._last_contact = self._clock()
         return answer
 
@@ -319,35 +384,81 @@ class Agent:
         """Run one spooled job and deliver its report; False when reports stay undelivered."""
         if self._clock() - self._last_contact >= self.config.heartbeat_interval:
             self._heartbeat()
+        run = self._start(entry)
+        if run is not None:
+            report = runner.wait_job(
+                run,
+                self.config.heartbeat_interval,
+                on_tick=lambda: self._tick(run.job_id),
+                clock=self._clock,
+            )
+            self._finished(run, report)
+        return self.deliver_reports()
+
+    def _finish_attached(self, runs: list[runner.JobRun]) -> bool:
+        """Wait for the runs an earlier agent process started, with heartbeats; False
+        when their reports stay undelivered."""
+        next_tick = self._clock()
+        while runs:
+            for run in list(runs):
+                report = run.check()
+                if report is not None:
+                    runs.remove(run)
+                    self._finished(run, report)
+            if self._clock() >= next_tick:
+                next_tick = self._clock() + self.config.heartbeat_interval
+                self._heartbeat()
+                for run in runs:
+                    reason = self.spool.cancel_reason(run.job_id)
+                    if reason is not None:
+                        run.stop("cancelled", runner.CANCELLED_REASON)
+            if runs:
+                self._sleep(runner.WAIT_STEP)
+        return self.deliver_reports()
+
+    def _start(self, entry: Entry) -> runner.JobRun | None:
+        """Start one spooled job: its run, or None when it did not start (it is no
+        longer runnable, or its final report is in the spool already)."""
         if not self._still_runnable(entry.job_id):
-            return True
+            return None
         try:
             doc = self.spool.job(entry.job_id)
         except SpoolError as exc:
             log.error("job %s (%s): %s", entry.job_id, entry.name, exc)
             self._fail_unrunnable(entry, str(exc))
-            return self.deliver_reports()
+            return None
         if not self._send_running(doc, entry) and not self._still_runnable(entry.job_id):
-            return True
+            return None
         self._transition(doc.job_id, doc.name, RECEIVED, "running")
-        report = runner.run_job(
+        run = runner.start_job(
             doc,
             entry.path,
             setup=dataclasses.replace(self.setup, server=self.transport.current_server),
             delivery_id=entry.delivery_id,
             kill_grace=self.config.kill_grace,
-            tick_interval=self.config.heartbeat_interval,
             on_started=lambda mark: self.spool.mark_started(
-                doc.job_id, mark.pgid, boot_id=mark.boot_id, leader_start=mark.leader_start
+                doc.job_id,
+                mark.pgid,
+                boot_id=mark.boot_id,
+                leader_start=mark.leader_start,
+                wrapper_pid=mark.wrapper_pid,
+                wrapper_start=mark.wrapper_start,
             ),
-            on_tick=lambda: self._tick(doc.job_id),
+            clock=self._clock,
         )
+        if isinstance(run, StatusReport):
+            self.spool.mark_finished(doc.job_id, documents.render_status(run))
+            self._transition(doc.job_id, doc.name, "running", run.state, _summary(run))
+            return None
+        return run
+
+    def _finished(self, run: runner.JobRun, report: StatusReport) -> None:
+        """Journal a run's final report (it is delivered with the others)."""
         if report.state == ReportedState.CANCELLED:
-            reason = self.spool.cancel_reason(doc.job_id) or report.reason
+            reason = self.spool.cancel_reason(run.job_id) or report.reason
             report = dataclasses.replace(report, reason=reason)
-        self.spool.mark_finished(doc.job_id, documents.render_status(report))
-        self._transition(doc.job_id, doc.name, "running", report.state, _summary(report))
-        return self.deliver_reports()
+        self.spool.mark_finished(run.job_id, documents.render_status(report))
+        self._transition(run.job_id, run.doc.name, "running", report.state, _summary(report))
 
     def _still_runnable(self, job_id: int) -> bool:
         current = self.spool.get(job_id)

@@ -1,7 +1,9 @@
 """``scire-client``: the agent's command line.
 
-Commands: ``run`` (the default: enroll if needed, then normal mode),
-``enroll`` (enroll only) and ``spool`` (list the spool). Exit codes come from
+Commands: ``run`` (enroll if needed, then normal mode: one pass), ``daemon``
+(enroll if needed, then daemon mode until SIGTERM), ``enroll`` (enroll only)
+and ``spool`` (list the spool). Without a command, ``mode`` in the
+configuration decides: ``once`` (the default) runs, ``daemon`` serves. Exit codes come from
 ``scire_schema.exitcodes``: 0 ok, 1 error (also when ``run`` carried on past a
 disk or spool failure, such as a job it could not spool), 2 bad configuration or usage, 3 enrollment
 pending, 4 enrollment refused. Errors are one line on stderr, never a traceback.
@@ -12,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scire_client import __version__, agent, enroll, lock
+from scire_client import __version__, agent, daemon, enroll, lock
 from scire_client.config import ClientConfig
 from scire_client.exceptions import (
     AgentBusy,
@@ -30,6 +33,7 @@ from scire_client.spool import Spool
 from scire_schema import inifile
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
+from scire_schema.protocol import AgentMode
 
 log = logging.getLogger("scire_client")
 
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "      --name web-17 --token TOKEN --ca-fingerprint FINGERPRINT enroll\n"
         "  # poll once, run what came, report (cron does this every minute)\n"
         "  scire-client -c /etc/scire/client.ini run\n"
+        "  # daemon mode: poll every minute, run two jobs at once, take poll_now hints\n"
+        "  scire-client -c /etc/scire/client.ini --max-parallel 2 --listen 10.0.0.17:8444 daemon\n"
         "  # what the spool holds, as JSON\n"
         "  scire-client --state-dir /var/lib/scire-client spool --json\n\n"
         f"configuration:\n  the [client] section of FILE (default {DEFAULT_CONFIG} if it exists);\n"
@@ -82,16 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for an administrator to accept the enrollment",
     )
+    daemon_mode = parser.add_argument_group("daemon mode")
+    daemon_mode.add_argument(
+        "--poll-interval", type=float, metavar="SECONDS", help="between polls (default 60)"
+    )
+    daemon_mode.add_argument(
+        "--poll-jitter",
+        type=float,
+        metavar="FRACTION",
+        help="each wait varies by up to this fraction (default 0.1)",
+    )
+    daemon_mode.add_argument(
+        "--max-parallel", type=int, metavar="N", help="jobs at once (default 1)"
+    )
+    daemon_mode.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, time running jobs get before they are killed (default 30)",
+    )
+    daemon_mode.add_argument(
+        "--listen", metavar="HOST:PORT", help="serve poll_now there (default: no listener)"
+    )
+    daemon_mode.add_argument(
+        "--advertise", metavar="HOST:PORT", help="the address the server calls (default: --listen)"
+    )
+    daemon_mode.add_argument("--pid-file", type=Path, metavar="FILE", help="write the daemon's pid")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--json", action="store_true", help="spool: machine-readable output")
     parser.add_argument("--version", action="version", version=f"scire-client {__version__}")
     parser.add_argument(
         "command",
         nargs="?",
-        default="run",
-        choices=("run", "enroll", "spool"),
-        help="run (default): enroll if needed, run the jobs, exit; enroll: only enroll; "
-        "spool: list the spool",
+        choices=("run", "daemon", "enroll", "spool"),
+        help="run: enroll if needed, run the jobs, exit; daemon: enroll if needed, then poll "
+        "and run jobs until SIGTERM; enroll: only enroll; spool: list the spool. "
+        "Default: daemon with mode = daemon in the configuration, else run",
     )
     return parser
 
@@ -112,6 +144,13 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         enrollment_token=args.token,
         ca_fingerprint=args.ca_fingerprint,
         enroll_wait=args.enroll_wait,
+        poll_interval=args.poll_interval,
+        poll_jitter=args.poll_jitter,
+        max_parallel=args.max_parallel,
+        shutdown_grace=args.shutdown_grace,
+        listen=args.listen,
+        advertise=args.advertise,
+        pid_file=args.pid_file,
     )
 
 
@@ -151,6 +190,10 @@ def cmd_run(config: ClientConfig, args: argparse.Namespace) -> int:
         )
         return EXIT_ERROR
     return code
+
+
+def cmd_daemon(config: ClientConfig, args: argparse.Namespace) -> int:
+    return daemon.run(config)
 
 
 def cmd_enroll(config: ClientConfig, args: argparse.Namespace) -> int:
@@ -200,7 +243,7 @@ def cmd_spool(config: ClientConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "spool": cmd_spool}
+COMMANDS = {"run": cmd_run, "daemon": cmd_daemon, "enroll": cmd_enroll, "spool": cmd_spool}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,12 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr
-    )
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         config = load_config(args)
-        return COMMANDS[args.command](config, args)
+        command = args.command or ("daemon" if config.mode == AgentMode.DAEMON else "run")
+        return COMMANDS[command](config, args)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)
     except EnrollmentPending as exc:
@@ -228,6 +270,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scire-client: interrupted", file=sys.stderr)
         return 130
+
+
+class JournalFormatter(logging.Formatter):
+    """For stderr read by the systemd journal: no time (the journal stamps each
+    line), and the level as a ``<N>`` syslog prefix, which the journal turns into
+    the line's priority."""
+
+    PRIORITIES = {
+        logging.CRITICAL: 2,
+        logging.ERROR: 3,
+        logging.WARNING: 4,
+        logging.INFO: 6,
+        logging.DEBUG: 7,
+    }
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the systemd journal's stream (``JOURNAL_STREAM`` names
+    its device and inode; a stderr redirected elsewhere does not match)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+        return (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError):
+        return False
+
+
+def setup_logging(level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JournalFormatter() if stderr_is_journal() else logging.Formatter(LOG_FORMAT)
+    )
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _fail(exc: Exception, code: int) -> int:

@@ -28,6 +28,15 @@ REPORT_RETRY_FOR = 60.0  # seconds a run keeps retrying undeliverable reports
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 CONNECT_TIMEOUT = 10.0  # seconds per socket operation
 SPOOL_RETENTION = 7 * 24 * 3600.0  # seconds reported entries stay as dedupe tombstones
+POLL_INTERVAL = 60.0  # seconds between a daemon's polls, until the server suggests another
+POLL_INTERVAL_MIN = 1.0  # seconds; the bounds of poll_interval, and of what a server suggests
+POLL_INTERVAL_MAX = 86400.0
+POLL_JITTER = 0.1  # each wait is poll_interval times a random factor in [1 - j, 1 + j]
+POLL_JITTER_MAX = 0.5
+MAX_PARALLEL = 1  # jobs a daemon runs at once
+MAX_PARALLEL_LIMIT = 256
+SHUTDOWN_GRACE = 30.0  # seconds a stopping daemon lets running jobs finish before killing them
+MODES = ("once", "daemon")  # protocol.AgentMode; what ``scire-client`` does without a command
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -68,6 +77,27 @@ def _check_server(url: str) -> str:
     return url
 
 
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
+def parse_address(text: str, key: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); ``ConfigError`` otherwise.
+    Port 0 (with ``allow_port_zero``) lets the system choose."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit():
+        raise ConfigError(f"{key} {text!r} is not HOST:PORT")
+    port = int(port_text)
+    if not (0 if allow_port_zero else 1) <= port <= 65535:
+        raise ConfigError(f"{key} {text!r}: port {port} is out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if any(c.isspace() for c in host) or ("[" in host or "]" in host):
+        raise ConfigError(f"{key} {text!r}: {host!r} is not a host name or address")
+    if not host and key != "listen":
+        raise ConfigError(f"{key} {text!r} names no host")
+    return host, port
+
+
 @dataclasses.dataclass
 class ClientConfig:
     state_dir: Path
@@ -87,6 +117,15 @@ class ClientConfig:
     work_root: Path | None = None  # each job's tree is work_root/<job id>; default state_dir/work
     job_environment: str = ""  # NAME=VALUE ... (shell quoting) added to every job's environment
     pass_environment: list[str] = dataclasses.field(default_factory=list)  # names copied from ours
+    # Daemon mode (``scire-client daemon``).
+    mode: str = "once"  # once: no command means run; daemon: no command means daemon
+    poll_interval: float = POLL_INTERVAL
+    poll_jitter: float = POLL_JITTER
+    max_parallel: int = MAX_PARALLEL
+    shutdown_grace: float = SHUTDOWN_GRACE
+    listen: str = ""  # HOST:PORT of the poll_now listener; "" = none (the daemon only polls)
+    advertise: str = ""  # HOST:PORT the server calls back; "" = listen's address
+    pid_file: Path | None = None
 
     @classmethod
     def load(
@@ -128,6 +167,37 @@ class ClientConfig:
         self.job_variables()
         for name in self.pass_environment:
             _check_variable(name, "pass_environment")
+        self._check_daemon()
+
+    def _check_daemon(self) -> None:
+        self.mode = self.mode.strip().lower()
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not POLL_INTERVAL_MIN <= self.poll_interval <= POLL_INTERVAL_MAX:
+            raise ConfigError(
+                f"poll_interval must be {POLL_INTERVAL_MIN:g} to {POLL_INTERVAL_MAX:g} seconds"
+            )
+        if not 0 <= self.poll_jitter <= POLL_JITTER_MAX:
+            raise ConfigError(f"poll_jitter must be 0 to {POLL_JITTER_MAX:g} (a fraction)")
+        if not 1 <= self.max_parallel <= MAX_PARALLEL_LIMIT:
+            raise ConfigError(f"max_parallel must be 1 to {MAX_PARALLEL_LIMIT}")
+        if self.shutdown_grace < 0:
+            raise ConfigError("shutdown_grace must not be negative")
+        self.listen = self.listen.strip()
+        self.advertise = self.advertise.strip()
+        if self.listen:
+            host, _ = parse_address(self.listen, "listen", allow_port_zero=True)
+            if not self.advertise and host in WILDCARD_HOSTS:
+                raise ConfigError(
+                    f"listen {self.listen!r} is every address of this host: set advertise "
+                    "= HOST:PORT, the address the server can reach the listener at"
+                )
+        if self.advertise:
+            if not self.listen:
+                raise ConfigError("advertise needs listen: there is no listener to advertise")
+            parse_address(self.advertise, "advertise")
+        if self.pid_file is not None:
+            self.pid_file = Path(self.pid_file).expanduser().absolute()
 
     def job_variables(self) -> dict[str, str]:
         """``job_environment`` as a mapping; ``ConfigError`` for a malformed one."""

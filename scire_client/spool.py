@@ -7,6 +7,7 @@ One directory per job under ``state_dir/spool/<job_id>/``:
                 received -> started -> finished -> reported, or received -> dropped
 ``script``      a copy of the script as run (the runner runs its own in the job's tree)
 ``output``      the job's stdout and stderr
+``exit_status`` the exit record the job's wrapper writes when the job ends (``jobwrapper``)
 ``result.xml``  the final status document, written before the state says finished
 ``cancelled``   marker: the server cancelled the job; its text is the reason
 
@@ -72,6 +73,8 @@ class Entry:
     pgid: int | None = None  #: the job's process group, once started
     boot_id: str | None = None  #: with ``leader_start``: the runner's proof the group is the job's
     leader_start: int | None = None
+    wrapper_pid: int | None = None  #: the job's wrapper, which records how it ended
+    wrapper_start: int | None = None
     started_at: dt.datetime | None = None
     updated_at: float = 0.0  # seconds since the epoch
 
@@ -168,15 +171,19 @@ class Spool:
         *,
         boot_id: str | None = None,
         leader_start: int | None = None,
+        wrapper_pid: int | None = None,
+        wrapper_start: int | None = None,
     ) -> None:
-        """Journal the start, with the runner's mark of the process group
-        (``runner.ProcessMark``), kept for the runner after a crash."""
+        """Journal the start, with the runner's mark of the process group and of
+        its wrapper (``runner.ProcessMark``), kept for the runner after a crash."""
         self._update(
             job_id,
             state=STARTED,
             pgid=pgid,
             boot_id=boot_id,
             leader_start=leader_start,
+            wrapper_pid=wrapper_pid,
+            wrapper_start=wrapper_start,
             started_at=format_time(utc_now()),
         )
 
@@ -224,7 +231,14 @@ class Spool:
     def requeue(self, job_id: int) -> None:
         """A started job whose run was lost waits to run again."""
         self._update(
-            job_id, state=RECEIVED, pgid=None, boot_id=None, leader_start=None, started_at=None
+            job_id,
+            state=RECEIVED,
+            pgid=None,
+            boot_id=None,
+            leader_start=None,
+            wrapper_pid=None,
+            wrapper_start=None,
+            started_at=None,
         )
 
     def purge(self, older_than: float) -> int:
@@ -281,6 +295,8 @@ class Spool:
             pgid=journal.get("pgid"),
             boot_id=journal.get("boot_id"),
             leader_start=journal.get("leader_start"),
+            wrapper_pid=journal.get("wrapper_pid"),
+            wrapper_start=journal.get("wrapper_start"),
             started_at=parse_time(started_at) if started_at else None,
             updated_at=float(journal.get("updated_at", 0.0)),
         )

@@ -27,12 +27,14 @@ from scire_client.exceptions import CertificateExpired, ConfigError, ServerFault
 from scire_schema import certs, documents, tls, tls_errors
 from scire_schema.documents import JobDocument
 from scire_schema.errors import CertificateError, DocumentError
-from scire_schema.protocol import EnrollmentStatus, ReconcileAction
+from scire_schema.protocol import EnrollmentStatus, FaultCode, ReconcileAction
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 FAILBACK_AFTER = 300.0  # seconds on a fallback server before the first is tried again
+#: How an older server refuses ``agent.poll`` with ``presence`` (InvalidArgument).
+_WRONG_POLL_ARGUMENTS = "wrong arguments for agent.poll"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class ServerTransport:
         self._current = 0
         self._failed_over_at = 0.0
         self._proxies: dict[str, xmlrpc.client.ServerProxy] = {}
+        self._without_presence: set[str] = set()  # servers that refused agent.poll's 4th argument
 
     @property
     def current_server(self) -> str:
@@ -137,8 +140,16 @@ class ServerTransport:
             raise TransportError(f"{method} answered a certificate that is not text")
         return CertificateAnswer(status=status, certificate=certificate)
 
-    def poll(self, held: list[int], running: list[int], limit: int) -> PollAnswer:
-        answer = _expect(self._call("agent.poll", held, running, limit), dict, "agent.poll")
+    def poll(
+        self,
+        held: list[int],
+        running: list[int],
+        limit: int,
+        presence: dict[str, str] | None = None,
+    ) -> PollAnswer:
+        """``agent.poll``; ``presence`` goes along unless the server is one that
+        refused it before (an older server takes three arguments)."""
+        answer = _expect(self._poll(held, running, limit, presence), dict, "agent.poll")
         texts = _field(answer, "jobs", list, "agent.poll")
         if not all(isinstance(text, str) for text in texts):
             raise TransportError("agent.poll answered a job that is not an XML string")
@@ -161,6 +172,24 @@ class ServerTransport:
             reconcile=reconcile,
             poll_interval=interval if isinstance(interval, int) else 0,
         )
+
+    def _poll(
+        self, held: list[int], running: list[int], limit: int, presence: dict[str, str] | None
+    ) -> Any:
+        if presence is None or self.current_server in self._without_presence:
+            return self._call("agent.poll", held, running, limit)
+        try:
+            return self._call("agent.poll", held, running, limit, presence)
+        except ServerFault as exc:
+            if exc.code != FaultCode.INVALID_ARGUMENT or _WRONG_POLL_ARGUMENTS not in exc.message:
+                raise
+        # The permanent fault came from the current server: remember it, for this process.
+        log.info(
+            "server %s: an older server, it takes no presence; polling without it",
+            self.current_server,
+        )
+        self._without_presence.add(self.current_server)
+        return self._call("agent.poll", held, running, limit)
 
     def acknowledge(self, deliveries: list[tuple[int, str]]) -> list[int]:
         """Confirm the spooled deliveries; returns the job ids the server accepted."""

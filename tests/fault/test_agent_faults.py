@@ -4,6 +4,7 @@ cancellation of a held and of a running job."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -32,13 +33,19 @@ def rig(deployment: Deployment) -> Iterator[FaultRig]:
 
 
 def _kill_agent_while_running(rig: FaultRig, job: int) -> int:
-    """Start the agent, SIGKILL it once the job runs; the job's process group id."""
+    """Start the agent, SIGKILL it once the job runs, and the job's wrapper with it,
+    so how the job ends can never be known (a wrapper that lives on makes the next
+    agent re-attach instead: tests/acceptance/test_daemon.py); the job's process
+    group id."""
     agent = rig.spawn_agent(HOST)
     wait_for(lambda: rig.lines(HOST, STARTS_LOG) == [job], 30, "the job to start")
     wait_for(lambda: rig.assignment(job, HOST)["state"] == "running", 10, "running reported")
     pgid = int(rig.journal(HOST, job)["pgid"])
+    wrapper = int(rig.journal(HOST, job)["wrapper_pid"])
     agent.kill()
     assert agent.wait(10) == -signal.SIGKILL
+    os.kill(wrapper, signal.SIGKILL)
+    wait_for(lambda: process_gone(wrapper), 10, "the wrapper to die")
     # The server is told nothing; the job's process group outlives the agent.
     assert not process_gone(pgid)
     assert rig.journal(HOST, job)["state"] == "started"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -22,7 +23,7 @@ from xmlrpc.server import SimpleXMLRPCServer
 
 import pytest
 
-from scire_client import cli, enroll
+from scire_client import __version__, cli, enroll
 from scire_client.config import ClientConfig
 from scire_client.exceptions import ConfigError, EnrollmentPending
 from scire_client.spool import Spool
@@ -54,6 +55,8 @@ class FakeServer:
         self.reports: list[StatusReport] = []
         self.acks: list[dict[str, Any]] = []
         self.polls: list[tuple[list[int], list[int], int]] = []
+        self.presences: list[Any] = []
+        self.old_server = False  # refuses agent.poll's presence, as servers before issue 8 do
         self.registrations: list[tuple[str, str, dict[str, str], str]] = []
         self._rpc = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
         self._rpc.socket = context.wrap_socket(self._rpc.socket, server_side=True)
@@ -94,8 +97,13 @@ class FakeServer:
         cert = ca.sign_csr(self.ca_key, self.ca_cert, csr, name, ca.ROLE_CLIENT)
         return {"status": "accepted", "certificate": certs.cert_to_pem(cert).decode()}
 
-    def poll(self, held: list[int], running: list[int], limit: int) -> dict[str, Any]:
+    def poll(
+        self, held: list[int], running: list[int], limit: int, presence: Any = None
+    ) -> dict[str, Any]:
+        if presence is not None and self.old_server:
+            raise xmlrpc.client.Fault(4, "wrong arguments for agent.poll: it takes (held, ...)")
         self.polls.append((held, running, limit))
+        self.presences.append(presence)
         jobs, self.jobs = self.jobs[:limit], self.jobs[limit:]
         reconcile, self.reconcile = self.reconcile, []
         reconcile += [
@@ -334,9 +342,12 @@ def test_tls_errors_are_transport_errors() -> None:
     assert issubclass(ssl.SSLError, OSError)
 
 
-def test_an_agent_killed_mid_job_finishes_it_on_restart(tmp_path: Path, server: FakeServer) -> None:
-    trace = tmp_path / "trace"
-    server.jobs = [documents.render_job(make_job(11, f"echo started\ntouch {trace}\nsleep 30\n"))]
+def _kill_agent_mid_job(tmp_path: Path, server: FakeServer) -> tuple[Path, Path, int]:
+    """Start ``scire-client run`` on a job that waits for a ``go`` file, SIGKILL the
+    agent once the job runs; the config, the go file and the job's process group."""
+    trace, go = tmp_path / "trace", tmp_path / "go"
+    script = f"echo started\ntouch {trace}\nwhile [ ! -e {go} ]; do sleep 0.05; done\necho done\nexit 3\n"
+    server.jobs = [documents.render_job(make_job(11, script, timeout=300))]
     config = write_config(tmp_path, server)
     agent = subprocess.Popen(
         [sys.executable, "-m", "scire_client.cli", "-c", str(config)], stderr=subprocess.DEVNULL
@@ -346,15 +357,80 @@ def test_an_agent_killed_mid_job_finishes_it_on_restart(tmp_path: Path, server: 
         time.sleep(0.05)
     agent.kill()
     agent.wait()
-    spool = Spool(tmp_path / "state" / "spool")
-    [entry] = spool.entries()
+    [entry] = Spool(tmp_path / "state" / "spool").entries()
     assert entry.state == "started" and entry.pgid is not None
     os.killpg(entry.pgid, 0)  # the job outlived its agent, in its own session
+    return config, go, entry.pgid
+
+
+def test_a_job_that_finished_while_its_agent_was_dead_reports_its_real_result(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    config, go, pgid = _kill_agent_mid_job(tmp_path, server)
+    go.touch()
+    record = tmp_path / "state" / "spool" / "11" / "exit_status"
+    deadline = time.monotonic() + 10
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_cli(config) == cli.EXIT_OK
+    [report] = [r for r in server.reports if r.state != "running"]
+    assert (report.job_id, report.state, report.exit_code, report.reason) == (11, "failed", 3, None)
+    assert report.output == "started\ndone\n"
+    assert not any(_alive(pid) for pid in _group_members(pgid))
+
+
+def test_a_restarted_agent_re_attaches_to_a_job_still_running(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    config, go, pgid = _kill_agent_mid_job(tmp_path, server)
+    polls = len(server.polls)
+    result: list[int] = []
+    restarted = threading.Thread(target=lambda: result.append(run_cli(config)))
+    restarted.start()
+    # A re-attached run begins with a heartbeat poll; the job still waits for its go.
+    deadline = time.monotonic() + 10
+    while len(server.polls) == polls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(server.polls) > polls and _alive(pgid)
+    go.touch()
+    restarted.join(60)
+    assert result == [cli.EXIT_OK]
+    [report] = [r for r in server.reports if r.state != "running"]
+    assert (report.job_id, report.state, report.exit_code) == (11, "failed", 3)
+    assert report.output == "started\ndone\n"
+
+
+def test_a_job_whose_wrapper_died_too_is_reported_agent_restarted(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    config, _go, pgid = _kill_agent_mid_job(tmp_path, server)
+    [entry] = Spool(tmp_path / "state" / "spool").entries()
+    assert entry.wrapper_pid is not None
+    os.kill(entry.wrapper_pid, signal.SIGKILL)  # neither the agent nor the wrapper can tell
+    deadline = time.monotonic() + 10
+    while _alive(entry.wrapper_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert run_cli(config) == cli.EXIT_OK
     [report] = [r for r in server.reports if r.state != "running"]
     assert (report.job_id, report.state, report.reason) == (11, "failed", "agent restarted")
     assert report.output == "started\n"
-    assert not any(_alive(pid) for pid in _group_members(entry.pgid))
+    assert not any(_alive(pid) for pid in _group_members(pgid))
+
+
+def test_presence_goes_with_each_poll_and_an_older_server_gets_none(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    config = write_config(tmp_path, server)
+    assert run_cli(config) == cli.EXIT_OK
+    assert server.presences and all(
+        p == {"version": __version__, "mode": "once", "callback": ""} for p in server.presences
+    )
+    server.old_server = True
+    server.presences.clear()
+    server.jobs = [documents.render_job(make_job(12, "echo hi\n"))]
+    assert run_cli(config) == cli.EXIT_OK
+    assert server.final_reports() == [(12, "succeeded")]
+    assert server.presences and all(p is None for p in server.presences)
 
 
 def _group_members(pgid: int) -> list[int]:

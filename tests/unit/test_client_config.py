@@ -90,3 +90,39 @@ def test_a_work_root_others_may_write_is_refused(tmp_path: Path) -> None:
     setup = runner.JobSetup(user=runner.JobUser.resolve(""), work_root=root)
     with pytest.raises(ValueError, match="writable by it only"):
         runner.prepare_work_root(setup)
+
+
+def test_daemon_defaults_and_addresses(tmp_path: Path) -> None:
+    config = load(tmp_path)
+    assert (config.mode, config.poll_interval, config.poll_jitter) == ("once", 60.0, 0.1)
+    assert (config.max_parallel, config.shutdown_grace, config.listen) == (1, 30.0, "")
+    config = load(tmp_path, mode="Daemon", listen="0.0.0.0:8444", advertise="web-17.lan:8444")
+    assert (config.mode, config.listen, config.advertise) == (
+        "daemon",
+        "0.0.0.0:8444",
+        "web-17.lan:8444",
+    )
+    assert load(tmp_path, listen="[::1]:0").listen == "[::1]:0"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"mode": "sometimes"}, "mode 'sometimes' is not one of once, daemon"),
+        ({"poll_interval": 0.5}, "poll_interval must be 1 to 86400 seconds"),
+        ({"poll_jitter": 0.9}, "poll_jitter must be 0 to 0.5"),
+        ({"max_parallel": 0}, "max_parallel must be 1 to 256"),
+        ({"shutdown_grace": -1}, "shutdown_grace must not be negative"),
+        ({"listen": "8444"}, "listen '8444' is not HOST:PORT"),
+        ({"listen": "127.0.0.1:70000"}, "port 70000 is out of range"),
+        ({"listen": "0.0.0.0:8444"}, "set advertise"),
+        ({"advertise": "web:8444"}, "advertise needs listen"),
+        ({"listen": "127.0.0.1:8444", "advertise": ":8444"}, "names no host"),
+        ({"listen": "127.0.0.1:8444", "advertise": "web:0"}, "port 0 is out of range"),
+    ],
+)
+def test_bad_daemon_settings_are_refused(
+    tmp_path: Path, values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, **values)

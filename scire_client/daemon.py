@@ -1,0 +1,291 @@
+"""Daemon mode: ``scire-client daemon`` polls on its own and runs until SIGTERM.
+
+The daemon is the normal-mode ``Agent`` in a loop: the same spool, recovery,
+poll handling, reconciliation and reports, with these differences:
+
+* it polls every ``poll_interval`` seconds (the server's suggestion, within
+  ``POLL_INTERVAL_MIN``..``POLL_INTERVAL_MAX``, replaces the configured value),
+  each wait scaled by a random factor in ``1 ± poll_jitter`` and the first one
+  a random part of ``poll_jitter × poll_interval``, so a fleet restarted at once
+  does not poll in lockstep; while jobs run it polls at least every
+  ``heartbeat_interval``;
+* a ``poll_now`` hint (``wakeup.py``) sets the wake flag, and the loop polls at
+  once; hints that come while a poll runs, or within ``HINT_GAP`` of the last
+  hinted poll, make one more poll at most;
+* it runs up to ``max_parallel`` spooled jobs at once, highest priority first,
+  then the oldest (``Spool.runnable``), and checks them without blocking;
+* undelivered reports are retried with a delay doubling from
+  ``REPORT_BACKOFF_START`` to ``REPORT_RETRY_MAX``, for as long as it lives;
+* on SIGTERM or SIGINT it stops polling and starting jobs, gives running jobs
+  ``shutdown_grace`` seconds, then stops them (SIGTERM, SIGKILL after
+  ``kill_grace``: only their own process groups) and reports them failed with
+  ``SHUTDOWN_REASON``, delivers what it can and exits 0.
+
+Jobs started by an earlier agent process are re-attached at start (``recover``):
+they count against ``max_parallel`` and are reported when they end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+from scire_client import agent, enroll, lock, runner
+from scire_client.agent import REPORT_BACKOFF_START, Agent
+from scire_client.config import POLL_INTERVAL_MAX, POLL_INTERVAL_MIN, ClientConfig
+from scire_client.exceptions import ServerFault, TransportError
+from scire_client.spool import Spool
+from scire_client.transport import ServerTransport
+from scire_client.wakeup import PollNowListener
+from scire_schema.files import write_atomic
+from scire_schema.protocol import AgentMode
+
+log = logging.getLogger(__name__)
+
+HINT_GAP = 0.5  # seconds between two polls that poll_now hints asked for
+REPORT_RETRY_MAX = 60.0  # seconds; the longest wait between tries of undelivered reports
+SIGNAL_CHECK = 0.5  # seconds; the longest the loop sleeps without looking for a stop request
+SHUTDOWN_REASON = "killed: the agent stopped and its shutdown_grace of {grace:g} s ran out"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run(config: ClientConfig) -> int:
+    """``scire-client daemon``: enroll if needed, recover the spool, serve until SIGTERM."""
+    setup = agent.job_setup(config)
+    with lock.hold(config.lock_file):
+        enroll.ensure_enrolled(config)
+        transport = ServerTransport(config)
+        try:
+            with pid_file(config.pid_file):
+                return Daemon(config, transport, Spool(config.spool_dir), setup).serve()
+        finally:
+            transport.close()
+
+
+@contextlib.contextmanager
+def pid_file(path: Path | None) -> Iterator[None]:
+    """Write our pid to ``path`` for the daemon's life; remove it after, if still ours."""
+    if path is None:
+        yield
+        return
+    pid = f"{os.getpid()}\n"
+    write_atomic(path, pid.encode(), 0o644)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text() == pid:
+                path.unlink()
+
+
+class Daemon(Agent):
+    def __init__(
+        self,
+        config: ClientConfig,
+        transport: ServerTransport,
+        spool: Spool,
+        setup: runner.JobSetup,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(config, transport, spool, setup, clock=clock)
+        self.presence["mode"] = AgentMode.DAEMON.value
+        #: Set by poll_now hints; the loop waits on it.
+        self.wake = threading.Event()
+        self.polls = 0  #: since start, for the log
+        self._rng = rng or random.Random()
+        self._stopping = False
+        self._running: dict[int, runner.JobRun] = {}
+        self._interval = config.poll_interval
+        self._next_poll = 0.0
+        self._last_hinted_poll = float("-inf")
+        self._report_delay = 0.0
+        self._next_report_try = 0.0
+
+    def stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        """Ask the loop to stop (a signal handler: it only sets a flag)."""
+        self._stopping = True
+
+    def serve(self) -> int:
+        previous = {sig: signal.signal(sig, self.stop) for sig in STOP_SIGNALS}
+        listener: PollNowListener | None = None
+        try:
+            for run in self.recover():
+                self._running[run.job_id] = run
+            if self.config.listen:
+                listener = PollNowListener(self.config, self.wake)
+                listener.start()
+                self.presence["callback"] = listener.callback
+            log.info(
+                "%s: daemon started: poll every %g s, up to %d job(s) at once, %s",
+                self.config.name,
+                self._interval,
+                self.config.max_parallel,
+                f"poll_now at {listener.callback}" if listener else "no poll_now listener",
+            )
+            first = self._rng.uniform(0, self.config.poll_jitter * self._interval)
+            self._next_poll = self._clock() + first
+            while not self._stopping:
+                self._step()
+            if listener is not None:
+                listener.stop()
+                listener = None
+            return self._shut_down()
+        finally:
+            if listener is not None:
+                listener.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # The loop.
+
+    def _step(self) -> None:
+        now = self._clock()
+        hinted = self.wake.is_set() and now - self._last_hinted_poll >= HINT_GAP
+        heartbeat = bool(self._running) and (
+            now - self._last_contact >= self.config.heartbeat_interval
+        )
+        if hinted or heartbeat or now >= self._next_poll:
+            if hinted:
+                self.wake.clear()
+                self._last_hinted_poll = now
+            self._poll_once("poll_now" if hinted else "heartbeat" if heartbeat else "interval")
+        self._check_runs()
+        self._start_runnable()
+        self._try_reports()
+        self._wait()
+
+    def _poll_once(self, why: str) -> None:
+        self.polls += 1
+        try:
+            answer = self._poll(self.config.poll_batch)
+            added = self._handle(answer)
+        except (TransportError, ServerFault) as exc:
+            # Contact failed too: a heartbeat is not due again before the next interval.
+            self._last_contact = self._clock()
+            self._next_poll = self._clock() + self._jittered(self._interval)
+            log.warning("poll failed: %s; next try in %.0f s", exc, self._next_poll - self._clock())
+            return
+        if answer.poll_interval > 0:
+            suggested = min(max(float(answer.poll_interval), POLL_INTERVAL_MIN), POLL_INTERVAL_MAX)
+            if suggested != self._interval:
+                log.info("poll interval %g s, as the server suggests", suggested)
+                self._interval = suggested
+        self._next_poll = self._clock() + self._jittered(self._interval)
+        log.debug(
+            "poll %d (%s): %d new job(s), next poll in %.1f s",
+            self.polls,
+            why,
+            added,
+            self._next_poll - self._clock(),
+        )
+        for job_id, run in self._running.items():
+            if self.spool.cancel_reason(job_id) is not None:
+                run.stop("cancelled", runner.CANCELLED_REASON)
+
+    def _jittered(self, interval: float) -> float:
+        jitter = self.config.poll_jitter
+        return interval * self._rng.uniform(1 - jitter, 1 + jitter)
+
+    def _check_runs(self) -> None:
+        for job_id, run in list(self._running.items()):
+            report = run.check()
+            if report is not None:
+                del self._running[job_id]
+                self._finished(run, report)
+                self._next_report_try = 0.0  # a new report goes out at once
+
+    def _start_runnable(self) -> None:
+        if self._stopping:
+            return
+        for entry in self.spool.runnable():
+            if len(self._running) >= self.config.max_parallel or self._stopping:
+                return
+            run = self._start(entry)
+            if run is not None:
+                self._running[run.job_id] = run
+
+    def _try_reports(self) -> None:
+        if self._clock() < self._next_report_try:
+            return
+        pending = self.spool.pending_reports()
+        if not pending:
+            return
+        if self._send_reports(pending):
+            self._report_delay = 0.0
+            return
+        self._report_delay = min(
+            max(self._report_delay * 2, REPORT_BACKOFF_START), REPORT_RETRY_MAX
+        )
+        self._next_report_try = self._clock() + self._report_delay
+        log.warning(
+            "%d report(s) undelivered; retrying in %.1f s",
+            len(self.spool.pending_reports()),
+            self._report_delay,
+        )
+
+    def _wait(self) -> None:
+        now = self._clock()
+        until = self._next_poll
+        if self._running:
+            until = min(until, now + runner.WAIT_STEP)
+        if self.spool.pending_reports():
+            until = min(until, self._next_report_try)
+        timeout = min(max(0.0, until - now), SIGNAL_CHECK)
+        if self.wake.is_set():
+            # A hint within HINT_GAP of the last hinted poll: it waits for the gap's end.
+            time.sleep(min(timeout, max(0.0, self._last_hinted_poll + HINT_GAP - now)))
+        else:
+            self.wake.wait(timeout)
+
+    # Stopping.
+
+    def _shut_down(self) -> int:
+        grace = self.config.shutdown_grace
+        if self._running:
+            log.info(
+                "stopping: %d running job(s) get %g s (shutdown_grace) to finish",
+                len(self._running),
+                grace,
+            )
+        else:
+            log.info("stopping")
+        deadline = self._clock() + grace
+        while self._running and self._clock() < deadline:
+            self._check_runs()
+            self._try_reports()
+            if self._running:
+                time.sleep(min(runner.WAIT_STEP, max(0.0, deadline - self._clock())))
+        for run in self._running.values():
+            log.warning(
+                "job %s (%s): still running after %g s: stopping it",
+                run.job_id,
+                run.doc.name,
+                grace,
+            )
+            run.stop("failed", SHUTDOWN_REASON.format(grace=grace))
+        # SIGKILL follows kill_grace after SIGTERM; a group that is not provably the
+        # job's is never signalled, and such a run is left for the next start.
+        give_up = self._clock() + self.config.kill_grace + 5.0
+        while self._running and self._clock() < give_up:
+            self._check_runs()
+            if self._running:
+                time.sleep(runner.WAIT_STEP)
+        for run in self._running.values():
+            log.error(
+                "job %s (%s): did not end; the next start re-attaches to it",
+                run.job_id,
+                run.doc.name,
+            )
+        delivered = self.deliver_reports()
+        log.info("stopped%s", "" if delivered else "; undelivered reports wait in the spool")
+        return 0

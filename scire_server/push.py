@@ -65,7 +65,8 @@ class PushCounters:
 
     announced: int = 0  #: client names heard from the work-due signal
     no_target: int = 0  #: of those, not daemon-mode or without a callback address
-    coalesced: int = 0  #: announcements absorbed by a push already queued or in flight
+    follow_ups: int = 0  #: announcements during a push in flight, kept as its one follow-up
+    coalesced: int = 0  #: announcements absorbed by a push already queued or followed up
     sent: int = 0  #: pushes started
     succeeded: int = 0  #: the agent answered True
     failed: int = 0  #: anything else (refused, timed out, wrong certificate, fault)
@@ -154,7 +155,7 @@ class Pusher:
         """Stop: queued pushes are dropped, pushes in flight end within the timeout."""
         with self._lock:
             self._closed = True
-            dropped = sum(1 for slot in self._slots.values() if slot is _Slot.QUEUED)
+            dropped = sum(1 for slot in self._slots.values() if slot is not _Slot.IN_FLIGHT)
         self._pool.shutdown(wait=True, cancel_futures=True)
         if dropped:
             self.counters.add(dropped=dropped)
@@ -180,7 +181,7 @@ class Pusher:
             self.counters.add(failed=len(names))
             return
         absent = sum(1 for target in targets.values() if target is None)
-        coalesced = 0
+        coalesced = follow_ups = 0
         for target in targets.values():
             if target is None:
                 continue
@@ -190,13 +191,14 @@ class Pusher:
                     self._slots[target.client] = _Slot.QUEUED
                 elif slot is _Slot.IN_FLIGHT:
                     self._slots[target.client] = _Slot.IN_FLIGHT_AGAIN
+                    follow_ups += 1
                     continue
                 else:
                     coalesced += 1
                     continue
             if not self._submit(self._push, target):
                 self._release(target.client)
-        self.counters.add(no_target=absent, coalesced=coalesced)
+        self.counters.add(no_target=absent, coalesced=coalesced, follow_ups=follow_ups)
 
     def _resolve(self, names: Iterable[str]) -> dict[str, PushTarget | None]:
         now = time.monotonic()

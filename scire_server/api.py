@@ -407,7 +407,7 @@ class RemoteMethods:
         result = self.store.jobs.submit(caller, job, hosts, groups, request_key)
         # After the commit; a job that may not start yet is announced by nobody:
         # the agents' polls find it when it is due.
-        if not result.repeated and (not_before is None or not_before <= protocol.utc_now()):
+        if not result.repeated and (not_before is None or not_before <= utcnow()):
             self.work_due.announce(result.accepted)
         return {
             "job_id": result.job_id,

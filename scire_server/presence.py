@@ -48,7 +48,7 @@ def parse_presence(value: Any) -> AgentPresence:
             raise InvalidArgument(
                 f"presence version is {len(version)} characters long; at most {MAX_VERSION}"
             )
-        if not _VERSION_RE.match(version):
+        if not _VERSION_RE.fullmatch(version):
             raise InvalidArgument(f"presence version {clip(version)} must be printable ASCII")
     mode = value.get("mode")
     if mode is not None and mode not in tuple(AgentMode):
@@ -74,7 +74,7 @@ def split_callback(text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise InvalidArgument(f"callback {clip(text)} is not host:port")
-    if not _PORT_RE.match(port_text) or not 1 <= int(port_text) <= 65535:
+    if not _PORT_RE.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
         raise InvalidArgument(f"callback {clip(text)}: the port must be a number from 1 to 65535")
     if host.startswith("["):
         if not host.endswith("]"):
@@ -101,7 +101,7 @@ def _check_host_name(text: str, host: str) -> None:
     if ":" in host:
         raise InvalidArgument(f"callback {clip(text)}: write an IPv6 address as [address]:port")
     labels = host.removesuffix(".").split(".")
-    if len(host) > 253 or not all(_LABEL_RE.match(label) for label in labels):
+    if len(host) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
         raise InvalidArgument(
             f"callback {clip(text)}: {clip(host)} is neither an IP address nor a host name"
         )

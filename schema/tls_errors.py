@@ -143,3 +143,36 @@ def explain_for_agent(exc: ssl.SSLError, url: str) -> str:
     if reason in ("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER"):
         return f"{url}: no common TLS version (1.2 or newer), or not a TLS server"
     return f"{url}: TLS failed: {reason or exc}"
+
+
+def explain_for_pusher(exc: ssl.SSLError, where: str) -> str:
+    """What a failed TLS connection from the server to an agent's ``poll_now``
+    listener at ``where`` (host:port) means, in words, for the server's log."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == _CERT_HAS_EXPIRED:
+            return (
+                f"the agent's certificate at {where} has expired (or a clock is wrong); "
+                "the host must renew or re-enroll"
+            )
+        if code == _CERT_NOT_YET_VALID:
+            return f"the agent's certificate at {where} is not valid yet: check the clocks"
+        if code in _NOT_FROM_OUR_CA:
+            return (
+                f"the listener at {where} has a certificate from another CA: not a Scire "
+                "agent of this installation"
+            )
+        return f"the agent's certificate at {where} was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError):
+        return (
+            f"the listener at {where} closed the TLS connection (it may have refused the "
+            "server's certificate)"
+        )
+    reason = exc.reason or ""
+    if reason in ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA"):
+        return f"the listener at {where} refused the server's certificate"
+    if reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+        return f"the listener at {where} refused the server's certificate as expired"
+    if reason in ("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER"):
+        return f"{where} does not speak TLS 1.2 or newer: not a Scire agent's listener?"
+    return f"TLS with the agent at {where} failed: {reason or exc}"

@@ -365,10 +365,26 @@ def cmd_completion(args: argparse.Namespace) -> ExitCode:
 def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
     sub = args.client_command
     if sub == "list":
+        # Without a filter the call has no arguments, so an older server answers it too.
+        filters = (args.group or "", args.offline) if args.group or args.offline else ()
+        clients = call(proxy, "admin.client_list", *filters)
+        if args.json:
+            show(args, clients)
+            return ExitCode.OK
         show(
             args,
-            call(proxy, "admin.client_list"),
-            ["name", "status", "active_jobs", "last_seen_at", "registered_at", "key_fingerprint"],
+            [client_presence(c) for c in clients],
+            [
+                "name",
+                "status",
+                "active_jobs",
+                "last_seen_at",
+                "registered_at",
+                "presence",
+                "mode",
+                "version",
+                "key_fingerprint",
+            ],
         )
     elif sub == "show":
         detail = call(proxy, "admin.client_show", args.name)
@@ -376,7 +392,7 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
             show(args, detail)
             return ExitCode.OK
         recent = detail.pop("recent_jobs")
-        show(args, detail)
+        show(args, client_presence(detail))
         print("\nrecent jobs:")
         print(table(recent, ["job_id", "name", "state", "updated_at"]))
     elif sub == "token":
@@ -386,6 +402,19 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
     else:
         show(args, call(proxy, f"admin.client_{sub}", args.name))
     return ExitCode.OK
+
+
+def client_presence(client: dict[str, Any]) -> dict[str, Any]:
+    """A client as the tables show it: ``presence`` in a word (online, offline,
+    or "-" for a client that is not accepted), ``mode`` and ``version``."""
+    word = "-"
+    if client.get("status") == "accepted":
+        word = "online" if client.get("online") else "offline"
+    return client | {
+        "presence": word,
+        "mode": client.get("agent_mode"),
+        "version": client.get("agent_version"),
+    }
 
 
 def cmd_group(args: argparse.Namespace, proxy: Any) -> ExitCode:
@@ -908,12 +937,27 @@ def build_parser() -> argparse.ArgumentParser:
         ("who is enrolled, and who waits", "scire-admin client list"),
         ("accept a waiting agent", "scire-admin client accept web-17"),
     )
-    _command(
+    client_list = _command(
         client,
         "list",
-        "list the clients and their status",
+        "list the clients, their status and presence (online or offline, mode, version)",
         ("all clients", "scire-admin client list"),
+        ("the accepted clients not heard from lately", "scire-admin client list --offline"),
+        ("the clients in group web and its nested groups", "scire-admin client list --group web"),
         ("as JSON", "scire-admin client list --json"),
+        more="A client is offline when its agent has not called for offline_after_polls\n"
+        "(default 3) times the server's poll_interval.",
+    )
+    client_list.add_argument(
+        "--offline",
+        action="store_true",
+        help="only accepted clients that are offline",
+    )
+    client_list.add_argument(
+        "--group",
+        type=client_group,
+        metavar="GROUP",
+        help="only the clients in this client group, nested groups included (web or @web)",
     )
     accept = _command(
         client,

@@ -39,9 +39,11 @@ from scire_server.exceptions import (
     clip,
     from_schema_error,
 )
+from scire_server.presence import LastSeen, is_online, parse_presence
 from scire_server.refusals import AnonymousRefusals
 from scire_server.states import JOB_SUMMARIES, ClientStatus
-from scire_server.store import Caller, Certificate, JobSpec, Store
+from scire_server.store import Caller, Certificate, JobSpec, Store, utcnow
+from scire_server.work_due import WorkDue
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,21 @@ def token_hash(token: str) -> str:
 class RemoteMethods:
     """The remote methods, and who may call each (``open``, ``agent``, ``user``, ``admin``)."""
 
-    def __init__(self, config: ServerConfig, store: Store) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        work_due: WorkDue | None = None,
+        on_presence_change: Callable[[str], None] | None = None,
+    ) -> None:
+        """``work_due`` hears of the clients a submission or a rerun gave work;
+        ``on_presence_change`` is told the name of a client whose agent changed
+        its version, mode or callback (the pusher forgets where it listened)."""
         self.config = config
         self.store = store
+        self.work_due = work_due or WorkDue()
+        self.on_presence_change = on_presence_change
+        self.last_seen = LastSeen()
         self.ca_cert = certs.load_cert(config.ca_cert_file.read_bytes())
         self.ca_key = certs.load_key(config.ca_key_file.read_bytes())
         self.ca_pem = certs.cert_to_pem(self.ca_cert).decode()
@@ -219,6 +233,16 @@ class RemoteMethods:
         except ScireError as exc:
             log.warning("could not record the anonymous refusals: %s", exc.message)
 
+    def flush_last_seen(self) -> int:
+        """Write the last-seen times noted since the last flush (one transaction);
+        kept for the next flush when the database is unavailable."""
+        batch = self.last_seen.take()
+        try:
+            return self.store.directory.record_last_seen(batch)
+        except ScireError:
+            self.last_seen.give_back(batch)
+            raise
+
     # --- open: enrollment ----------------------------------------------------
 
     def ca_certificate(self, _caller: None) -> str:
@@ -271,14 +295,34 @@ class RemoteMethods:
     # --- agent ----------------------------------------------------------------
 
     def poll(
-        self, caller: Caller, held: Any = None, running: Any = None, limit: Any = 10
+        self,
+        caller: Caller,
+        held: Any = None,
+        running: Any = None,
+        limit: Any = 10,
+        presence: Any = None,
     ) -> dict[str, Any]:
         held_ids = _ids(held or [], "held")
         running_ids = _ids(running or [], "running")
         limit = _int(limit, "limit", 0, self.config.poll_batch_max)
+        said = parse_presence(presence)
+        # In memory only: written in batches by the timed flush, not by each poll.
+        self.last_seen.note(caller.name, utcnow())
         result = self.store.assignments.poll(
-            caller, held_ids, running_ids, limit, self.config.ack_timeout
+            caller, held_ids, running_ids, limit, self.config.ack_timeout, said
         )
+        if result.presence_changed:
+            log.info(
+                "client %s: agent %s in %s mode, callback %s",
+                caller.name,
+                said.version or "(version not said)",
+                said.mode or "(mode not said)",
+                (said.callback or "none") if said.callback is not None else "(not said)",
+            )
+            if self.on_presence_change is not None:
+                self.on_presence_change(caller.name)
+        if result.requeued:
+            self.work_due.announce([caller.name])
         # Rendered after the claim has committed: never under the write lock.
         return {
             "jobs": [documents.render_job(job) for job in result.deliveries],
@@ -361,6 +405,10 @@ class RemoteMethods:
             rerun_on_agent_crash=bool(spec.get("rerun_on_agent_crash", False)),
         )
         result = self.store.jobs.submit(caller, job, hosts, groups, request_key)
+        # After the commit; a job that may not start yet is announced by nobody:
+        # the agents' polls find it when it is due.
+        if not result.repeated and (not_before is None or not_before <= utcnow()):
+            self.work_due.announce(result.accepted)
         return {
             "job_id": result.job_id,
             "accepted": result.accepted,
@@ -394,11 +442,41 @@ class RemoteMethods:
 
     # --- admin: clients -----------------------------------------------------------
 
-    def client_list(self, caller: Caller) -> list[dict[str, Any]]:
-        return self.store.directory.clients()
+    def client_list(
+        self, caller: Caller, group: Any = "", offline: Any = False
+    ) -> list[dict[str, Any]]:
+        """Every client with its presence; ``group``: only the clients in that
+        client group (nested groups included); ``offline``: only accepted
+        clients that are offline."""
+        if not isinstance(offline, bool):
+            raise InvalidArgument(f"offline must be a boolean, not {clip(offline)}")
+        if group in ("", None):
+            group_name = None
+        elif isinstance(group, str):
+            group_name = check_name(group.removeprefix("@"), "client group")
+        else:
+            raise InvalidArgument(f"group must be a client group's name, not {clip(group)}")
+        rows = [self._with_presence(row) for row in self.store.directory.clients(group_name)]
+        if offline:
+            rows = [r for r in rows if r["status"] == ClientStatus.ACCEPTED and not r["online"]]
+        return rows
 
     def client_show(self, caller: Caller, name: Any) -> dict[str, Any]:
-        return self.store.directory.client_detail(check_name(name))
+        return self._with_presence(self.store.directory.client_detail(check_name(name)))
+
+    def _with_presence(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A client row with the freshest last-seen time (this daemon's memory may
+        be ahead of the database until the next flush) and ``online``."""
+        noted = self.last_seen.latest(row["name"])
+        if noted is not None and (row["last_seen_at"] is None or row["last_seen_at"] < noted):
+            row["last_seen_at"] = noted
+        row["online"] = row["status"] == ClientStatus.ACCEPTED and is_online(
+            row["last_seen_at"],
+            utcnow(),
+            self.config.poll_interval,
+            self.config.offline_after_polls,
+        )
+        return row
 
     def client_accept(self, caller: Caller, name: Any, fingerprint: Any = "") -> dict[str, Any]:
         row = self.store.directory.enrollment(check_name(name))

@@ -17,7 +17,9 @@ from scire_server import __version__, migrations, recovery, store, timed
 from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
+from scire_server.push import Pusher
 from scire_server.rpc import ScireRPCServer, listener_limits
+from scire_server.work_due import WorkDue
 
 log = logging.getLogger("scire_server")
 
@@ -49,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ack-timeout", type=int, help="seconds a sent job waits for its ack")
     p.add_argument("--lost-after", type=int, help="seconds of agent silence before running is lost")
     p.add_argument("--sweep-interval", type=int)
+    p.add_argument(
+        "--push",
+        choices=["on", "off"],
+        help="send poll_now to daemon-mode agents when work becomes due (default on)",
+    )
+    p.add_argument("--push-workers", type=int, help="pushes in flight at once (default 8)")
+    p.add_argument(
+        "--push-timeout", type=float, help="seconds one push may take in all (default 2)"
+    )
+    p.add_argument(
+        "--offline-after-polls",
+        type=int,
+        help="poll intervals of silence before 'client list' shows a client offline (default 3)",
+    )
     p.add_argument("--log-level")
     p.add_argument("--version", action="version", version=f"scire-server {__version__}")
     return p
@@ -71,6 +87,10 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         ack_timeout=args.ack_timeout,
         lost_after=args.lost_after,
         sweep_interval=args.sweep_interval,
+        push=args.push,
+        push_workers=args.push_workers,
+        push_timeout=args.push_timeout,
+        offline_after_polls=args.offline_after_polls,
         log_level=args.log_level,
     )
 
@@ -90,7 +110,15 @@ def serve(config: ServerConfig) -> int:
         db.close()
         return ExitCode.INSTANCE_CONFLICT
     context = tls.server_context(config.cert_file, config.key_file, config.ca_cert_file)
-    methods = RemoteMethods(config, db)
+    # One "work became due for these clients" signal per daemon: submissions,
+    # the sweep and start-up announce on it; the pusher listens.
+    work_due = WorkDue()
+    pusher: Pusher | None = None
+    methods = RemoteMethods(config, db, work_due)
+    if config.push:
+        pusher = Pusher.from_config(config, db, methods.last_seen)
+        methods.on_presence_change = pusher.forget
+        work_due.subscribe(pusher)
     server = ScireRPCServer(
         (config.listen_host, config.listen_port),
         context,
@@ -103,10 +131,20 @@ def serve(config: ServerConfig) -> int:
         log.error(
             "cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc.strerror
         )
+        if pusher is not None:
+            pusher.close()
         db.servers.stop()
         db.close()
         return 1
-    scheduler = timed.start(db, config, methods.summarize_refusals)
+    scheduler = timed.start(
+        db, config, methods.summarize_refusals, methods.flush_last_seen, work_due
+    )
+    try:
+        recovery.announce_due_work(db, work_due)
+    except ScireError as exc:
+        log.warning(
+            "start-up: pending work not announced (the polls will find it): %s", exc.message
+        )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -117,12 +155,13 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.address
     log.info(
-        "scire-server %s (instance %s) listening on https://%s:%s/ with %d threads",
+        "scire-server %s (instance %s) listening on https://%s:%s/ with %d threads, push %s",
         __version__,
         config.instance_key,
         host,
         port,
         config.max_threads,
+        f"on ({config.push_workers} workers, {config.push_timeout:g} s)" if pusher else "off",
     )
     try:
         while not stop.wait(1.0):
@@ -130,7 +169,14 @@ def serve(config: ServerConfig) -> int:
     finally:
         clean = server.drain(config.shutdown_grace)
         scheduler.shutdown(wait=True)
+        if pusher is not None:
+            work_due.unsubscribe(pusher)
+            pusher.close()  # queued pushes dropped; those in flight end within push_timeout
         methods.summarize_refusals()  # the last interval's, before the store closes
+        try:
+            methods.flush_last_seen()
+        except ScireError as exc:
+            log.warning("the agents' last-seen times were not written: %s", exc.message)
         db.servers.stop()
         db.close()
         log.info("stopped %s", "cleanly" if clean else "after cutting off in-flight calls")

@@ -40,6 +40,11 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_INTERPRETER = "/bin/sh"
 TOKEN_TTL = 24 * 3600  # seconds an enrollment token is valid
 REFUSAL_SUMMARY_INTERVAL = 60  # seconds between summaries of anonymous refusals
+LAST_SEEN_FLUSH_INTERVAL = 5  # seconds between writes of the agents' last-seen times
+OFFLINE_AFTER_POLLS = 3  # poll intervals of silence before a client shows as offline
+PUSH = True  # send poll_now to daemon-mode agents when work becomes due for them
+PUSH_WORKERS = 8  # pushes in flight at once
+PUSH_TIMEOUT = 2.0  # seconds one push may take, connect to answer
 
 
 _Config = TypeVar("_Config", "ServerConfig", "AdminConfig")
@@ -88,6 +93,11 @@ class ServerConfig:
     default_interpreter: str = DEFAULT_INTERPRETER
     token_ttl: int = TOKEN_TTL
     refusal_summary_interval: int = REFUSAL_SUMMARY_INTERVAL
+    last_seen_flush_interval: int = LAST_SEEN_FLUSH_INTERVAL
+    offline_after_polls: int = OFFLINE_AFTER_POLLS
+    push: bool = PUSH
+    push_workers: int = PUSH_WORKERS
+    push_timeout: float = PUSH_TIMEOUT
     log_level: str = "INFO"
 
     @classmethod
@@ -124,6 +134,10 @@ class ServerConfig:
             "max_connections",
             "max_connections_per_peer",
             "refusal_summary_interval",
+            "poll_interval",
+            "last_seen_flush_interval",
+            "offline_after_polls",
+            "push_workers",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -133,6 +147,14 @@ class ServerConfig:
             raise ConfigError(f"listen_port {self.listen_port} is out of range")
         if self.instance_stale_after <= self.heartbeat_interval:
             raise ConfigError("instance_stale_after must be longer than heartbeat_interval")
+        if self.lost_after <= self.last_seen_flush_interval:
+            # A poll's time reaches the database only at the flush; the sweep
+            # would otherwise call a live agent's running job lost.
+            raise ConfigError("lost_after must be longer than last_seen_flush_interval")
+        if not 0 < self.push_timeout <= 60:
+            raise ConfigError(
+                f"push_timeout must be more than 0 and at most 60 seconds, not {self.push_timeout}"
+            )
 
     # Files of the PKI, all in state_dir.
     @property

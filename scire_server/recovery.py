@@ -4,7 +4,9 @@ Start-up runs, in order and before the listener opens: refuse a live
 duplicate of this instance key; return expired leases and the leases this
 instance held in its previous life; expire jobs past their expiry; record one
 ``recovery`` audit event with the counts. ``sweep`` runs the same repairs
-(without the instance check) every few seconds while the daemon runs.
+(without the instance check) every few seconds while the daemon runs. Work
+that a repair makes due again (a lease returned, a lost run requeued), and at
+start-up every client's pending work, is announced on the work-due signal.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from scire_server.config import ServerConfig
 from scire_server.store import SERVER, Store
+from scire_server.work_due import WorkDue
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,24 @@ def start_up(store: Store, config: ServerConfig) -> dict[str, Any]:
     return counts
 
 
-def sweep(store: Store, config: ServerConfig) -> dict[str, int]:
+def announce_due_work(store: Store, work_due: WorkDue) -> int:
+    """At start-up, once the listener is open: announce every client with
+    pending work it could claim now (its agent may have waited for a push
+    while this daemon was down); returns how many."""
+    names = store.sweeps.clients_with_due_work()
+    if names:
+        log.info("start-up: %d client(s) have work due; announcing it", len(names))
+    work_due.announce(names)
+    return len(names)
+
+
+def sweep(store: Store, config: ServerConfig, work_due: WorkDue | None = None) -> dict[str, int]:
     """One pass of continuous recovery; safe to run on several daemons at once."""
     leases = store.sweeps.return_leases()
     expired = store.sweeps.expire()
     lost = store.sweeps.mark_lost(config.lost_after)
+    if work_due is not None:
+        work_due.announce(leases.due | lost.due)
     counts = leases | lost | {"expired": expired}
     if any(counts.values()):
         log.info("sweep: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))

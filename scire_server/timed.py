@@ -1,5 +1,6 @@
 """Timed work inside the daemon, on APScheduler: heartbeat, sweep, retention,
-and the summary of anonymous refusals.
+the summary of anonymous refusals, and the batched write of the agents'
+last-seen times.
 
 Each task is safe to run on several daemons at once (conditional updates),
 and a task that fails is logged and runs again at its next tick.
@@ -17,6 +18,7 @@ from scire_server import recovery
 from scire_server.config import ServerConfig
 from scire_server.exceptions import ScireError
 from scire_server.store import Store
+from scire_server.work_due import WorkDue
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,17 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
 
 
 def start(
-    store: Store, config: ServerConfig, summarize_refusals: Callable[[], None]
+    store: Store,
+    config: ServerConfig,
+    summarize_refusals: Callable[[], None],
+    flush_last_seen: Callable[[], object] | None = None,
+    work_due: WorkDue | None = None,
 ) -> BackgroundScheduler:
     """Start the daemon's timed work; ``summarize_refusals`` is the API's
-    (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``."""
+    (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``;
+    ``flush_last_seen`` (``RemoteMethods.flush_last_seen``) every
+    ``last_seen_flush_interval``; the sweep announces on ``work_due`` the work it
+    makes due again."""
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
@@ -48,7 +57,7 @@ def start(
         id="heartbeat",
     )
     scheduler.add_job(
-        _guarded("sweep", lambda: recovery.sweep(store, config)),
+        _guarded("sweep", lambda: recovery.sweep(store, config, work_due)),
         "interval",
         seconds=config.sweep_interval,
         id="sweep",
@@ -65,5 +74,12 @@ def start(
         seconds=config.refusal_summary_interval,
         id="refusal_summary",
     )
+    if flush_last_seen is not None:
+        scheduler.add_job(
+            _guarded("last-seen flush", flush_last_seen),
+            "interval",
+            seconds=config.last_seen_flush_interval,
+            id="last_seen_flush",
+        )
     scheduler.start()
     return scheduler

@@ -27,10 +27,13 @@ from scire_server.store.directory import Directory
 from scire_server.store.jobs import Jobs
 from scire_server.store.records import (
     SERVER,
+    AgentPresence,
     Caller,
     Certificate,
     JobSpec,
     PollResult,
+    PushTarget,
+    Repairs,
     SubmitResult,
 )
 from scire_server.store.servers import Servers
@@ -38,10 +41,13 @@ from scire_server.store.sweeps import Sweeps
 
 __all__ = [
     "SERVER",
+    "AgentPresence",
     "Caller",
     "Certificate",
     "JobSpec",
     "PollResult",
+    "PushTarget",
+    "Repairs",
     "Store",
     "SubmitResult",
     "make_engine",

@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import select, update
@@ -25,7 +26,7 @@ from scire_server.states import FINAL, State, allowed
 from scire_server.store import directory
 from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, log_after_commit, utcnow
-from scire_server.store.records import SERVER, Caller, PollResult
+from scire_server.store.records import SERVER, AgentPresence, Caller, PollResult
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,21 @@ class Assignments:
         running: Sequence[int],
         limit: int,
         ack_timeout: int,
+        presence: AgentPresence | None = None,
     ) -> PollResult:
         """Reconcile what the agent holds, then claim up to ``limit`` due jobs for it.
 
         Claiming, the ACL check, and marking ``sent`` happen in this one
         transaction, so a crash leaves each assignment either pending or sent
-        with a lease that the sweeper will return.
+        with a lease that the sweeper will return. The agent's ``presence``
+        (version, mode, callback) is written only where it differs from the
+        row; ``last_seen_at`` is not written here: the API batches it.
         """
         now = utcnow()
         result = PollResult()
         with self.db.tx() as session:
-            _seen(session, client, now)
+            if presence is not None and not presence.is_empty():
+                result.presence_changed = _note_presence(session, client, presence)
             self._reconcile(session, client, set(held), set(running), now, result)
             if limit <= 0:
                 return result
@@ -216,6 +221,7 @@ class Assignments:
                     self._server_move(
                         session, assignment, State.PENDING, client, f"{gone}; rerun", now
                     )
+                    result.requeued = True
                 else:
                     self._server_move(session, assignment, State.FAILED, client, gone, now)
                     assignment.reason = "agent no longer holds the job"
@@ -351,3 +357,28 @@ class Assignments:
 def _seen(session: Session, client: Caller, now: dt.datetime) -> None:
     """Note that the client called (``last_seen_at``, read by ``mark_lost``)."""
     session.execute(update(Client).where(Client.id == client.id).values(last_seen_at=now))
+
+
+def _note_presence(session: Session, client: Caller, presence: AgentPresence) -> bool:
+    """Write what the agent said of itself where it differs from the row (one
+    conditional update: an unchanged presence writes nothing); True if it changed."""
+    values: dict[str, str | None] = {}
+    if presence.version is not None:
+        values["agent_version"] = presence.version
+    if presence.mode is not None:
+        values["agent_mode"] = presence.mode
+    if presence.callback is not None:
+        values["callback_address"] = presence.callback or None
+    columns = {name: getattr(Client, name) for name in values}
+    differs = sa.or_(
+        *(
+            sa.or_(columns[name].is_(None), columns[name] != value)
+            if value is not None
+            else columns[name].is_not(None)
+            for name, value in values.items()
+        )
+    )
+    changed: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        update(Client).where(Client.id == client.id, differs).values(**values)
+    )
+    return bool(changed.rowcount)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scire_schema.protocol import AgentMode
 from scire_server import acl
 from scire_server.exceptions import (
     Conflict,
@@ -40,12 +41,15 @@ from scire_server.models import (
 from scire_server.states import ClientStatus, State, UserStatus
 from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, log_after_commit, row_dict, utcnow
-from scire_server.store.records import Caller, Certificate, actor
+from scire_server.store.records import Caller, Certificate, PushTarget, actor
 
 log = logging.getLogger(__name__)
 
 #: Actor of an acceptance by enrollment token.
 TOKEN = "token"
+
+#: What an agent said of itself on its last poll, in every client listing.
+PRESENCE_FIELDS = ("agent_version", "agent_mode", "callback_address")
 
 _ACTIVE_STATES = [State.PENDING, State.SENT, State.ACKNOWLEDGED, State.RUNNING]
 
@@ -346,10 +350,14 @@ class Directory:
             session.delete(client)
             self.audit.write(session, by, "client_delete", client=name, old=client.status)
 
-    def clients(self) -> list[dict[str, Any]]:
-        """Every client with its count of unfinished jobs, by name."""
+    def clients(self, group: str | None = None) -> list[dict[str, Any]]:
+        """Every client (or those in client ``group``, nested groups included)
+        with its count of unfinished jobs and its presence, by name."""
         with self.db.tx(write=False) as session:
-            clients = session.scalars(select(Client).order_by(Client.name)).all()
+            query = select(Client).order_by(Client.name)
+            if group is not None:
+                query = query.where(Client.id.in_(clients_in_groups(session, [group])))
+            clients = session.scalars(query).all()
             counts = dict(
                 session.execute(
                     select(Assignment.client_id, sa.func.count())
@@ -366,6 +374,7 @@ class Directory:
                     "last_seen_at",
                     "fingerprint",
                     "key_fingerprint",
+                    *PRESENCE_FIELDS,
                 )
                 | {"active_jobs": counts.get(c.id, 0)}
                 for c in clients
@@ -402,12 +411,55 @@ class Directory:
                 "decided_at",
                 "decided_by",
                 "last_seen_at",
+                *PRESENCE_FIELDS,
             ) | {
                 "groups": groups,
                 "recent_jobs": [
                     {"job_id": j, "name": n, "state": s, "updated_at": u} for j, n, s, u in recent
                 ],
             }
+
+    # --- presence ----------------------------------------------------------------
+
+    def record_last_seen(self, seen: Mapping[str, dt.datetime]) -> int:
+        """Write a batch of last-seen times (client name -> time), never moving
+        one back (another daemon, or a report, may have written a later one);
+        returns how many rows changed."""
+        if not seen:
+            return 0
+        with self.db.tx() as session:
+            changed = 0
+            for name, when in sorted(seen.items()):
+                result: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                    sa.update(Client)
+                    .where(
+                        Client.name == name,
+                        sa.or_(Client.last_seen_at.is_(None), Client.last_seen_at < when),
+                    )
+                    .values(last_seen_at=when)
+                )
+                changed += result.rowcount or 0
+            return changed
+
+    def push_targets(self, names: Iterable[str]) -> dict[str, PushTarget | None]:
+        """For each named client, where to push ``poll_now``: an accepted client
+        whose agent last said it runs in daemon mode with a callback address;
+        ``None`` for every other name (once mode, no listener, unknown)."""
+        wanted = sorted(set(names))
+        found: dict[str, PushTarget | None] = dict.fromkeys(wanted)
+        with self.db.tx(write=False) as session:
+            for name, callback, fp in session.execute(
+                select(Client.name, Client.callback_address, Client.fingerprint).where(
+                    Client.name.in_(wanted),
+                    Client.status == ClientStatus.ACCEPTED.value,
+                    Client.agent_mode == AgentMode.DAEMON.value,
+                    Client.callback_address.is_not(None),
+                    Client.fingerprint.is_not(None),
+                )
+            ):
+                if callback and fp:
+                    found[name] = PushTarget(name, callback, fp)
+        return found
 
     # --- groups ----------------------------------------------------------------
 

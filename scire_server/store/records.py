@@ -71,6 +71,41 @@ class PollResult:
     deliveries: list[documents.JobDocument] = field(default_factory=list)
     reconcile: list[dict[str, Any]] = field(default_factory=list)
     denied: int = 0
+    #: True when reconcile returned a job of this client to pending (a rerun).
+    requeued: bool = False
+    #: True when the poll's presence changed the stored version, mode or callback.
+    presence_changed: bool = False
+
+
+@dataclass(frozen=True)
+class AgentPresence:
+    """What an agent said of itself in a poll (already checked by the API).
+    ``None`` means "not said": that column is left as it is."""
+
+    version: str | None = None
+    mode: str | None = None  # protocol.AgentMode
+    callback: str | None = None  # host:port, or "" for no listener
+
+    def is_empty(self) -> bool:
+        return self.version is None and self.mode is None and self.callback is None
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a daemon-mode agent listens for poll_now, and the certificate it must show."""
+
+    client: str
+    callback: str  # host:port
+    fingerprint: str  # SHA-256 of the client's certificate, lower-case hex
+
+
+class Repairs(dict[str, int]):
+    """A sweep's counts by what it did (compared and merged as a plain dict),
+    and ``due``: the clients it gave pending work again."""
+
+    def __init__(self, counts: dict[str, int], due: frozenset[str] = frozenset()) -> None:
+        super().__init__(counts)
+        self.due = due
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from sqlalchemy import select, update
 
 from scire_server.models import Assignment, Client, Event, Job
-from scire_server.states import FINAL, State
+from scire_server.states import FINAL, ClientStatus, State
 from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, utcnow
-from scire_server.store.records import SERVER
+from scire_server.store.records import SERVER, Repairs
 
 
 class Sweeps:
@@ -26,9 +26,10 @@ class Sweeps:
 
     def return_leases(
         self, now: dt.datetime | None = None, own_previous_life: bool = False
-    ) -> dict[str, int]:
+    ) -> Repairs:
         """Return sent assignments whose lease ran out to pending (or fail them as
-        undeliverable after the job's attempts).
+        undeliverable after the job's attempts); ``due`` names the clients whose
+        work went back to pending.
 
         With ``own_previous_life`` the leases this daemon held before a restart
         go back too, before their deadline, unless they were the job's last
@@ -36,6 +37,7 @@ class Sweeps:
         """
         now = now or utcnow()
         counts = {"returned": 0, "undeliverable": 0}
+        due: set[str] = set()
         with self.db.tx() as session:
             lease_over = Assignment.ack_deadline <= now
             query = (
@@ -85,8 +87,9 @@ class Sweeps:
                         now=now,
                     )
                     counts["returned"] += 1
+                    due.add(cname)
                 assignment.ack_deadline = None
-        return counts
+        return Repairs(counts, frozenset(due))
 
     def expire(self, now: dt.datetime | None = None) -> int:
         """Expire the not-yet-running assignments of jobs past their expiry (a
@@ -122,12 +125,14 @@ class Sweeps:
                 assignment.reason = "expired before it started"
             return len(rows)
 
-    def mark_lost(self, lost_after: int, now: dt.datetime | None = None) -> dict[str, int]:
+    def mark_lost(self, lost_after: int, now: dt.datetime | None = None) -> Repairs:
         """Mark running assignments ``lost`` whose agent has not called for
-        ``lost_after`` seconds; those whose job allows a rerun go back to pending."""
+        ``lost_after`` seconds; those whose job allows a rerun go back to pending
+        (``due`` names their clients)."""
         now = now or utcnow()
         bound = now - dt.timedelta(seconds=lost_after)
         counts = {"lost": 0, "requeued": 0}
+        due: set[str] = set()
         with self.db.tx() as session:
             rows = session.execute(
                 self.db.for_update(
@@ -165,7 +170,27 @@ class Sweeps:
                         now=now,
                     )
                     counts["requeued"] += 1
-            return counts
+                    due.add(cname)
+            return Repairs(counts, frozenset(due))
+
+    def clients_with_due_work(self, now: dt.datetime | None = None) -> set[str]:
+        """The accepted clients that have a pending assignment their next poll
+        would claim (``not_before`` passed): whom start-up recovery announces."""
+        now = now or utcnow()
+        with self.db.tx(write=False) as session:
+            return set(
+                session.scalars(
+                    select(Client.name)
+                    .distinct()
+                    .join(Assignment, Assignment.client_id == Client.id)
+                    .join(Job, Job.id == Assignment.job_id)
+                    .where(
+                        Client.status == ClientStatus.ACCEPTED.value,
+                        Assignment.state == State.PENDING.value,
+                        sa.or_(Job.not_before.is_(None), Job.not_before <= now),
+                    )
+                )
+            )
 
     def purge(self, older_than_days: int) -> dict[str, int]:
         """Clear the output of assignments finished before the bound and delete

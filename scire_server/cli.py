@@ -18,6 +18,7 @@ from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
 from scire_server.rpc import ScireRPCServer, listener_limits
+from scire_server.work_due import WorkDue
 
 log = logging.getLogger("scire_server")
 
@@ -106,7 +107,8 @@ def serve(config: ServerConfig) -> int:
         db.servers.stop()
         db.close()
         return 1
-    scheduler = timed.start(db, config, methods.summarize_refusals)
+    work_due = WorkDue()
+    scheduler = timed.start(db, config, methods.summarize_refusals, work_due)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -40,6 +40,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_INTERPRETER = "/bin/sh"
 TOKEN_TTL = 24 * 3600  # seconds an enrollment token is valid
 REFUSAL_SUMMARY_INTERVAL = 60  # seconds between summaries of anonymous refusals
+SCHEDULE_TICK = 1  # seconds between looks for schedules' due runs
+SCHEDULE_MISFIRE_GRACE = 10  # seconds a slot may be late and still run under catch-up skip
 
 
 _Config = TypeVar("_Config", "ServerConfig", "AdminConfig")
@@ -88,6 +90,8 @@ class ServerConfig:
     default_interpreter: str = DEFAULT_INTERPRETER
     token_ttl: int = TOKEN_TTL
     refusal_summary_interval: int = REFUSAL_SUMMARY_INTERVAL
+    schedule_tick: int = SCHEDULE_TICK
+    schedule_misfire_grace: int = SCHEDULE_MISFIRE_GRACE
     log_level: str = "INFO"
 
     @classmethod
@@ -124,6 +128,7 @@ class ServerConfig:
             "max_connections",
             "max_connections_per_peer",
             "refusal_summary_interval",
+            "schedule_tick",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -131,6 +136,8 @@ class ServerConfig:
             raise ConfigError("max_queued_requests must not be negative")
         if not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"listen_port {self.listen_port} is out of range")
+        if self.schedule_misfire_grace < self.schedule_tick:
+            raise ConfigError("schedule_misfire_grace must be at least schedule_tick")
         if self.instance_stale_after <= self.heartbeat_interval:
             raise ConfigError("instance_stale_after must be longer than heartbeat_interval")
 

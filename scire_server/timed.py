@@ -1,5 +1,5 @@
 """Timed work inside the daemon, on APScheduler: heartbeat, sweep, retention,
-and the summary of anonymous refusals.
+the summary of anonymous refusals, and the runs of schedules coming due.
 
 Each task is safe to run on several daemons at once (conditional updates),
 and a task that fails is logged and runs again at its next tick.
@@ -17,6 +17,7 @@ from scire_server import recovery
 from scire_server.config import ServerConfig
 from scire_server.exceptions import ScireError
 from scire_server.store import Store
+from scire_server.work_due import WorkDue
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,23 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
     return run
 
 
+def make_due_runs(store: Store, config: ServerConfig, work_due: WorkDue) -> set[str]:
+    """Make the schedules' runs that are due, then tell ``work_due`` whose
+    clients got work (after the runs' transactions have committed)."""
+    clients = store.schedules.materialize(grace=config.schedule_misfire_grace)
+    work_due.announce(clients)
+    return clients
+
+
 def start(
-    store: Store, config: ServerConfig, summarize_refusals: Callable[[], None]
+    store: Store,
+    config: ServerConfig,
+    summarize_refusals: Callable[[], None],
+    work_due: WorkDue,
 ) -> BackgroundScheduler:
     """Start the daemon's timed work; ``summarize_refusals`` is the API's
-    (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``."""
+    (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``;
+    ``work_due`` hears of the clients each schedule tick gave work."""
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
@@ -64,6 +77,14 @@ def start(
         "interval",
         seconds=config.refusal_summary_interval,
         id="refusal_summary",
+    )
+    scheduler.add_job(
+        _guarded("schedules", lambda: make_due_runs(store, config, work_due)),
+        "interval",
+        seconds=config.schedule_tick,
+        id="schedules",
+        # A tick that starts late still runs (the runs it makes are due all the same).
+        misfire_grace_time=None,
     )
     scheduler.start()
     return scheduler

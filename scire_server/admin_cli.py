@@ -1105,8 +1105,18 @@ def build_parser() -> argparse.ArgumentParser:
             "echo 'apt-get -y upgrade' | scire-admin job submit --group web --script - "
             "--privilege root --not-before 2030-01-31T18:00",
         ),
+        (
+            "every weekday at 03:30 Berlin time, a schedule whose runs are jobs",
+            "scire-admin job submit --group web --script backup.sh --cron '30 3 * * 1-5' "
+            "--timezone Europe/Berlin",
+        ),
+        (
+            "every 10 minutes, from now on",
+            "scire-admin job submit --host web-17 --command 'df -h' --every 10m",
+        ),
         more="Prints the job id. Exits 6 (and still prints the id) when some targets were\n"
-        "refused, 9 when all were.",
+        "refused, 9 when all were. With --at, --every or --cron it makes a schedule\n"
+        "instead and prints its id and next run (see 'scire-admin schedule').",
     )
     what = submit.add_mutually_exclusive_group(required=True)
     what.add_argument("--script", metavar="FILE", help="script file ('-' for standard input)")

@@ -191,7 +191,8 @@ class Recurrence:
             return cls(ScheduleKind.EVERY, str(parse_duration(value)), timezone, now)
         if kind == ScheduleKind.CRON:
             expression = " ".join(value.split()) if isinstance(value, str) else value
-            cron_trigger(expression, timezone)
+            if cron_trigger(expression, timezone).get_next_fire_time(None, now) is None:
+                raise RecurrenceError(f"cron expression {expression!r} names no time that exists")
             return cls(ScheduleKind.CRON, expression, timezone, now)
         raise RecurrenceError(f"schedule kind {str(kind)[:20]!r} is not at, every or cron")
 

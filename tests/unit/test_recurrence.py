@@ -105,7 +105,16 @@ def test_cron_runs_in_its_time_zone_across_daylight_saving() -> None:
 
 @pytest.mark.parametrize(
     "expression",
-    ["* * * *", "61 * * * *", "* 25 * * *", "* * * * 8", "* * * * 5-1", "*/0 * * * *", "x y z a b"],
+    [
+        "* * * *",
+        "61 * * * *",
+        "* 25 * * *",
+        "* * * * 8",
+        "* * * * 5-1",
+        "*/0 * * * *",
+        "0 0 31 2 *",
+        "x y z a b",
+    ],
 )
 def test_bad_cron_expressions_are_refused(expression: str) -> None:
     with pytest.raises(RecurrenceError, match="cron|day of week"):

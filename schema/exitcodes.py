@@ -19,7 +19,7 @@ class ExitCode(enum.IntEnum):
     HOSTS_FAILED = 5  #: some hosts did not succeed (failed, timed out, denied, expired, cancelled)
     TARGETS_REFUSED = 6  #: the job was submitted, but some targets were refused
     NOT_FINISHED = 7  #: the wait ran out before every host had finished
-    NOT_FOUND = 8  #: no such job, client, user, group or grant
+    NOT_FOUND = 8  #: no such job, schedule, client, user, group or grant
     PERMISSION_DENIED = 9  #: the server knows the caller but refuses this to them
     UNREACHABLE = 10  #: no connection: server down, TLS failure, wrong port, timeout, busy
     INSTANCE_CONFLICT = 11  #: scire-server: another live daemon holds this instance key
@@ -35,7 +35,7 @@ MEANING: dict[ExitCode, str] = {
     ExitCode.HOSTS_FAILED: "some hosts did not succeed (failed, timed out, denied, ...)",
     ExitCode.TARGETS_REFUSED: "job submitted, but some targets were refused",
     ExitCode.NOT_FINISHED: "gave up waiting before every host had finished",
-    ExitCode.NOT_FOUND: "no such job, client, user, group or grant",
+    ExitCode.NOT_FOUND: "no such job, schedule, client, user, group or grant",
     ExitCode.PERMISSION_DENIED: "permission denied",
     ExitCode.UNREACHABLE: "server unreachable (down, TLS failure, wrong port, timeout, busy)",
     ExitCode.INSTANCE_CONFLICT: "another live daemon holds this instance key",

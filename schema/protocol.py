@@ -96,6 +96,23 @@ class AgentMode(enum.StrEnum):
     DAEMON = "daemon"  #: ``scire-client daemon``: polls on its own, may listen for poll_now
 
 
+class ScheduleKind(enum.StrEnum):
+    """How ``admin.job_submit`` makes a schedule instead of a job (its ``at``,
+    ``every`` or ``cron`` key), and the ``kind`` of a schedule."""
+
+    AT = "at"  #: one run at a time
+    EVERY = "every"  #: a run every fixed duration, the first at once
+    CRON = "cron"  #: a run at each time a five-field cron expression names
+
+
+class CatchUp(enum.StrEnum):
+    """What a schedule does with the slots it missed while no daemon ran it."""
+
+    ONCE = "once"  #: one run for all the missed slots
+    ALL = "all"  #: one run per missed slot
+    SKIP = "skip"  #: none; a slot later than the grace is dropped
+
+
 #: The one method of a daemon-mode agent's listener. It takes no arguments and
 #: answers ``True``; only a caller with a *server* certificate from the CA may call it.
 POLL_NOW_METHOD = "poll_now"

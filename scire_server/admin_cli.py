@@ -26,8 +26,9 @@ from typing import Any
 from scire_schema import certs, files, protocol, tls
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
+from scire_schema.protocol import CatchUp, ScheduleKind
 from scire_schema.tls_errors import explain
-from scire_server import __version__, ca, job_watch, migrations, store
+from scire_server import __version__, ca, job_watch, migrations, recurrence, store
 from scire_server.config import AdminConfig, ServerConfig
 from scire_server.exceptions import (
     FAULT_NAMES,
@@ -584,7 +585,43 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
     return ExitCode.OK
 
 
+def schedule_keys(args: argparse.Namespace) -> dict[str, Any]:
+    """The schedule keys of a submission (``at``/``every``/``cron`` and their
+    options), checked here so a typo fails before any call; empty for a job."""
+    kinds = [k for k in ScheduleKind if getattr(args, k.value) is not None]
+    if not kinds:
+        for flag, value in (
+            ("--timezone", args.timezone),
+            ("--catch-up", args.catch_up),
+            ("--allow-overlap", args.allow_overlap or None),
+        ):
+            if value is not None:
+                raise CLIError(
+                    f"{flag} is for schedules: add --at, --every or --cron", ExitCode.USAGE
+                )
+        return {}
+    (kind,) = kinds  # argparse keeps them exclusive
+    if args.not_before or args.expires:
+        raise CLIError(
+            "--not-before and --expires are for a single job; a schedule's runs have neither",
+            ExitCode.USAGE,
+        )
+    timezone = args.timezone or recurrence.DEFAULT_TIMEZONE
+    value = getattr(args, kind.value)
+    try:
+        recurrence.Recurrence.from_request(kind, value, timezone, dt.datetime.now(dt.UTC))
+    except recurrence.RecurrenceError as exc:
+        raise CLIError(f"--{kind.value}: {exc}", ExitCode.USAGE) from exc
+    return {
+        kind.value: value,
+        "timezone": timezone,
+        "catch_up": args.catch_up or CatchUp.ONCE.value,
+        "allow_overlap": args.allow_overlap,
+    }
+
+
 def job_submit(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    schedule = schedule_keys(args)
     spec = {
         "name": args.name
         or (Path(args.script).name if args.script and str(args.script) != "-" else "command"),
@@ -604,9 +641,20 @@ def job_submit(args: argparse.Namespace, proxy: Any) -> ExitCode:
         # One key per invocation, sent again on every retry: a lost answer
         # never turns into a second job.
         "request_key": args.request_key or str(uuid.uuid4()),
+        **schedule,
     }
     answer = submit(proxy, {k: v for k, v in spec.items() if v is not None})
-    if args.json:
+    if "schedule_id" in answer:
+        if args.json:
+            show(args, answer)
+        else:
+            again = " (submitted before with this request key)" if answer.get("repeated") else ""
+            targets = f" for {', '.join(answer['accepted'])}" if answer["accepted"] else ""
+            print(
+                f"schedule {answer['schedule_id']} ({answer.get('when', '')}) created{targets}"
+                f"{again}; next run {_cell(answer['next_due_at'])} UTC"
+            )
+    elif args.json:
         show(args, answer)
     else:
         again = " (submitted before with this request key)" if answer.get("repeated") else ""
@@ -660,17 +708,69 @@ def show_job(args: argparse.Namespace, detail: dict[str, Any]) -> None:
         f"  priority {detail['priority']}, timeout {detail['timeout']} s, "
         f"privilege {detail['privilege']}, created {_cell(detail['created_at'])}"
     )
+    if detail.get("schedule_id"):
+        print(
+            f"  run of schedule {detail['schedule_id']} ({detail['schedule']}) "
+            f"due at {_cell(detail['due_at'])} UTC"
+        )
     print(
         table(
             detail["assignments"],
             ["client", "state", "attempt", "exit_code", "started_at", "finished_at", "reason"],
         )
     )
+    for why in detail.get("skipped", []):
+        print(f"skipped: {why}")
+    for why in detail.get("refused", []):
+        print(f"refused: {why}")
     for a in detail["assignments"]:
         if a.get("output") is not None:
             flag = " (truncated)" if a["output_truncated"] else ""
             print(f"--- output of {a['client']}{flag} ---")
             print(a["output"].rstrip("\n"))
+
+
+def cmd_schedule(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    sub = args.schedule_command
+    if sub == "list":
+        show(
+            args,
+            call(proxy, "admin.schedule_list", args.all),
+            ["id", "name", "owner", "when", "state", "catch_up", "runs", "next_due_at"],
+        )
+    elif sub == "show":
+        show_schedule(args, call(proxy, "admin.schedule_show", args.id))
+    else:
+        answer = call(proxy, f"admin.schedule_{sub}", args.id)
+        if args.json:
+            show(args, answer)
+        else:
+            upcoming = (
+                f"; next run {_cell(answer['next_due_at'])} UTC"
+                if answer.get("next_due_at") and answer["state"] == "active"
+                else ""
+            )
+            print(f"schedule {answer['id']} {answer['state']}{upcoming}")
+    return ExitCode.OK
+
+
+def show_schedule(args: argparse.Namespace, detail: dict[str, Any]) -> None:
+    if args.json:
+        show(args, detail)
+        return
+    overlap = ", overlap allowed" if detail["allow_overlap"] else ""
+    print(
+        f"schedule {detail['id']} ({detail['name']}) by {detail['owner']}: {detail['state']}, "
+        f"{detail['when']}, catch-up {detail['catch_up']}{overlap}"
+    )
+    targets = [*detail["hosts"], *(f"@{g}" for g in detail["groups"])]
+    print(f"  targets {', '.join(targets)}; privilege {detail['job'].get('privilege')}")
+    upcoming = _cell(detail["next_due_at"]) + " UTC" if detail["next_due_at"] else "none"
+    print(f"  next run {upcoming}; {detail['run_count']} run(s) so far, the newest:")
+    print(table(detail["runs"], ["job_id", "due_at", "created_at", "state", "states"]))
+    for run in detail["runs"]:
+        for why in run["skipped"]:
+            print(f"  run {run['job_id']} skipped {why}")
 
 
 def cmd_audit(args: argparse.Namespace, proxy: Any) -> ExitCode:
@@ -1136,8 +1236,18 @@ def build_parser() -> argparse.ArgumentParser:
             "echo 'apt-get -y upgrade' | scire-admin job submit --group web --script - "
             "--privilege root --not-before 2030-01-31T18:00",
         ),
+        (
+            "every weekday at 03:30 Berlin time, a schedule whose runs are jobs",
+            "scire-admin job submit --group web --script backup.sh --cron '30 3 * * 1-5' "
+            "--timezone Europe/Berlin",
+        ),
+        (
+            "every 10 minutes, from now on",
+            "scire-admin job submit --host web-17 --command 'df -h' --every 10m",
+        ),
         more="Prints the job id. Exits 6 (and still prints the id) when some targets were\n"
-        "refused, 9 when all were.",
+        "refused, 9 when all were. With --at, --every or --cron it makes a schedule\n"
+        "instead and prints its id and next run (see 'scire-admin schedule').",
     )
     what = submit.add_mutually_exclusive_group(required=True)
     what.add_argument("--script", metavar="FILE", help="script file ('-' for standard input)")
@@ -1186,6 +1296,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerun-on-agent-crash",
         action="store_true",
         help="run it again if the agent died while it ran",
+    )
+    when = submit.add_argument_group(
+        "schedules",
+        "With one of --at, --every or --cron the submission makes a schedule, not a job: "
+        "each run is a job of its own, made when due.",
+    ).add_mutually_exclusive_group()
+    when.add_argument(
+        "--at",
+        metavar="TIME",
+        help="one run at this time: ISO 8601, e.g. '2026-12-01 03:00' (in --timezone unless it "
+        "has an offset)",
+    )
+    when.add_argument(
+        "--every",
+        metavar="DURATION",
+        help="a run now and then every DURATION: 30s, 10m, 2h, 1d, 1h30m (at least 1s)",
+    )
+    when.add_argument(
+        "--cron",
+        metavar="EXPR",
+        help="a run at each time of a five-field cron expression, e.g. '30 3 * * 1-5' "
+        "(in --timezone)",
+    )
+    submit.add_argument(
+        "--timezone",
+        metavar="ZONE",
+        help="IANA time zone of --cron and of an --at without offset (default UTC)",
+    )
+    submit.add_argument(
+        "--catch-up",
+        choices=[c.value for c in CatchUp],
+        metavar="POLICY",
+        help="after the server was down over several slots: once (default: one run), "
+        "all (a run per slot) or skip (none)",
+    )
+    submit.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="start a run on a host even while the schedule's previous run is active there",
     )
     submit.add_argument(
         "--request-key",
@@ -1266,6 +1415,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long (default: never)",
     )
 
+    schedule = _area(
+        sub,
+        "schedule",
+        "schedules made by job submit --at, --every or --cron",
+        ("every schedule you may see", "scire-admin schedule list"),
+        ("stop schedule 3 for now", "scire-admin schedule pause 3"),
+    )
+    _command(
+        schedule,
+        "list",
+        "list the schedules (a non-admin sees their own)",
+        ("active, paused and finished schedules", "scire-admin schedule list"),
+        ("deleted ones too", "scire-admin schedule list --all"),
+    ).add_argument("--all", action="store_true", help="deleted schedules too")
+    for verb, summary in (
+        ("show", "a schedule: when it runs, its targets and its newest runs"),
+        ("pause", "make no runs until resumed (runs already made go on)"),
+        ("resume", "make runs again from the next slot on"),
+        ("delete", "make no runs ever again (runs already made go on)"),
+    ):
+        _command(schedule, verb, summary, (summary, f"scire-admin schedule {verb} 3")).add_argument(
+            "id", type=positive_int, metavar="ID", help="the schedule's id"
+        )
+
     audit = _command(
         sub,
         "audit",
@@ -1305,6 +1478,7 @@ ONLINE = {
     "user": cmd_user,
     "grant": cmd_grant,
     "job": cmd_job,
+    "schedule": cmd_schedule,
     "audit": cmd_audit,
     "server": cmd_server,
 }

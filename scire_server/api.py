@@ -24,7 +24,7 @@ from cryptography import x509
 
 from scire_schema import certs, documents, protocol
 from scire_schema.errors import SchemaError
-from scire_server import ca
+from scire_server import ca, recurrence
 from scire_server.config import ServerConfig
 from scire_server.exceptions import (
     AuthenticationRequired,
@@ -56,6 +56,8 @@ MAX_SCRIPT_BYTES = 1024 * 1024
 # byte that is not UTF-8, then base64): 2 MiB keeps it and the XML-RPC envelope
 # under their caps.
 MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
+#: Keys of ``job_submit`` that only a schedule (``at``, ``every``, ``cron``) takes.
+SCHEDULE_ONLY_KEYS = ("timezone", "catch_up", "allow_overlap")
 
 
 #: What ``job_list`` may filter on: a job's one-word state (an assignment
@@ -157,6 +159,11 @@ class RemoteMethods:
             "admin.job_cancel": ("user", self.job_cancel),
             "admin.client_list": ("user", self.client_list),
             "admin.grant_list": ("user", self.grant_list),
+            "admin.schedule_list": ("user", self.schedule_list),
+            "admin.schedule_show": ("user", self.schedule_show),
+            "admin.schedule_pause": ("user", self.schedule_pause),
+            "admin.schedule_resume": ("user", self.schedule_resume),
+            "admin.schedule_delete": ("user", self.schedule_delete),
         }
         for name in (
             "client_show client_accept client_reject client_revoke client_delete client_token "
@@ -404,6 +411,12 @@ class RemoteMethods:
             expires_at=expires,
             rerun_on_agent_crash=bool(spec.get("rerun_on_agent_crash", False)),
         )
+        kinds = [k for k in protocol.ScheduleKind if spec.get(k.value) not in (None, "")]
+        if kinds:
+            return self._schedule_submit(caller, spec, kinds, job, hosts, groups, request_key)
+        for key in SCHEDULE_ONLY_KEYS:
+            if spec.get(key) not in (None, "", False):
+                raise InvalidArgument(f"{key} is for schedules: give it with at, every or cron")
         result = self.store.jobs.submit(caller, job, hosts, groups, request_key)
         # After the commit; a job that may not start yet is announced by nobody:
         # the agents' polls find it when it is due.
@@ -411,6 +424,58 @@ class RemoteMethods:
             self.work_due.announce(result.accepted)
         return {
             "job_id": result.job_id,
+            "accepted": result.accepted,
+            "refused": result.refused,
+            "repeated": result.repeated,
+        }
+
+    def _schedule_submit(
+        self,
+        caller: Caller,
+        spec: dict[str, Any],
+        kinds: list[protocol.ScheduleKind],
+        job: JobSpec,
+        hosts: list[str],
+        groups: list[str],
+        request_key: str | None,
+    ) -> dict[str, Any]:
+        """``job_submit`` with ``at``, ``every`` or ``cron``: a schedule, not a job."""
+        if len(kinds) > 1:
+            raise InvalidArgument(
+                f"give one of at, every and cron, not {' and '.join(k.value for k in kinds)}"
+            )
+        (kind,) = kinds
+        if job.not_before or job.expires_at:
+            raise InvalidArgument(
+                "not_before and expires are for a single job; a schedule's runs have neither"
+            )
+        timezone = spec.get("timezone") or recurrence.DEFAULT_TIMEZONE
+        catch_up = spec.get("catch_up") or protocol.CatchUp.ONCE.value
+        if catch_up not in tuple(protocol.CatchUp):
+            raise InvalidArgument(f"catch_up {clip(catch_up)} is not one of once, all, skip")
+        value = spec[kind.value]
+        if kind == protocol.ScheduleKind.EVERY and isinstance(value, int):
+            value = str(value)  # seconds
+        if not isinstance(value, str) or not isinstance(timezone, str):
+            raise InvalidArgument(f"{kind.value} and timezone must be strings")
+        try:
+            when = recurrence.Recurrence.from_request(kind, value, timezone, protocol.utc_now())
+        except recurrence.RecurrenceError as exc:
+            raise InvalidArgument(f"{kind.value}: {exc}") from exc
+        result = self.store.schedules.create(
+            caller,
+            job,
+            hosts,
+            groups,
+            when,
+            allow_overlap=bool(spec.get("allow_overlap", False)),
+            catch_up=protocol.CatchUp(catch_up),
+            request_key=request_key,
+        )
+        return {
+            "schedule_id": result.schedule_id,
+            "when": when.describe(),
+            "next_due_at": result.next_due_at,
             "accepted": result.accepted,
             "refused": result.refused,
             "repeated": result.repeated,
@@ -439,6 +504,25 @@ class RemoteMethods:
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         count = self.store.jobs.cancel(caller, _int(job_id, "job id", 1, 2**31 - 1))
         return {"job_id": job_id, "cancelled": count}
+
+    # --- admin: schedules ---------------------------------------------------------
+
+    def schedule_list(self, caller: Caller, include_all: Any = False) -> list[dict[str, Any]]:
+        return self.store.schedules.listing(caller, bool(include_all))
+
+    def schedule_show(self, caller: Caller, schedule_id: Any) -> dict[str, Any]:
+        detail = self.store.schedules.detail(caller, _int(schedule_id, "schedule id", 1, 2**31 - 1))
+        detail["script"] = documents.xml_safe(detail["script"])
+        return detail
+
+    def schedule_pause(self, caller: Caller, schedule_id: Any) -> dict[str, Any]:
+        return self.store.schedules.pause(caller, _int(schedule_id, "schedule id", 1, 2**31 - 1))
+
+    def schedule_resume(self, caller: Caller, schedule_id: Any) -> dict[str, Any]:
+        return self.store.schedules.resume(caller, _int(schedule_id, "schedule id", 1, 2**31 - 1))
+
+    def schedule_delete(self, caller: Caller, schedule_id: Any) -> dict[str, Any]:
+        return self.store.schedules.delete(caller, _int(schedule_id, "schedule id", 1, 2**31 - 1))
 
     # --- admin: clients -----------------------------------------------------------
 

@@ -45,6 +45,8 @@ OFFLINE_AFTER_POLLS = 3  # poll intervals of silence before a client shows as of
 PUSH = True  # send poll_now to daemon-mode agents when work becomes due for them
 PUSH_WORKERS = 8  # pushes in flight at once
 PUSH_TIMEOUT = 2.0  # seconds one push may take, connect to answer
+SCHEDULE_TICK = 1  # seconds between looks for schedules' due runs
+SCHEDULE_MISFIRE_GRACE = 10  # seconds a slot may be late and still run under catch-up skip
 
 
 _Config = TypeVar("_Config", "ServerConfig", "AdminConfig")
@@ -98,6 +100,8 @@ class ServerConfig:
     push: bool = PUSH
     push_workers: int = PUSH_WORKERS
     push_timeout: float = PUSH_TIMEOUT
+    schedule_tick: int = SCHEDULE_TICK
+    schedule_misfire_grace: int = SCHEDULE_MISFIRE_GRACE
     log_level: str = "INFO"
 
     @classmethod
@@ -138,6 +142,7 @@ class ServerConfig:
             "last_seen_flush_interval",
             "offline_after_polls",
             "push_workers",
+            "schedule_tick",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -145,6 +150,8 @@ class ServerConfig:
             raise ConfigError("max_queued_requests must not be negative")
         if not 0 <= self.listen_port <= 65535:
             raise ConfigError(f"listen_port {self.listen_port} is out of range")
+        if self.schedule_misfire_grace < self.schedule_tick:
+            raise ConfigError("schedule_misfire_grace must be at least schedule_tick")
         if self.instance_stale_after <= self.heartbeat_interval:
             raise ConfigError("instance_stale_after must be longer than heartbeat_interval")
         if self.lost_after <= self.last_seen_flush_interval:

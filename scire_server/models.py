@@ -164,7 +164,10 @@ class Schedule(Base):
     by ``jobs.schedule_id`` and its ``due_at``."""
 
     __tablename__ = "schedules"
-    __table_args__ = (Index("ix_schedules_state_next_due_at", "state", "next_due_at"),)
+    __table_args__ = (
+        Index("ix_schedules_state_next_due_at", "state", "next_due_at"),
+        UniqueConstraint("owner_id", "request_key"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -181,6 +184,8 @@ class Schedule(Base):
     last_due_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    # The submitter's key for an idempotent submission, as jobs.request_key.
+    request_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class Job(Base):

@@ -76,6 +76,13 @@ class UserStatus(enum.StrEnum):
     REVOKED = "revoked"  #: refused at every call, and its jobs are denied at dispatch
 
 
+class ScheduleState(enum.StrEnum):
+    ACTIVE = "active"  #: makes a run at each slot
+    PAUSED = "paused"  #: makes none until resumed; its slots meanwhile are not runs
+    FINISHED = "finished"  #: has no slot left (an ``at`` schedule after its run)
+    DELETED = "deleted"  #: makes none ever again; kept because its runs name it
+
+
 class ServerState(enum.StrEnum):
     RUNNING = "running"  #: the daemon is up (or died without saying so: see its heartbeat)
     STOPPED = "stopped"  #: the daemon stopped cleanly

@@ -1,6 +1,6 @@
 """Timed work inside the daemon, on APScheduler: heartbeat, sweep, retention,
-the summary of anonymous refusals, and the batched write of the agents'
-last-seen times.
+the summary of anonymous refusals, the batched write of the agents'
+last-seen times, and the runs of schedules coming due.
 
 Each task is safe to run on several daemons at once (conditional updates),
 and a task that fails is logged and runs again at its next tick.
@@ -35,6 +35,14 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
     return run
 
 
+def make_due_runs(store: Store, config: ServerConfig, work_due: WorkDue) -> set[str]:
+    """Make the schedules' runs that are due, then tell ``work_due`` whose
+    clients got work (after the runs' transactions have committed)."""
+    clients = store.schedules.materialize(grace=config.schedule_misfire_grace)
+    work_due.announce(clients)
+    return clients
+
+
 def start(
     store: Store,
     config: ServerConfig,
@@ -45,8 +53,9 @@ def start(
     """Start the daemon's timed work; ``summarize_refusals`` is the API's
     (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``;
     ``flush_last_seen`` (``RemoteMethods.flush_last_seen``) every
-    ``last_seen_flush_interval``; the sweep announces on ``work_due`` the work it
-    makes due again."""
+    ``last_seen_flush_interval``; the sweep and each schedule tick announce on
+    ``work_due`` the clients they gave work."""
+    work_due = work_due or WorkDue()
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
@@ -81,5 +90,13 @@ def start(
             seconds=config.last_seen_flush_interval,
             id="last_seen_flush",
         )
+    scheduler.add_job(
+        _guarded("schedules", lambda: make_due_runs(store, config, work_due)),
+        "interval",
+        seconds=config.schedule_tick,
+        id="schedules",
+        # A tick that starts late still runs (the runs it makes are due all the same).
+        misfire_grace_time=None,
+    )
     scheduler.start()
     return scheduler

@@ -7,6 +7,7 @@ The store is split by what each part writes (see docs/ARCHITECTURE.md):
 * ``audit``: the audit trail and ``move``, the one way an assignment changes state;
 * ``directory``: users, clients and enrollment, groups, grants, the ACL's facts;
 * ``jobs``: submit, list, detail, cancel;
+* ``schedules``: schedules (at, every, cron) and the runs they make when due;
 * ``assignments``: the agent's poll, acknowledgement and report;
 * ``sweeps``: leases, expiry, lost runs, retention;
 * ``servers``: the daemons' rows and heartbeats.
@@ -34,8 +35,10 @@ from scire_server.store.records import (
     PollResult,
     PushTarget,
     Repairs,
+    ScheduleResult,
     SubmitResult,
 )
+from scire_server.store.schedules import Schedules
 from scire_server.store.servers import Servers
 from scire_server.store.sweeps import Sweeps
 
@@ -48,6 +51,7 @@ __all__ = [
     "PollResult",
     "PushTarget",
     "Repairs",
+    "ScheduleResult",
     "Store",
     "SubmitResult",
     "make_engine",
@@ -64,6 +68,7 @@ class Store:
         self.audit = AuditTrail(self.database)
         self.directory = Directory(self.database, self.audit)
         self.jobs = Jobs(self.database, self.audit)
+        self.schedules = Schedules(self.database, self.audit)
         self.assignments = Assignments(self.database, self.audit)
         self.sweeps = Sweeps(self.database, self.audit)
         self.servers = Servers(self.database)

@@ -3,6 +3,7 @@ listing, detail and cancellation."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from scire_server import acl
 from scire_server.exceptions import Conflict, Forbidden, InvalidArgument, NotFound
-from scire_server.models import Assignment, Client, Event, Job, User
+from scire_server.models import Assignment, Client, Event, Job, Schedule, User
 from scire_server.states import FINAL, ClientStatus, State, job_summary
 from scire_server.store import directory
 from scire_server.store.audit import AuditTrail
@@ -22,6 +23,10 @@ from scire_server.store.database import Database, log_after_commit, row_dict, ut
 from scire_server.store.records import Caller, JobSpec, SubmitResult
 
 log = logging.getLogger(__name__)
+
+#: The audit action of a host a schedule's run passed over, because the
+#: schedule's previous run is still active there (no overlap allowed).
+RUN_SKIPPED = "run_skipped"
 
 JOB_FIELDS = (
     "id",
@@ -92,79 +97,20 @@ class Jobs:
                 first = self._by_request_key(session, owner, spec, request_key)
                 if first is not None:
                     return first
-            targets: dict[int, str] = {}
-            for name in hosts:
-                client = directory.find_client(session, name)
-                targets[client.id] = client.name
-            for cid in directory.clients_in_groups(session, groups) if groups else ():
-                targets.setdefault(cid, "")
-            if not targets:
-                raise InvalidArgument("the job has no target clients")
-            clients = session.execute(
-                select(Client.id, Client.name, Client.status).where(Client.id.in_(list(targets)))
-            ).all()
-            names = {cid: cname for cid, cname, _ in clients}
-            statuses = {cid: status for cid, _, status in clients}
-            subject = directory.acl_subject(session, owner.id)
-            acl_targets = directory.acl_targets(session, names)
-            grants = directory.acl_grants(session, acl_targets.values())
-            accepted: list[tuple[int, str]] = []
-            refused: list[str] = []
-            for cid, cname in sorted(names.items(), key=lambda kv: kv[1]):
-                if statuses[cid] != ClientStatus.ACCEPTED:
-                    refused.append(f"{cname} (client is {statuses[cid]})")
-                elif not acl.permitted(subject, spec.privilege, acl_targets[cid], grants):
-                    refused.append(f"{cname} (no grant: {owner.name} may not {spec.privilege})")
-                else:
-                    accepted.append((cid, cname))
+            accepted, refused = resolve_targets(session, owner, spec.privilege, hosts, groups)
             if not accepted:
                 raise no_target_error(owner.name, spec.privilege, refused)
             job = Job(owner_id=owner.id, created_at=now, request_key=request_key, **vars(spec))
-            try:
-                # A savepoint: on PostgreSQL a racing submission with the same
-                # key makes this insert wait for it, then fail once it commits.
-                with session.begin_nested():
-                    session.add(job)
-            except IntegrityError:
+            if not insert_job(session, job):
                 first = (
                     self._by_request_key(session, owner, spec, request_key)
                     if request_key is not None
                     else None
                 )
                 if first is None:
-                    raise
+                    raise Conflict(f"job {job.name} conflicts with an existing job")
                 return first
-            for cid, cname in accepted:
-                session.add(
-                    Assignment(
-                        job_id=job.id,
-                        client_id=cid,
-                        state=State.PENDING.value,
-                        priority=spec.priority,
-                        job_created_at=now,
-                        attempt=0,
-                        updated_at=now,
-                    )
-                )
-                self.audit.write(
-                    session,
-                    owner.actor,
-                    "submit",
-                    job_id=job.id,
-                    client=cname,
-                    new=State.PENDING.value,
-                    at=now,
-                )
-            for why in refused:
-                self.audit.write(
-                    session,
-                    owner.actor,
-                    "submit_refused",
-                    job_id=job.id,
-                    client=why.split(" ", 1)[0],
-                    detail=why,
-                    at=now,
-                )
+            fan_out(session, self.audit, job, accepted, refused, owner.actor, now)
             log_after_commit(
                 session,
                 log,
@@ -292,10 +238,25 @@ class Jobs:
             states: dict[str, int] = {}
             for a in assignments:
                 states[a["state"]] = states.get(a["state"], 0) + 1
+            schedule = session.get(Schedule, job.schedule_id) if job.schedule_id else None
+            notes = session.execute(
+                select(Event.action, Event.detail)
+                .where(
+                    Event.job_id == job_id,
+                    Event.action.in_(["submit_refused", RUN_SKIPPED]),
+                )
+                .order_by(Event.id)
+            ).all()
             return row_dict(job, *JOB_FIELDS) | {
                 "owner": owner.name if owner else "?",
                 "state": job_summary(states),
                 "assignments": assignments,
+                # A run of a schedule: which one, and the slot it was made for.
+                "schedule_id": job.schedule_id,
+                "schedule": schedule.name if schedule else None,
+                "due_at": job.due_at,
+                "refused": [d for action, d in notes if action == "submit_refused" and d],
+                "skipped": [d for action, d in notes if action == RUN_SKIPPED and d],
             }
 
     def cancel(self, caller: Caller, job_id: int) -> int:
@@ -324,6 +285,122 @@ class Jobs:
                 assignment.finished_at = now
                 assignment.reason = f"cancelled by {caller.name}"
             return len(rows)
+
+
+def resolve_targets(
+    session: Session,
+    owner: Caller,
+    privilege: str,
+    hosts: Sequence[str],
+    groups: Sequence[str],
+    missing_refused: bool = False,
+) -> tuple[list[tuple[int, str]], list[str]]:
+    """The (id, name) of each target client that takes a job of ``owner`` with
+    ``privilege`` (accepted, and the ACL permits it), sorted by name, and why
+    each other target is refused. A host or group that does not exist is
+    ``NotFound``, or with ``missing_refused`` (a schedule's run, whose targets
+    were checked when it was made) one more refusal."""
+    targets: dict[int, str] = {}
+    refused: list[str] = []
+    for name in hosts:
+        try:
+            client = directory.find_client(session, name)
+        except NotFound:
+            if not missing_refused:
+                raise
+            refused.append(f"{name} (no such client)")
+            continue
+        targets[client.id] = client.name
+    for group in groups:
+        try:
+            members = directory.clients_in_groups(session, [group])
+        except NotFound:
+            if not missing_refused:
+                raise
+            refused.append(f"@{group} (no such client group)")
+            continue
+        for cid in members:
+            targets.setdefault(cid, "")
+    if not targets:
+        if missing_refused:
+            return [], refused
+        raise InvalidArgument("the job has no target clients")
+    clients = session.execute(
+        select(Client.id, Client.name, Client.status).where(Client.id.in_(list(targets)))
+    ).all()
+    names = {cid: cname for cid, cname, _ in clients}
+    statuses = {cid: status for cid, _, status in clients}
+    subject = directory.acl_subject(session, owner.id)
+    acl_targets = directory.acl_targets(session, names)
+    grants = directory.acl_grants(session, acl_targets.values())
+    accepted: list[tuple[int, str]] = []
+    for cid, cname in sorted(names.items(), key=lambda kv: kv[1]):
+        if statuses[cid] != ClientStatus.ACCEPTED:
+            refused.append(f"{cname} (client is {statuses[cid]})")
+        elif not acl.permitted(subject, privilege, acl_targets[cid], grants):
+            refused.append(f"{cname} (no grant: {owner.name} may not {privilege})")
+        else:
+            accepted.append((cid, cname))
+    return accepted, refused
+
+
+def insert_job(session: Session, job: Job | Schedule) -> bool:
+    """Add a job (or schedule) row; ``False`` when a unique key (the owner's
+    request key, a schedule's due time) already names another, which then stands."""
+    try:
+        # A savepoint: on PostgreSQL a racing insert with the same key makes
+        # this one wait for it, then fail once it commits.
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        return False
+    return True
+
+
+def fan_out(
+    session: Session,
+    audit: AuditTrail,
+    job: Job,
+    accepted: list[tuple[int, str]],
+    refused: list[str],
+    actor: str,
+    now: dt.datetime,
+    detail: str | None = None,
+) -> None:
+    """One pending assignment per accepted client, each with its ``submit``
+    row, and a ``submit_refused`` row per refused target."""
+    for cid, cname in accepted:
+        session.add(
+            Assignment(
+                job_id=job.id,
+                client_id=cid,
+                state=State.PENDING.value,
+                priority=job.priority,
+                job_created_at=now,
+                attempt=0,
+                updated_at=now,
+            )
+        )
+        audit.write(
+            session,
+            actor,
+            "submit",
+            job_id=job.id,
+            client=cname,
+            new=State.PENDING.value,
+            detail=detail,
+            at=now,
+        )
+    for why in refused:
+        audit.write(
+            session,
+            actor,
+            "submit_refused",
+            job_id=job.id,
+            client=why.split(" ", 1)[0].removeprefix("@"),
+            detail=why,
+            at=now,
+        )
 
 
 def _visible_job(session: Session, caller: Caller, job_id: int) -> Job:

@@ -115,3 +115,16 @@ class Certificate:
     csr_pem: str  # the request it answers
     cert_pem: str
     fingerprint: str
+
+
+@dataclass
+class ScheduleResult:
+    """A new schedule (or, for a repeated request key, the first one): when it
+    runs next, and which of its targets would take a run now (``refused`` says
+    why not; each run checks its targets again)."""
+
+    schedule_id: int
+    next_due_at: dt.datetime | None
+    accepted: list[str]
+    refused: list[str]
+    repeated: bool = False

@@ -85,6 +85,11 @@ MATRIX: dict[str, tuple[str, tuple[str, ...]]] = {
     "admin.grant_add": ("admin", ADMIN),
     "admin.grant_remove": ("admin", ADMIN),
     "admin.grant_list": ("user", USER),
+    "admin.schedule_list": ("user", USER),
+    "admin.schedule_show": ("user", USER),
+    "admin.schedule_pause": ("user", USER),
+    "admin.schedule_resume": ("user", USER),
+    "admin.schedule_delete": ("user", USER),
     "admin.audit": ("admin", ADMIN),
     "admin.server_list": ("admin", ADMIN),
 }

@@ -61,6 +61,7 @@ class World:
     job_id: int = 0
     delivery_id: str = ""
     user_job_id: int = 0
+    user_schedule_id: int = 0
     grant_id: int = 0
     new_csr: str = ""
     proxies: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +149,18 @@ def world(tmp_path_factory: pytest.TempPathFactory, xprocess: Any) -> Iterator[W
     pair = {"job_id": world.job_id, "delivery_id": world.delivery_id}
     assert world.proxy("accepted agent").agent.acknowledge([pair])["acknowledged"] == [world.job_id]
     world.user_job_id = dep.submit("--command", "echo alice", "--host", AGENT, bundle=alice)
+    # A schedule of the user's far in the future: it makes no run during the test.
+    world.user_schedule_id = dep.admin(
+        "job",
+        "submit",
+        "--command",
+        "echo later",
+        "--host",
+        AGENT,
+        "--at",
+        "2099-01-01 00:00",
+        bundle=alice,
+    )["schedule_id"]
     world.grant_id = dep.admin("grant", "add", "alice", "run", OTHER_AGENT)["id"]
     world.new_csr = certs.make_csr(certs.generate_key(), "matrix-newcomer").decode()
     # The expired certificate's validity ended when it was made; let a second pass.
@@ -201,6 +214,11 @@ def _arguments(w: World) -> dict[str, Callable[[], tuple[Any, ...]]]:
         "admin.grant_add": lambda: ("alice", "run", "@matrix-group"),
         "admin.grant_remove": lambda: (w.grant_id,),
         "admin.grant_list": lambda: (),
+        "admin.schedule_list": lambda: (False,),
+        "admin.schedule_show": lambda: (w.user_schedule_id,),
+        "admin.schedule_pause": lambda: (w.user_schedule_id,),
+        "admin.schedule_resume": lambda: (w.user_schedule_id,),
+        "admin.schedule_delete": lambda: (w.user_schedule_id,),
         "admin.audit": lambda: (0, "", 10),
         "admin.server_list": lambda: (),
     }
@@ -265,7 +283,12 @@ def test_refused_callers_changed_nothing(world: World) -> None:
         if action.startswith(("client_", "group_", "user_", "grant_", "token")):
             assert not actor.startswith(("client:", "anonymous", "user:alice")), (actor, action)
         if actor == "user:alice":
-            assert action in ("submit", "cancel", "refused"), action
+            assert action in ("submit", "cancel", "refused", *SCHEDULE_ACTIONS), action
+
+
+#: What a user does to their own schedule in the matrix (create, then pause,
+#: resume and delete it).
+SCHEDULE_ACTIONS = ("schedule_created", "schedule_paused", "schedule_resumed", "schedule_deleted")
 
 
 def test_security_doc_shows_the_matrix() -> None:

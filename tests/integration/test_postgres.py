@@ -134,3 +134,47 @@ def test_a_submission_racing_a_committing_one_with_the_same_key_answers_with_it(
     assert [j["id"] for j in first.jobs.listing(owner)] == [winner.id]
     first.close()
     second.close()
+
+
+def test_two_daemons_hammering_the_schedules_make_each_run_once(postgres_url: str) -> None:
+    """Eight threads on two stores (two daemons) tick the same schedules over the
+    same ten seconds; every (schedule, due time) is made exactly once."""
+    import datetime as dt
+
+    from scire_schema.protocol import CatchUp
+    from scire_server import recurrence
+    from scire_server.models import Job
+
+    migrations.upgrade(postgres_url)
+    first, second = _store(postgres_url, "a"), _store(postgres_url, "b")
+    owner, _ = _seed(first, 1)
+    start = utcnow().replace(microsecond=0)
+    when = recurrence.Recurrence.from_request("every", "1s", "UTC", start.replace(tzinfo=dt.UTC))
+    ids = [
+        first.schedules.create(
+            owner, _spec(f"every-{i}"), ["host0"], [], when, True, CatchUp.ALL
+        ).schedule_id
+        for i in range(10)
+    ]
+    errors: list[BaseException] = []
+
+    def tick(db: Store) -> None:
+        try:
+            for half_seconds in range(21):
+                db.schedules.materialize(now=start + dt.timedelta(seconds=half_seconds / 2))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=tick, args=(db,)) for db in (first, second) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    with first.database.tx(write=False) as session:
+        made = session.query(Job.schedule_id, Job.due_at).filter(Job.schedule_id.in_(ids)).all()
+    expected = {(sid, start + dt.timedelta(seconds=s)) for sid in ids for s in range(11)}
+    assert len(made) == len(expected)
+    assert set(made) == expected
+    first.close()
+    second.close()

@@ -36,10 +36,14 @@ def upgrade() -> None:
         sa.Column("last_due_at", sa.DateTime(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
+        sa.Column("request_key", sa.String(length=64), nullable=True),
         sa.ForeignKeyConstraint(
             ["owner_id"], ["users.id"], name=op.f("fk_schedules_owner_id_users")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_schedules")),
+        sa.UniqueConstraint(
+            "owner_id", "request_key", name=op.f("uq_schedules_owner_id_request_key")
+        ),
     )
     with op.batch_alter_table("schedules", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_schedules_owner_id"), ["owner_id"], unique=False)

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scire_schema import inifile
+from scire_schema import inifile, logformat
 from scire_server.exceptions import ConfigError
 
 LISTEN_HOST = "127.0.0.1"
@@ -40,6 +40,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_INTERPRETER = "/bin/sh"
 TOKEN_TTL = 24 * 3600  # seconds an enrollment token is valid
 REFUSAL_SUMMARY_INTERVAL = 60  # seconds between summaries of anonymous refusals
+METRICS_REFRESH = 15  # seconds the counts behind the state gauges of /metrics are kept
 
 
 _Config = TypeVar("_Config", "ServerConfig", "AdminConfig")
@@ -89,6 +90,10 @@ class ServerConfig:
     token_ttl: int = TOKEN_TTL
     refusal_summary_interval: int = REFUSAL_SUMMARY_INTERVAL
     log_level: str = "INFO"
+    # "HOST:PORT" of a plain-HTTP /metrics and /healthz (no TLS, no certificate); "" = none.
+    metrics_listen: str = ""
+    metrics_refresh: int = METRICS_REFRESH
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> ServerConfig:
@@ -124,6 +129,7 @@ class ServerConfig:
             "max_connections",
             "max_connections_per_peer",
             "refusal_summary_interval",
+            "metrics_refresh",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -133,6 +139,24 @@ class ServerConfig:
             raise ConfigError(f"listen_port {self.listen_port} is out of range")
         if self.instance_stale_after <= self.heartbeat_interval:
             raise ConfigError("instance_stale_after must be longer than heartbeat_interval")
+        if self.log_format not in logformat.FORMATS:
+            raise ConfigError(
+                f"log_format {self.log_format!r} is not one of {', '.join(logformat.FORMATS)}"
+            )
+        _ = self.metrics_address  # parsed now, so a bad value stops the start
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as (host, port), or None when it is empty."""
+        if not self.metrics_listen:
+            return None
+        host, colon, port = self.metrics_listen.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"metrics_listen {self.metrics_listen!r} is not HOST:PORT (e.g. 127.0.0.1:9464)"
+            )
+        return host, int(port)
 
     # Files of the PKI, all in state_dir.
     @property

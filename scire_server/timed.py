@@ -34,10 +34,20 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
 
 
 def start(
-    store: Store, config: ServerConfig, summarize_refusals: Callable[[], None]
+    store: Store,
+    config: ServerConfig,
+    summarize_refusals: Callable[[], None],
+    on_sweep: Callable[[dict[str, int]], None] | None = None,
 ) -> BackgroundScheduler:
     """Start the daemon's timed work; ``summarize_refusals`` is the API's
-    (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``."""
+    (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``;
+    ``on_sweep`` hears what each sweep repaired (the metrics)."""
+
+    def sweep() -> None:
+        counts = recovery.sweep(store, config)
+        if on_sweep is not None:
+            on_sweep(counts)
+
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
@@ -48,7 +58,7 @@ def start(
         id="heartbeat",
     )
     scheduler.add_job(
-        _guarded("sweep", lambda: recovery.sweep(store, config)),
+        _guarded("sweep", sweep),
         "interval",
         seconds=config.sweep_interval,
         id="sweep",

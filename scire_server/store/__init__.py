@@ -9,7 +9,8 @@ The store is split by what each part writes (see docs/ARCHITECTURE.md):
 * ``jobs``: submit, list, detail, cancel;
 * ``assignments``: the agent's poll, acknowledgement and report;
 * ``sweeps``: leases, expiry, lost runs, retention;
-* ``servers``: the daemons' rows and heartbeats.
+* ``servers``: the daemons' rows and heartbeats;
+* ``overview``: the database's pulse and the counts behind the metrics (reads only).
 
 Each public method of a part is one transaction, and a state change and its
 audit row commit together. Functions that take a ``session`` join the
@@ -25,6 +26,7 @@ from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, make_engine, utcnow
 from scire_server.store.directory import Directory
 from scire_server.store.jobs import Jobs
+from scire_server.store.overview import Counts, Overview
 from scire_server.store.records import (
     SERVER,
     Caller,
@@ -40,6 +42,7 @@ __all__ = [
     "SERVER",
     "Caller",
     "Certificate",
+    "Counts",
     "JobSpec",
     "PollResult",
     "Store",
@@ -61,6 +64,7 @@ class Store:
         self.assignments = Assignments(self.database, self.audit)
         self.sweeps = Sweeps(self.database, self.audit)
         self.servers = Servers(self.database)
+        self.overview = Overview(self.database)
 
     def close(self) -> None:
         """Close every pooled connection."""

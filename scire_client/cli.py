@@ -27,7 +27,7 @@ from scire_client.exceptions import (
     SpoolError,
 )
 from scire_client.spool import Spool
-from scire_schema import inifile
+from scire_schema import inifile, logformat
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 
@@ -40,7 +40,6 @@ EXIT_PENDING = ExitCode.ENROLLMENT_PENDING
 EXIT_REFUSED = ExitCode.ENROLLMENT_REFUSED
 #: Read when -c is not given and the file exists.
 DEFAULT_CONFIG = Path("/etc/scire/client.ini")
-LOG_FORMAT = "%(asctime)s scire-client[%(process)d] %(levelname)s %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for an administrator to accept the enrollment",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--log-format", choices=logformat.FORMATS, help="text (default) or json lines"
+    )
     parser.add_argument("--json", action="store_true", help="spool: machine-readable output")
     parser.add_argument("--version", action="version", version=f"scire-client {__version__}")
     parser.add_argument(
@@ -112,6 +114,7 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         enrollment_token=args.token,
         ca_fingerprint=args.ca_fingerprint,
         enroll_wait=args.enroll_wait,
+        log_format=args.log_format,
     )
 
 
@@ -209,11 +212,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr
-    )
+    # Text until the configuration says otherwise: loading it may log already.
+    logformat.configure("scire-client", logging.DEBUG if args.verbose else logging.INFO)
     try:
         config = load_config(args)
+        logformat.configure(
+            "scire-client",
+            logging.DEBUG if args.verbose else logging.INFO,
+            config.log_format,
+            defaults=logformat.event(client=config.name),
+        )
         return COMMANDS[args.command](config, args)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE)

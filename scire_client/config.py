@@ -18,7 +18,7 @@ from typing import Any
 
 from scire_client import runner
 from scire_client.exceptions import ConfigError
-from scire_schema import inifile
+from scire_schema import inifile, logformat
 
 SECTION = "client"
 POLL_BATCH = 10  # jobs asked for per poll
@@ -87,6 +87,7 @@ class ClientConfig:
     work_root: Path | None = None  # each job's tree is work_root/<job id>; default state_dir/work
     job_environment: str = ""  # NAME=VALUE ... (shell quoting) added to every job's environment
     pass_environment: list[str] = dataclasses.field(default_factory=list)  # names copied from ours
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     @classmethod
     def load(
@@ -128,6 +129,10 @@ class ClientConfig:
         self.job_variables()
         for name in self.pass_environment:
             _check_variable(name, "pass_environment")
+        if self.log_format not in logformat.FORMATS:
+            raise ConfigError(
+                f"log_format {self.log_format!r} is not one of {', '.join(logformat.FORMATS)}"
+            )
 
     def job_variables(self) -> dict[str, str]:
         """``job_environment`` as a mapping; ``ConfigError`` for a malformed one."""

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from scire_schema import logformat, tls
+from scire_schema import certs, logformat, tls
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_server import __version__, migrations, monitoring, preflight, recovery, store, timed
@@ -103,6 +103,8 @@ def serve(config: ServerConfig) -> int:
     migrations.upgrade(config.database_url)
     db = store.Store(store.make_engine(config.database_url), config.instance_key)
     metrics = monitoring.ServerMetrics(config.instance_key)
+    for which, path in (("ca", config.ca_cert_file), ("server", config.cert_file)):
+        metrics.certificate(which, certs.load_cert(path.read_bytes()).not_valid_after_utc)
     try:
         metrics.repaired("start_up", recovery.start_up(db, config))
     except InstanceConflict as exc:

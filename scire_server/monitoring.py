@@ -20,6 +20,7 @@ and ``scire_database_up`` says 0.
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import logging
 import threading
@@ -145,11 +146,20 @@ class ServerMetrics:
             "refused calls by fault and kind of caller (anonymous, client, user)",
             ("fault", "caller"),
         )
+        self.certificate_ends = self.registry.gauge(
+            "scire_certificate_expiry_time_seconds",
+            "Unix time at which the certificate ends (ca, server)",
+            ("certificate",),
+        )
         self.repairs = self.registry.counter(
             "scire_recovery_actions_total",
             "what start-up recovery (phase start_up) and the sweep (phase sweep) repaired",
             ("phase", "action"),
         )
+
+    def certificate(self, which: str, ends: dt.datetime) -> None:
+        """When the CA's or the server's certificate ends (aware UTC)."""
+        self.certificate_ends.set(ends.timestamp(), certificate=which)
 
     def register(self, collector: metrics.Collector) -> None:
         """Add a collector (a counter object of another module, through

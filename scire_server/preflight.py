@@ -74,11 +74,7 @@ def state_dir_problem(config: ServerConfig) -> str | None:
             with tempfile.NamedTemporaryFile(dir=where, prefix=".scire-write-test-"):
                 pass
         except OSError as exc:
-            what = (
-                "read-only"
-                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
-                else "not writable"
-            )
+            what = "read-only" if exc.errno == errno.EROFS else "not writable"
             return (
                 f"{where} is {what} ({exc.strerror}): the SQLite database {database.name} "
                 "needs to write there"

@@ -116,6 +116,8 @@ def test_healthz_needs_no_certificate_and_metrics_need_a_user(deployment: Deploy
     assert status == 200
     assert "# TYPE scire_rpc_calls_total counter" in body
     assert sample(body, "scire_database_up") == 1
+    ends = sample(body, "scire_certificate_expiry_time_seconds", certificate="server")
+    assert ends > time.time() + 86400
     # A non-admin user may scrape too: the scraper needs no power over the fleet.
     scraper = deployment.add_user("prometheus")
     assert https_get(deployment, "/metrics", bundle=scraper)[0] == 200

@@ -35,6 +35,8 @@ def read_section(path: Path, section: str) -> dict[str, str]:
             parser.read_file(fh)
     except OSError as exc:
         raise ValueError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {exc.start})") from exc
     except configparser.Error as exc:
         raise ValueError(f"config file {path}: {exc}") from exc
     if not parser.has_section(section):

@@ -37,7 +37,7 @@ from scire_client.config import ClientConfig
 from scire_client.exceptions import ConfigError, ServerFault, SpoolError, TransportError
 from scire_client.spool import RECEIVED, STARTED, Entry, Spool
 from scire_client.transport import PollAnswer, Reconcile, ServerTransport
-from scire_schema import documents
+from scire_schema import documents, logformat
 from scire_schema.documents import JobDocument, StatusReport
 from scire_schema.protocol import AgentMode, ReconcileAction, ReportedState, utc_now
 
@@ -501,7 +501,13 @@ class Agent:
             old,
             new,
             suffix,
-            extra={"job_id": job_id, "from_state": old, "to_state": new},
+            extra=logformat.event(
+                job=job_id,
+                client=self.config.name,
+                who=f"client:{self.config.name}",
+                what=f"{old} -> {new}",
+                server=self.transport.current_server,
+            ),
         )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from scire_client.exceptions import (
     SpoolError,
 )
 from scire_client.spool import Spool
-from scire_schema import inifile
+from scire_schema import inifile, logformat
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_schema.protocol import AgentMode
@@ -44,7 +43,6 @@ EXIT_PENDING = ExitCode.ENROLLMENT_PENDING
 EXIT_REFUSED = ExitCode.ENROLLMENT_REFUSED
 #: Read when -c is not given and the file exists.
 DEFAULT_CONFIG = Path("/etc/scire/client.ini")
-LOG_FORMAT = "%(asctime)s scire-client[%(process)d] %(levelname)s %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon_mode.add_argument("--pid-file", type=Path, metavar="FILE", help="write the daemon's pid")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--log-format", choices=logformat.FORMATS, help="text (default) or json lines"
+    )
     parser.add_argument("--json", action="store_true", help="spool: machine-readable output")
     parser.add_argument("--version", action="version", version=f"scire-client {__version__}")
     parser.add_argument(
@@ -151,6 +152,7 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         listen=args.listen,
         advertise=args.advertise,
         pid_file=args.pid_file,
+        log_format=args.log_format,
     )
 
 
@@ -252,9 +254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    # Text until the configuration says otherwise: loading it may log already.
+    logformat.configure("scire-client", logging.DEBUG if args.verbose else logging.INFO)
     try:
         config = load_config(args)
+        logformat.configure(
+            "scire-client",
+            logging.DEBUG if args.verbose else logging.INFO,
+            config.log_format,
+            defaults=logformat.event(client=config.name),
+        )
         command = args.command or ("daemon" if config.mode == AgentMode.DAEMON else "run")
         return COMMANDS[command](config, args)
     except ConfigError as exc:
@@ -270,46 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scire-client: interrupted", file=sys.stderr)
         return 130
-
-
-class JournalFormatter(logging.Formatter):
-    """For stderr read by the systemd journal: no time (the journal stamps each
-    line), and the level as a ``<N>`` syslog prefix, which the journal turns into
-    the line's priority."""
-
-    PRIORITIES = {
-        logging.CRITICAL: 2,
-        logging.ERROR: 3,
-        logging.WARNING: 4,
-        logging.INFO: 6,
-        logging.DEBUG: 7,
-    }
-
-    def __init__(self) -> None:
-        super().__init__("%(levelname)s %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = self.PRIORITIES.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
-
-
-def stderr_is_journal() -> bool:
-    """True when stderr is the systemd journal's stream (``JOURNAL_STREAM`` names
-    its device and inode; a stderr redirected elsewhere does not match)."""
-    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        info = os.fstat(sys.stderr.fileno())
-        return (info.st_dev, info.st_ino) == (int(device), int(inode))
-    except (ValueError, OSError):
-        return False
-
-
-def setup_logging(level: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JournalFormatter() if stderr_is_journal() else logging.Formatter(LOG_FORMAT)
-    )
-    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _fail(exc: Exception, code: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from scire_client import runner
 from scire_client.exceptions import ConfigError
-from scire_schema import inifile
+from scire_schema import inifile, logformat
 
 SECTION = "client"
 POLL_BATCH = 10  # jobs asked for per poll
@@ -126,6 +126,7 @@ class ClientConfig:
     listen: str = ""  # HOST:PORT of the poll_now listener; "" = none (the daemon only polls)
     advertise: str = ""  # HOST:PORT the server calls back; "" = listen's address
     pid_file: Path | None = None
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     @classmethod
     def load(
@@ -167,6 +168,10 @@ class ClientConfig:
         self.job_variables()
         for name in self.pass_environment:
             _check_variable(name, "pass_environment")
+        if self.log_format not in logformat.FORMATS:
+            raise ConfigError(
+                f"log_format {self.log_format!r} is not one of {', '.join(logformat.FORMATS)}"
+            )
         self._check_daemon()
 
     def _check_daemon(self) -> None:

@@ -1,4 +1,5 @@
-"""``scire-server``: run one daemon until SIGTERM or SIGINT."""
+"""``scire-server``: run one daemon until SIGTERM or SIGINT, or check
+(``scire-server check``) that one could start."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from scire_schema import tls
+from scire_schema import certs, logformat, tls
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
-from scire_server import __version__, migrations, recovery, store, timed
+from scire_server import __version__, migrations, monitoring, preflight, recovery, store, timed
 from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
@@ -22,8 +23,6 @@ from scire_server.rpc import ScireRPCServer, listener_limits
 from scire_server.work_due import WorkDue
 
 log = logging.getLogger("scire_server")
-
-LOG_FORMAT = "%(asctime)s scire-server[%(process)d] %(levelname)s %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  scire-server --state-dir /var/lib/scire\n"
         "  # one of several daemons sharing a PostgreSQL database\n"
         "  scire-server -c /etc/scire/server.ini --database-url "
-        "postgresql+psycopg://scire@db/scire\n\n" + epilog("scire-server"),
+        "postgresql+psycopg://scire@db/scire\n"
+        "  # before the first start: configuration, state dir, certificates, database, port\n"
+        "  scire-server -c /etc/scire/server.ini check\n\n"
+        + epilog("scire-server")
+        + "\n  check exits 1 when any check fails.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-c", "--config", type=Path, help="INI file with a [server] section")
@@ -66,7 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="poll intervals of silence before 'client list' shows a client offline (default 3)",
     )
     p.add_argument("--log-level")
+    p.add_argument("--log-format", choices=logformat.FORMATS, help="text (default) or json lines")
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve /metrics and /healthz over plain HTTP here (e.g. 127.0.0.1:9464)",
+    )
     p.add_argument("--version", action="version", version=f"scire-server {__version__}")
+    p.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=("serve", "check"),
+        help="serve (default): run the daemon; check: test the configuration, state "
+        "directory, certificates, database, peers and port, one line each, and exit",
+    )
     return p
 
 
@@ -92,19 +109,24 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         push_timeout=args.push_timeout,
         offline_after_polls=args.offline_after_polls,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_listen=args.metrics_listen,
     )
 
 
 def serve(config: ServerConfig) -> int:
-    if not config.ca_key_file.exists() or not config.cert_file.exists():
-        log.error(
-            "no CA or server certificate in %s: run 'scire-admin init' first", config.state_dir
-        )
-        return ExitCode.USAGE
+    problem = preflight.state_dir_problem(config)
+    if problem is not None:
+        log.error("cannot start: %s", problem)
+        missing = not config.state_dir.is_dir() or not config.ca_key_file.exists()
+        return ExitCode.USAGE if missing else ExitCode.ERROR
     migrations.upgrade(config.database_url)
     db = store.Store(store.make_engine(config.database_url), config.instance_key)
+    metrics = monitoring.ServerMetrics(config.instance_key)
+    for which, path in (("ca", config.ca_cert_file), ("server", config.cert_file)):
+        metrics.certificate(which, certs.load_cert(path.read_bytes()).not_valid_after_utc)
     try:
-        recovery.start_up(db, config)
+        metrics.repaired("start_up", recovery.start_up(db, config))
     except InstanceConflict as exc:
         log.error("refusing to start: %s", exc.message)
         db.close()
@@ -119,25 +141,45 @@ def serve(config: ServerConfig) -> int:
         pusher = Pusher.from_config(config, db, methods.last_seen)
         methods.on_presence_change = pusher.forget
         work_due.subscribe(pusher)
+    health = monitoring.HealthCheck(db)
+    app = monitoring.MonitoringApp(health, metrics, methods.identify)
     server = ScireRPCServer(
         (config.listen_host, config.listen_port),
         context,
         methods,
         listener_limits(config),
+        fallback=app,
+        on_call=metrics.call,
     )
+    health.draining = lambda: server.listener.draining
+    metrics.register(monitoring.StoreCounts(db, config.metrics_refresh, config.lost_after))
+    metrics.add_listener(server.stats)
+    plain: monitoring.PlainHTTPEndpoint | None = None
     try:
         server.start()
+        if config.metrics_address is not None:
+            plain = monitoring.PlainHTTPEndpoint(config.metrics_address, app)
+            plain.start()
     except OSError as exc:
         log.error(
-            "cannot listen on %s:%s: %s", config.listen_host, config.listen_port, exc.strerror
+            "cannot listen on %s:%s: %s",
+            config.listen_host,
+            config.listen_port,
+            exc.strerror or exc,
         )
         if pusher is not None:
             pusher.close()
+        server.drain(0)
         db.servers.stop()
         db.close()
-        return 1
+        return ExitCode.ERROR
     scheduler = timed.start(
-        db, config, methods.summarize_refusals, methods.flush_last_seen, work_due
+        db,
+        config,
+        methods.summarize_refusals,
+        methods.flush_last_seen,
+        work_due,
+        on_sweep=lambda counts: metrics.repaired("sweep", counts),
     )
     try:
         recovery.announce_due_work(db, work_due)
@@ -163,11 +205,15 @@ def serve(config: ServerConfig) -> int:
         config.max_threads,
         f"on ({config.push_workers} workers, {config.push_timeout:g} s)" if pusher else "off",
     )
+    if plain is not None:
+        log.info("metrics and health on http://%s:%s/metrics", *plain.address)
     try:
         while not stop.wait(1.0):
             pass
     finally:
         clean = server.drain(config.shutdown_grace)
+        if plain is not None:
+            plain.stop()
         scheduler.shutdown(wait=True)
         if pusher is not None:
             work_due.unsubscribe(pusher)
@@ -183,24 +229,49 @@ def serve(config: ServerConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def check(args: argparse.Namespace) -> int:
+    """``scire-server check``: one line per check on stdout; 1 when any failed."""
     try:
         config = load_config(args)
     except ScireError as exc:
+        print(preflight.Finding("config", False, exc.message).line())
+        return ExitCode.ERROR
+    source = f"{args.config}" if args.config else "no file; defaults and flags"
+    findings = preflight.run(config, f"{source}; state_dir {config.state_dir}")
+    for finding in findings:
+        print(finding.line())
+    return ExitCode.OK if all(f.ok for f in findings) else ExitCode.ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "check":
+        return check(args)
+    try:
+        config = load_config(args)
+        logformat.configure(
+            "scire-server",
+            config.log_level,
+            config.log_format,
+            defaults=logformat.event(server=config.instance_key),
+        )
+    except ScireError as exc:
         print(f"scire-server: {exc.message}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+        return ExitCode.USAGE
+    except ValueError as exc:  # the log level
+        print(f"scire-server: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return serve(config)
     except (ScireError, SchemaError) as exc:  # SchemaError: the CA's own files are damaged
-        log.error("%s", exc.message)
-        return 1
+        log.error("cannot start: %s", exc.message)
+        return ExitCode.ERROR
     except OSError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
+        where = f" ({exc.filename})" if exc.filename else ""
+        log.error("cannot start: %s%s", exc.strerror or exc, where)
+        return ExitCode.ERROR
 
 
 if __name__ == "__main__":

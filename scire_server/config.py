@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scire_schema import inifile
+from scire_schema import inifile, logformat
 from scire_server.exceptions import ConfigError
 
 LISTEN_HOST = "127.0.0.1"
@@ -47,6 +47,7 @@ PUSH_WORKERS = 8  # pushes in flight at once
 PUSH_TIMEOUT = 2.0  # seconds one push may take, connect to answer
 SCHEDULE_TICK = 1  # seconds between looks for schedules' due runs
 SCHEDULE_MISFIRE_GRACE = 10  # seconds a slot may be late and still run under catch-up skip
+METRICS_REFRESH = 15  # seconds the counts behind the state gauges of /metrics are kept
 
 
 _Config = TypeVar("_Config", "ServerConfig", "AdminConfig")
@@ -103,6 +104,10 @@ class ServerConfig:
     schedule_tick: int = SCHEDULE_TICK
     schedule_misfire_grace: int = SCHEDULE_MISFIRE_GRACE
     log_level: str = "INFO"
+    # "HOST:PORT" of a plain-HTTP /metrics and /healthz (no TLS, no certificate); "" = none.
+    metrics_listen: str = ""
+    metrics_refresh: int = METRICS_REFRESH
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> ServerConfig:
@@ -143,6 +148,7 @@ class ServerConfig:
             "offline_after_polls",
             "push_workers",
             "schedule_tick",
+            "metrics_refresh",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -162,6 +168,24 @@ class ServerConfig:
             raise ConfigError(
                 f"push_timeout must be more than 0 and at most 60 seconds, not {self.push_timeout}"
             )
+        if self.log_format not in logformat.FORMATS:
+            raise ConfigError(
+                f"log_format {self.log_format!r} is not one of {', '.join(logformat.FORMATS)}"
+            )
+        _ = self.metrics_address  # parsed now, so a bad value stops the start
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as (host, port), or None when it is empty."""
+        if not self.metrics_listen:
+            return None
+        host, colon, port = self.metrics_listen.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"metrics_listen {self.metrics_listen!r} is not HOST:PORT (e.g. 127.0.0.1:9464)"
+            )
+        return host, int(port)
 
     # Files of the PKI, all in state_dir.
     @property

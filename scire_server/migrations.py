@@ -59,3 +59,9 @@ def current(url: str) -> tuple[str | None, str | None]:
         raise database_failure(exc) from exc
     finally:
         engine.dispose()
+
+
+def known_revisions() -> frozenset[str]:
+    """Every revision this code's migrations know."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return frozenset(rev.revision for rev in script.walk_revisions())

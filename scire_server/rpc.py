@@ -17,10 +17,11 @@ import inspect
 import logging
 import ssl
 import xmlrpc.client
+from collections.abc import Callable
 from typing import Any
 
 from scire_schema import protocol
-from scire_schema.listener import Listener, ListenerLimits, ListenerStats
+from scire_schema.listener import Listener, ListenerLimits, ListenerStats, Request, Response
 from scire_schema.rpcwire import Call, XMLRPCApp
 from scire_server.api import Caller, RemoteMethods
 from scire_server.config import ServerConfig
@@ -43,7 +44,11 @@ def listener_limits(config: ServerConfig) -> ListenerLimits:
 
 
 class ScireRPCServer:
-    """The remote methods of ``RemoteMethods`` served over the hardened listener."""
+    """The remote methods of ``RemoteMethods`` served over the hardened listener.
+
+    ``fallback`` answers every other path (``/healthz``, ``/metrics``);
+    ``on_call(method, fault or None, caller)`` hears of every call's outcome.
+    """
 
     def __init__(
         self,
@@ -51,12 +56,15 @@ class ScireRPCServer:
         context: ssl.SSLContext,
         methods: RemoteMethods,
         limits: ListenerLimits,
+        *,
+        fallback: Callable[[Request], Response] | None = None,
+        on_call: Callable[[str, int | None, Caller | None], None] | None = None,
     ) -> None:
         self.methods = methods
         self.table = methods.table()
-        self.listener = Listener(
-            address[0], address[1], context, XMLRPCApp(self.dispatch), limits, name="rpc"
-        )
+        self.on_call = on_call
+        app = XMLRPCApp(self.dispatch, fallback=fallback)
+        self.listener = Listener(address[0], address[1], context, app, limits, name="rpc")
 
     def start(self) -> None:
         """Bind and serve in background threads (``OSError`` when the port is taken)."""
@@ -94,10 +102,21 @@ class ScireRPCServer:
                 if audience == "admin" and not caller.is_admin:
                     raise Forbidden(f"{method} needs an administrator; {caller.name} is not one")
             _check_arity(method, function, caller, call.params)
-            return to_xmlrpc(function(caller, *call.params))
+            answer = to_xmlrpc(function(caller, *call.params))
         except ScireError as exc:
             self.methods.record_refusal(method, caller, call.peer[0], exc)
+            self._tell(method, exc.code, caller or exc.identity)
             raise xmlrpc.client.Fault(exc.code, exc.message) from None
+        except Exception:
+            self._tell(method, protocol.FaultCode.INTERNAL, caller)
+            raise
+        self._tell(method, None, caller)
+        return answer
+
+    def _tell(self, method: str, fault: int | None, caller: Caller | None) -> None:
+        if self.on_call is not None:
+            # Names outside the table are a stranger's choice: one label for all.
+            self.on_call(method if method in self.table else "unknown", fault, caller)
 
 
 def _check_arity(

@@ -49,13 +49,21 @@ def start(
     summarize_refusals: Callable[[], None],
     flush_last_seen: Callable[[], object] | None = None,
     work_due: WorkDue | None = None,
+    on_sweep: Callable[[dict[str, int]], None] | None = None,
 ) -> BackgroundScheduler:
     """Start the daemon's timed work; ``summarize_refusals`` is the API's
     (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``;
     ``flush_last_seen`` (``RemoteMethods.flush_last_seen``) every
     ``last_seen_flush_interval``; the sweep and each schedule tick announce on
-    ``work_due`` the clients they gave work."""
-    work_due = work_due or WorkDue()
+    ``work_due`` the clients they gave work; ``on_sweep`` hears what each sweep
+    repaired (the metrics)."""
+    due = work_due or WorkDue()
+
+    def sweep() -> None:
+        counts = recovery.sweep(store, config, due)
+        if on_sweep is not None:
+            on_sweep(counts)
+
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
@@ -66,7 +74,7 @@ def start(
         id="heartbeat",
     )
     scheduler.add_job(
-        _guarded("sweep", lambda: recovery.sweep(store, config, work_due)),
+        _guarded("sweep", sweep),
         "interval",
         seconds=config.sweep_interval,
         id="sweep",
@@ -91,7 +99,7 @@ def start(
             id="last_seen_flush",
         )
     scheduler.add_job(
-        _guarded("schedules", lambda: make_due_runs(store, config, work_due)),
+        _guarded("schedules", lambda: make_due_runs(store, config, due)),
         "interval",
         seconds=config.schedule_tick,
         id="schedules",

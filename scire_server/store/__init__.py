@@ -10,7 +10,8 @@ The store is split by what each part writes (see docs/ARCHITECTURE.md):
 * ``schedules``: schedules (at, every, cron) and the runs they make when due;
 * ``assignments``: the agent's poll, acknowledgement and report;
 * ``sweeps``: leases, expiry, lost runs, retention;
-* ``servers``: the daemons' rows and heartbeats.
+* ``servers``: the daemons' rows and heartbeats;
+* ``overview``: the database's pulse and the counts behind the metrics (reads only).
 
 Each public method of a part is one transaction, and a state change and its
 audit row commit together. Functions that take a ``session`` join the
@@ -26,6 +27,7 @@ from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, make_engine, utcnow
 from scire_server.store.directory import Directory
 from scire_server.store.jobs import Jobs
+from scire_server.store.overview import Counts, Overview
 from scire_server.store.records import (
     SERVER,
     AgentPresence,
@@ -47,6 +49,7 @@ __all__ = [
     "AgentPresence",
     "Caller",
     "Certificate",
+    "Counts",
     "JobSpec",
     "PollResult",
     "PushTarget",
@@ -72,6 +75,7 @@ class Store:
         self.assignments = Assignments(self.database, self.audit)
         self.sweeps = Sweeps(self.database, self.audit)
         self.servers = Servers(self.database)
+        self.overview = Overview(self.database)
 
     def close(self) -> None:
         """Close every pooled connection."""

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scire_schema import logformat
 from scire_server.exceptions import IllegalTransition
 from scire_server.models import Assignment, Event
 from scire_server.states import State, allowed
@@ -114,7 +115,9 @@ class AuditTrail:
             to.value,
             by,
             f": {why}" if why else "",
-            extra={"job": assignment.job_id, "client": client, "old": old, "new": to.value},
+            extra=logformat.event(
+                job=assignment.job_id, client=client, who=by, what=f"{old} -> {to.value}"
+            ),
         )
 
     def record(self, actor: str, action: str, **fields: Any) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from scire_schema import logformat
 from scire_server import acl
 from scire_server.exceptions import Conflict, Forbidden, InvalidArgument, NotFound
 from scire_server.models import Assignment, Client, Event, Job, Schedule, User
@@ -121,7 +122,7 @@ class Jobs:
                 owner.name,
                 len(accepted),
                 len(refused),
-                extra={"job": job.id, "user": owner.name},
+                extra=logformat.event(job=job.id, who=owner.actor, what="submitted"),
             )
             return SubmitResult(job.id, [c for _, c in accepted], refused)
 
@@ -161,7 +162,7 @@ class Jobs:
             job.id,
             request_key,
             owner.name,
-            extra={"job": job.id, "user": owner.name},
+            extra=logformat.event(job=job.id, who=owner.actor, what="submission repeated"),
         )
         return SubmitResult(job.id, list(accepted), [r for r in refused if r], repeated=True)
 

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN
+
 from scire_client.config import ClientConfig
 from scire_server.config import ServerConfig
 

@@ -10,7 +10,6 @@ network, bounded size; a document either matches its schema or raises
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime as dt
 import functools
 import importlib.resources
@@ -159,7 +158,7 @@ def _decoded(element: etree._Element, what: str) -> str:
         return text
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or a character that is not ASCII
         raise DocumentError(f"{what} is not valid base64: {exc}") from exc
     try:
         return data.decode("utf-8")

@@ -24,7 +24,9 @@ def schedule(dep: Deployment, schedule_id: int) -> Any:
     return dep.admin("schedule", "show", str(schedule_id))
 
 
-def wait_for(what: str, check: Any, timeout: float = 90) -> Any:
+def wait_for(what: str, check: Any, timeout: float = 300) -> Any:
+    """``check()`` until it gives something; the bound only stops a broken run
+    (a loaded machine makes every process start slowly)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()

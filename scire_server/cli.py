@@ -154,6 +154,8 @@ def serve(config: ServerConfig) -> int:
     health.draining = lambda: server.listener.draining
     metrics.register(monitoring.StoreCounts(db, config.metrics_refresh, config.lost_after))
     metrics.add_listener(server.stats)
+    if pusher is not None:
+        metrics.add_pusher(pusher.counters.snapshot)
     plain: monitoring.PlainHTTPEndpoint | None = None
     try:
         server.start()

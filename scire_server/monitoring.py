@@ -170,6 +170,10 @@ class ServerMetrics:
         """The listener's counters (``Listener.stats``) as ``scire_listener_*``."""
         self.register(metrics.SnapshotCollector("scire_listener", stats, gauges=_LISTENER_GAUGES))
 
+    def add_pusher(self, snapshot: Callable[[], object]) -> None:
+        """The pusher's counters (``PushCounters.snapshot``) as ``scire_push_*_total``."""
+        self.register(metrics.SnapshotCollector("scire_push", snapshot))
+
     def call(self, method: str, fault: int | None, caller: Caller | None) -> None:
         """One call answered (``fault`` None) or refused."""
         self.rpc_calls.inc(method=method, fault=fault_label(fault))

@@ -128,11 +128,16 @@ class Bench:
             self.names.append(name)
         db.close()
 
-    def start_server(self, push: str) -> None:
+    def start_server(self, push: str, poll_interval: float) -> None:
         log = open(self.root / f"server-push-{push}.log", "ab")  # noqa: SIM115 - the process owns it
+        # The server's poll interval is the fleet's: daemons take the one it suggests.
+        ini = self.root / "server.ini"
+        ini.write_text(f"[server]\npoll_interval = {int(poll_interval)}\n")
         self.server = subprocess.Popen(
             [
                 self.bin / "scire-server",
+                "--config",
+                ini,
                 "--state-dir",
                 self.state,
                 "--listen-port",
@@ -227,7 +232,7 @@ def main() -> int:
     p.add_argument("--submissions", type=int, default=40, help="latency samples per run")
     p.add_argument("--burst", type=int, default=5, help="jobs per agent in the burst")
     p.add_argument(
-        "--poll-interval", type=float, default=10, help="the agents' poll interval, seconds"
+        "--poll-interval", type=int, default=10, help="the fleet's poll interval, seconds"
     )
     p.add_argument("--write", action="store_true", help="append the result to docs/BENCHMARKS.md")
     args = p.parse_args()
@@ -241,7 +246,7 @@ def main() -> int:
         for size in sizes:
             bench.enroll(size)
             for push in ("on", "off"):
-                bench.start_server(push)
+                bench.start_server(push, args.poll_interval)
                 bench.start_agents(args.poll_interval)
                 bench.wait_present(size)
                 result = bench.measure(size, push, args.poll_interval, args.submissions, args.burst)

@@ -6,6 +6,7 @@ only runs early because of a hint, a heartbeat or a (re)start."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import ssl
@@ -169,8 +170,10 @@ def test_poll_now_from_the_server_runs_a_job_at_once_and_no_one_else_may_call_it
     with pytest.raises((ssl.SSLError, ConnectionError)):
         rig.poll_now(HOST, None)
     assert "refused poll_now" in rig.log(HOST)
-    # Presence went with the polls: this server predates it, and the agent fell back.
-    assert "takes no presence" in rig.log(HOST)
+    # Presence went with the polls: the server knows the daemon and where to wake it.
+    (client,) = [c for c in rig.dep.admin("client", "list") if c["name"] == HOST]
+    assert client["agent_mode"] == "daemon"
+    assert client["callback_address"] == f"127.0.0.1:{rig.ports[HOST]}"
     rig.procs[HOST].send_signal(signal.SIGTERM)
     assert rig.procs[HOST].wait(30) == 0
 
@@ -271,3 +274,91 @@ def test_max_parallel_runs_two_at_once_in_priority_order(rig: DaemonRig) -> None
     assert started.read_text().split() == ["high", "middle", "low"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+# --- push: the server wakes its daemons -------------------------------------------------
+
+
+def _known_as_daemon(rig: DaemonRig, host: str = HOST) -> bool:
+    return any(
+        c["name"] == host and c["agent_mode"] == "daemon" and c["callback_address"]
+        for c in rig.dep.admin("client", "list")
+    )
+
+
+def _admin_proxy(dep: Deployment) -> Any:
+    context = tls.client_context(dep.state_dir / "ca.pem", dep.bundle, dep.bundle)
+    return xmlrpc.client.ServerProxy(
+        dep.url, transport=tls.TLSTransport(context, 30), allow_none=True
+    )
+
+
+def test_a_submission_wakes_the_daemon_through_the_push(rig: DaemonRig) -> None:
+    rig.enroll(HOST)
+    rig.start()
+    wait_for(lambda: _known_as_daemon(rig), 30, "the server to learn the callback")
+    polls = rig.polls(HOST)
+    # The poll interval is 300 s: only the server's poll_now can start this job in time.
+    job = rig.submit("--command", "echo pushed")
+    row = rig.wait_final(job)
+    assert (row["state"], row["output"]) == ("succeeded", "pushed\n")
+    assert rig.polls(HOST, "(poll_now)") >= 1 and rig.polls(HOST) > polls
+    # The push is counted where an operator looks: the server's /metrics.
+    context = tls.client_context(rig.dep.state_dir / "ca.pem", rig.dep.bundle, rig.dep.bundle)
+    scrape = http.client.HTTPSConnection("127.0.0.1", rig.dep.port, context=context, timeout=30)
+    scrape.request("GET", "/metrics")
+    body = scrape.getresponse().read().decode()
+    scrape.close()
+    (succeeded,) = [
+        line for line in body.splitlines() if line.startswith("scire_push_succeeded_total ")
+    ]
+    assert float(succeeded.split()[1]) >= 1
+    rig.procs[HOST].send_signal(signal.SIGTERM)
+    assert rig.procs[HOST].wait(30) == 0
+
+
+def test_a_burst_of_50_submissions_makes_few_polls(rig: DaemonRig) -> None:
+    rig.enroll(HOST)
+    rig.start()
+    wait_for(lambda: _known_as_daemon(rig), 30, "the server to learn the callback")
+    before = rig.polls(HOST)
+    spec = {"script": "true", "hosts": [HOST]}
+
+    def submit(_: int) -> int:
+        proxy = _admin_proxy(rig.dep)
+        try:
+            return int(proxy.admin.job_submit(spec)["job_id"])
+        finally:
+            proxy("close")()
+
+    with ThreadPoolExecutor(10) as pool:
+        jobs = list(pool.map(submit, range(50)))
+    for job in jobs:
+        assert rig.wait_final(job, timeout=120)["state"] == "succeeded"
+    polls = rig.polls(HOST) - before
+    print(f"\n50 submissions -> {polls} poll(s)")
+    # Each poll takes up to 10 jobs; a poll per submission would be 50.
+    assert polls < 25
+    rig.procs[HOST].send_signal(signal.SIGTERM)
+    assert rig.procs[HOST].wait(30) == 0
+
+
+def test_a_push_to_a_dead_daemon_costs_the_submission_nothing(rig: DaemonRig) -> None:
+    rig.enroll(HOST)
+    proc = rig.start()
+    wait_for(lambda: _known_as_daemon(rig), 30, "the server to learn the callback")
+    proc.kill()
+    assert proc.wait(30) == -signal.SIGKILL
+    job = rig.submit("--command", "echo later")  # exits 0 whatever the push does
+    wait_for(
+        lambda: f"to client {HOST} at 127.0.0.1:{rig.ports[HOST]} failed" in rig.dep.server_log(),
+        30,
+        "the failed push in the server's log",
+    )
+    assert rig.assignment(job)["state"] == "pending"
+    # The job waits for the agent's next poll: here, its start.
+    rig.start()
+    row = rig.wait_final(job)
+    assert (row["state"], row["output"]) == ("succeeded", "later\n")
+    rig.procs[HOST].send_signal(signal.SIGTERM)
+    assert rig.procs[HOST].wait(30) == 0

@@ -8,6 +8,7 @@ printed, as the README tells the reader to do.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -41,30 +42,32 @@ def test_quick_start_as_written(tmp_path: Path) -> None:
         "scire-server",
         "scire-admin",
         "scire-client",
-        "scire-admin",
         "scire-client",
+        "scire-admin",
         "scire-admin",
     ]
     env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    port = str(free_port())
+    ports = {"8443": str(free_port()), "8444": str(free_port())}
     values: dict[str, str] = {}
-    server: subprocess.Popen[bytes] | None = None
-    log = tmp_path / "server.log"
+    background: list[subprocess.Popen[bytes]] = []
     try:
         for command in commands:
-            command = command.replace("8443", port)
-            for name, value in values.items():
+            for name, value in {**ports, **values}.items():
                 command = command.replace(name, value)
             if command.endswith("&"):
+                program = command.split()[0]
+                log = tmp_path / f"{program}.log"
                 with open(log, "wb") as out:
-                    server = subprocess.Popen(
+                    process = subprocess.Popen(
                         ["bash", "-c", command[:-1]],
                         env=env,
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
                     )
-                _wait_for(log, "listening on", server)
+                background.append(process)
+                ready = "listening on" if program == "scire-server" else "daemon started"
+                _wait_for(log, ready, process)
                 continue
             proc = subprocess.run(
                 ["bash", "-c", command],
@@ -80,10 +83,24 @@ def test_quick_start_as_written(tmp_path: Path) -> None:
                 values = {"TOKEN": found["token"], "FINGERPRINT": found["ca_fingerprint"]}
         assert "succeeded" in proc.stdout
         assert (tmp_path / ".config" / "scire" / "admin.conf").exists()
+        # The agent runs on as a daemon, and the server knows it.
+        clients = json.loads(
+            subprocess.run(
+                ["scire-admin", "--json", "client", "list"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+        )
+        assert [(c["name"], c["agent_mode"], c["online"]) for c in clients] == [
+            ("web-17", "daemon", True)
+        ]
     finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+        for process in reversed(background):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes]) -> None:
@@ -93,4 +110,4 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes]) -> None:
             return
         assert proc.poll() is None, log.read_text(errors="replace")
         time.sleep(0.1)
-    raise AssertionError(f"the server did not start: {log.read_text(errors='replace')}")
+    raise AssertionError(f"{text!r} never came: {log.read_text(errors='replace')}")

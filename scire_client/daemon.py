@@ -110,6 +110,8 @@ class Daemon(Agent):
         self._last_hinted_poll = float("-inf")
         self._report_delay = 0.0
         self._next_report_try = 0.0
+        #: The last poll came back full: the server may hold more for us.
+        self._backlog = False
 
     def stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         """Ask the loop to stop (a signal handler: it only sets a flag)."""
@@ -154,11 +156,19 @@ class Daemon(Agent):
         heartbeat = bool(self._running) and (
             now - self._last_contact >= self.config.heartbeat_interval
         )
-        if hinted or heartbeat or now >= self._next_poll:
+        # A full batch means more may wait on the server: fetch it once there is
+        # room, rather than at the next interval (a burst of 50 jobs is 5 polls).
+        backlog = (
+            self._backlog
+            and len(self._running) < self.config.max_parallel
+            and not self.spool.runnable()
+        )
+        if hinted or heartbeat or backlog or now >= self._next_poll:
             if hinted:
                 self.wake.clear()
                 self._last_hinted_poll = now
-            self._poll_once("poll_now" if hinted else "heartbeat" if heartbeat else "interval")
+            why = "poll_now" if hinted else "heartbeat" if heartbeat else "interval"
+            self._poll_once("backlog" if backlog and not hinted else why)
         self._check_runs()
         self._start_runnable()
         self._try_reports()
@@ -174,7 +184,9 @@ class Daemon(Agent):
             self._last_contact = self._clock()
             self._next_poll = self._clock() + self._jittered(self._interval)
             log.warning("poll failed: %s; next try in %.0f s", exc, self._next_poll - self._clock())
+            self._backlog = False
             return
+        self._backlog = len(answer.jobs) >= self.config.poll_batch
         if answer.poll_interval > 0:
             suggested = min(max(float(answer.poll_interval), POLL_INTERVAL_MIN), POLL_INTERVAL_MAX)
             if suggested != self._interval:

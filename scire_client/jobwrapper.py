@@ -58,6 +58,18 @@ def _record(path: Path, wrapper_pid: int, exit_status: int) -> None:
     write_atomic(path, json.dumps(record, sort_keys=True).encode())
 
 
+def environment_as_given() -> dict[bytes, bytes] | None:
+    """The environment the runner started us with, exactly. Python's start-up
+    may add ``LC_CTYPE`` to our own (C locale coercion, PEP 538, when the job's
+    ``LANG`` names a locale this host lacks), and the job must not inherit it.
+    ``/proc/self/environ`` still holds what ``execve`` got; None without /proc."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 8:
         print(f"usage: {argv[0]} RECORD PID_FD UID GID GROUPS INTERPRETER SCRIPT", file=sys.stderr)
@@ -72,6 +84,7 @@ def main(argv: Sequence[str]) -> int:
         job = subprocess.Popen(
             ["/bin/sh", "-c", GATE, "scire-job", interpreter, script],
             stdin=0,
+            env=environment_as_given(),
             process_group=0,
             # setgroups, setregid, setreuid in the child, after fork and before exec.
             user=int(argv[3]) if switch else None,

@@ -98,7 +98,7 @@ class Bench:
         )
         self.admin = xmlrpc.client.ServerProxy(
             f"https://127.0.0.1:{self.port}/",
-            transport=tls.TLSTransport(context=context),
+            transport=tls.TLSTransport(context, 30),
             allow_none=True,
         )
 

@@ -64,7 +64,7 @@ class Result:
             f"| {self.agents} | {self.push} | {self.poll_interval:g} s | {len(self.latencies)} | "
             f"{statistics.median(self.latencies) * 1000:.0f} ms | {q[98] * 1000:.0f} ms | "
             f"{self.burst_jobs} | {self.burst_seconds:.1f} s | "
-            f"{self.burst_jobs / self.burst_seconds:.0f} |"
+            f"{self.burst_jobs / self.burst_seconds:.1f} |"
         )
 
 

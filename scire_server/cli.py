@@ -133,7 +133,7 @@ def serve(config: ServerConfig) -> int:
         return ExitCode.INSTANCE_CONFLICT
     context = tls.server_context(config.cert_file, config.key_file, config.ca_cert_file)
     # One "work became due for these clients" signal per daemon: submissions,
-    # the sweep and start-up announce on it; the pusher listens.
+    # the sweep, schedule ticks and start-up announce on it; the pusher listens.
     work_due = WorkDue()
     pusher: Pusher | None = None
     methods = RemoteMethods(config, db, work_due)

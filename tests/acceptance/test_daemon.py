@@ -19,24 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Deployment, free_port
+from conftest import Deployment, free_port, wait_for
 
 from scire_schema import tls
 
 HOST = "d1"
 #: A job that waits for ``go`` in the agent's directory (its cwd is work_root/<id>/work).
 WAIT_FOR_GO = "echo started; while [ ! -e ../../../go ]; do sleep 0.05; done; echo done"
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 class DaemonRig:

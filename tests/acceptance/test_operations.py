@@ -11,23 +11,11 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Deployment, PostgresCluster, _exe, free_port
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
+from conftest import Deployment, PostgresCluster, _exe, free_port, wait_for
 
 
 def https_get(dep: Deployment, path: str, bundle: Path | None = None) -> tuple[int, str]:

@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from scire_schema import protocol
+
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to a finished TLS handshake
@@ -756,7 +758,7 @@ class Listener:
             )
             return Response(
                 503,
-                (("Retry-After", str(RETRY_AFTER)), ("Content-Type", "text/plain")),
+                ((protocol.RETRY_AFTER_HEADER, str(RETRY_AFTER)), ("Content-Type", "text/plain")),
                 b"busy; retry later\n",
             )
         assert self._loop is not None

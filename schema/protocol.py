@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 
 
 class FaultCode(enum.IntEnum):
@@ -122,6 +123,36 @@ POLL_NOW_METHOD = "poll_now"
 ROLE_SERVER = "scire-server"
 ROLE_CLIENT = "scire-client"
 ROLE_USER = "scire-user"
+
+
+#: How a server says when to call again: the ``Retry-After`` header of an HTTP 503
+#: (the listener's queue is full) and the tail of an ``UNAVAILABLE`` fault's text
+#: ("database unavailable: ...; retry after 5 s"). Not an error to the agent: it
+#: waits that long (with jitter), on this server or, when it has others, elsewhere.
+RETRY_AFTER_HEADER = "Retry-After"
+_RETRY_AFTER_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) s\b")
+
+
+def retry_after_text(seconds: float) -> str:
+    """The words an ``UNAVAILABLE`` fault ends with to ask for a pause."""
+    return f"retry after {seconds:g} s"
+
+
+def parse_retry_after(text: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header value or a fault's text
+    (``retry_after_text``); None when it asks for none. Bounded to one hour so a
+    hostile or broken server cannot park an agent for ever."""
+    if not text:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        found = _RETRY_AFTER_TEXT.search(text)
+        if found is None:
+            return None
+        seconds = float(found.group(1))
+    return min(seconds, 3600.0)
 
 
 def utc_now() -> dt.datetime:

@@ -86,6 +86,8 @@ class ScheduleState(enum.StrEnum):
 class ServerState(enum.StrEnum):
     RUNNING = "running"  #: the daemon is up (or died without saying so: see its heartbeat)
     STOPPED = "stopped"  #: the daemon stopped cleanly
+    #: another daemon found its heartbeat stale past ``instance_stale_after`` and took over its leases
+    DEAD = "dead"
 
 
 #: Job summaries that no longer change: the final assignment states, plus

@@ -45,3 +45,13 @@ def test_wire_time_round_trip() -> None:
     text = protocol.format_time(now)
     assert text.endswith("Z")
     assert protocol.parse_time(text) == now.replace(tzinfo=None)
+
+
+def test_retry_after_is_read_from_a_header_and_from_a_faults_text() -> None:
+    from scire_schema.protocol import parse_retry_after, retry_after_text
+
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after(f"database unavailable: refused; {retry_after_text(5)}") == 5.0
+    assert parse_retry_after("database busy, try again") is None
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("999999") == 3600.0

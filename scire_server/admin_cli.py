@@ -218,6 +218,20 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         raise CLIError(
             f"cannot make the state directory {config.state_dir}: {exc.strerror}"
         ) from exc
+    database = store.redacted(config.database_url)
+    try:
+        # The database first: an unreachable one costs nothing written, so
+        # init runs again as it is once the URL or the server is fixed.
+        migrations.upgrade(config.database_url)
+    except ConfigError:  # a bad URL or a missing driver: its own line
+        bundle.unlink(missing_ok=True)
+        raise
+    except ScireError as exc:
+        bundle.unlink(missing_ok=True)
+        raise CLIError(
+            f"cannot set up the database {database}: {exc.message}; nothing was written, "
+            "fix that and run init again"
+        ) from None
     try:
         ca_key, ca_cert = ca.create_ca()
         files.write_private(config.ca_key_file, certs.key_to_pem(ca_key))
@@ -233,7 +247,6 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         )
         files.write_private(config.key_file, certs.key_to_pem(server_key))
         files.write_public(config.cert_file, certs.cert_to_pem(server_cert))
-        migrations.upgrade(config.database_url)
         user_key = certs.generate_key()
         user_cert = ca.sign_csr(
             ca_key, ca_cert, certs.make_csr(user_key, args.admin), args.admin, ca.ROLE_USER
@@ -250,12 +263,12 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         raise CLIError(
             f"init stopped half-way: {_why(exc)}; fix that (disk full? read-only?), "
             f"remove {config.state_dir} and run init again"
-        ) from exc
+        ) from None
     ca_pem = certs.cert_to_pem(ca_cert).decode()
     write_bundle(bundle, certs.key_to_pem(user_key), certs.cert_to_pem(user_cert).decode(), ca_pem)
     answer = {
         "state_dir": str(config.state_dir),
-        "database": config.database_url,
+        "database": database,
         "server_names": config.alt_names,
         "admin": args.admin,
         "bundle": str(bundle),
@@ -296,16 +309,19 @@ def check_bundle_target(path: Path) -> None:
 
 def cmd_db(args: argparse.Namespace) -> ExitCode:
     config = server_config(args)
+    database = store.redacted(config.database_url)
     try:
         if args.db_command == "upgrade":
             before, head = migrations.current(config.database_url)
             migrations.upgrade(config.database_url)
-            answer = {"database": config.database_url, "from": before or "empty", "to": head}
+            answer = {"database": database, "from": before or "empty", "to": head}
         else:
             current, head = migrations.current(config.database_url)
-            answer = {"database": config.database_url, "current": current or "empty", "head": head}
+            answer = {"database": database, "current": current or "empty", "head": head}
+    except ConfigError:
+        raise
     except (OSError, ScireError) as exc:
-        raise CLIError(f"{config.database_url}: {_why(exc)}") from exc
+        raise CLIError(f"{database}: {_why(exc)}") from None
     show(args, answer)
     return ExitCode.OK
 

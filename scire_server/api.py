@@ -29,6 +29,7 @@ from scire_server.config import ServerConfig
 from scire_server.exceptions import (
     AuthenticationRequired,
     Conflict,
+    DatabaseUnreachable,
     Forbidden,
     InvalidArgument,
     InvalidDocument,
@@ -200,6 +201,8 @@ class RemoteMethods:
         is only counted (:class:`refusals.AnonymousRefusals`): its first from
         each address per interval is logged, the rest summed up by
         :meth:`summarize_refusals`."""
+        if isinstance(exc, DatabaseUnreachable):
+            return  # the store logs an outage once, not once per call
         who = caller or exc.identity
         what = method if method in self._names else clip(method)
         if who is None:

@@ -16,6 +16,7 @@ become server errors through ``from_schema_error`` where the server parses.
   + Conflict (8)                 the thing exists already
   + EnrollmentRefused (9)
   + Unavailable (10)             try again later (database busy, shutting down)
+    + DatabaseUnreachable        the database does not answer (one log line per outage)
   + InstanceConflict (11)        another live daemon holds this instance key
   + ConfigError                  bad configuration or command line; never sent as a fault
 
@@ -162,6 +163,12 @@ class Unavailable(ScireError):
     """The server cannot answer now; try again later."""
 
     code = FaultCode.UNAVAILABLE.value
+
+
+class DatabaseUnreachable(Unavailable):
+    """The database does not answer (down, restarting, failing over, the network).
+    Counted by the store's outage tracker, which logs the outage once: neither
+    the API nor the timed tasks log it per call."""
 
 
 class InstanceConflict(ScireError):

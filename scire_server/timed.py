@@ -3,7 +3,9 @@ the summary of anonymous refusals, the batched write of the agents'
 last-seen times, and the runs of schedules coming due.
 
 Each task is safe to run on several daemons at once (conditional updates),
-and a task that fails is logged and runs again at its next tick.
+and a task that fails is logged and runs again at its next tick; while the
+database is unreachable a failed tick is not logged (the store's outage
+tracker logs the outage once).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from scire_server import recovery
 from scire_server.config import ServerConfig
-from scire_server.exceptions import ScireError
+from scire_server.exceptions import DatabaseUnreachable, ScireError
 from scire_server.store import Store
 from scire_server.work_due import WorkDue
 
@@ -27,6 +29,8 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
     def run() -> None:
         try:
             task()
+        except DatabaseUnreachable:
+            pass  # counted and logged once per outage by the store
         except ScireError as exc:
             log.warning("timed task %s: %s; retrying at the next tick", name, exc.message)
         except Exception:

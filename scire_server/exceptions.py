@@ -17,7 +17,7 @@ become server errors through ``from_schema_error`` where the server parses.
   + EnrollmentRefused (9)
   + Unavailable (10)             try again later (database busy, shutting down)
     + DatabaseUnreachable        the database does not answer (one log line per outage)
-  + InstanceConflict (11)        another live daemon holds this instance key
+  + InstanceConflict (11)        another live daemon holds this instance key or SQLite file
   + ConfigError                  bad configuration or command line; never sent as a fault
 
 A caller's input ends up in messages ("client name '...' is not valid") and
@@ -172,7 +172,7 @@ class DatabaseUnreachable(Unavailable):
 
 
 class InstanceConflict(ScireError):
-    """Another live server daemon holds this instance key."""
+    """Another live server daemon holds this instance key (or this SQLite file)."""
 
     code = FaultCode.INSTANCE_CONFLICT.value
 

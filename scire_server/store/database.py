@@ -292,7 +292,7 @@ class SqliteDaemonLock:
             ) from None
         lock_file.seek(0)
         lock_file.truncate()
-        lock_file.write(f"{instance_key} (pid {os.getpid()})\n")
+        lock_file.write(f"daemon {instance_key!r} (pid {os.getpid()})\n")
         lock_file.flush()
         self._file = lock_file
 

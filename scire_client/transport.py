@@ -243,7 +243,8 @@ class ServerTransport:
                 self._servers[start],
             )
             start = 0
-        failures: list[tuple[str, str]] = []
+        failures: list[str] = []  # each names its server and says what went wrong
+        pauses = 0
         pause: float | None = None
         fault: ServerFault | None = None
         for step in range(len(self._servers)):
@@ -253,40 +254,47 @@ class ServerTransport:
                 answer = self._call_one(url, method, args)
             except _Pause as exc:
                 pause = exc.seconds if pause is None else min(pause, exc.seconds)
-                failures.append((url, f"asks for a pause, {retry_after_text(exc.seconds)}"))
+                pauses += 1
+                failures.append(f"server {url} asks for a pause ({exc})")
             except TransportError as exc:
-                failures.append((url, exc.message))
+                # ``_call_one`` starts the message with the URL; once is enough.
+                why = exc.message.removeprefix(f"{url}: ")
+                failures.append(f"server {url} unreachable ({why})")
             except ServerFault as exc:
                 if exc.permanent:
-                    self._arrived(index, failures)  # it answered: the call itself is refused
+                    # It answered: the call itself is refused.
+                    self._arrived(index, failures, pauses == len(failures))
                     raise
                 fault = exc  # unavailable or internal there: another daemon may do better
-                failures.append((url, exc.message))
+                failures.append(f"server {url} failed ({exc.message})")
             else:
-                self._arrived(index, failures)
+                self._arrived(index, failures, pauses == len(failures))
                 return answer
             self._drop_proxy(url)
-        tried = "; ".join(f"{url} {why}" for url, why in failures)
+        tried = "; ".join(failures)
         if not self._all_down:
             self._all_down = True
-            log.warning("no server answers %s: %s", method, tried)
+            # A pause asked for is no failure: the caller waits, as told.
+            level = logging.INFO if pause is not None else logging.WARNING
+            log.log(level, "no server answers %s: %s", method, tried)
         if pause is not None:
             raise RetryLater(f"{method}: {tried}", pause)
         if fault is not None:
             raise fault
         raise TransportError(f"no server answered {method}: {tried}")
 
-    def _arrived(self, index: int, failures: list[tuple[str, str]]) -> None:
+    def _arrived(self, index: int, failures: list[str], only_pauses: bool) -> None:
         """Server ``index`` answered after ``failures``: log a change of server
-        (one line per change, not per call) and remember it for the next run."""
+        (one line per change, not per call) and remember it for the next run.
+        Servers that only asked for a pause are no failure: that line is INFO."""
         url = self._servers[index]
         was = self._servers[self._current]
         if failures and (index != self._current or self._all_down):
-            why = "; ".join(f"server {down} {reason}" for down, reason in failures)
-            log.warning("%s; using %s", why, url)
+            level = logging.INFO if only_pauses else logging.WARNING
+            log.log(level, "%s; using %s", "; ".join(failures), url)
         elif failures:
             # A failback try that failed again: one line per failback_after.
-            log.info("%s; staying on %s", "; ".join(f"server {d} {r}" for d, r in failures), url)
+            log.info("%s; staying on %s", "; ".join(failures), url)
         elif index != self._current or self._all_down:
             log.info("server %s answers; using it", url)
         self._all_down = False

@@ -247,9 +247,9 @@ class Agent:
 
     def run(self) -> int:
         attached = self.recover()
-        if attached and not self._finish_attached(attached):
-            return 1
         try:
+            if attached and not self._finish_attached(attached):
+                return 1
             while True:
                 if not self.deliver_reports():
                     return 1
@@ -438,7 +438,12 @@ class Agent:
                 clock=self._clock,
             )
             self._finished(run, report)
-        return self.deliver_reports()
+        try:
+            return self.deliver_reports()
+        except RetryLater as exc:
+            # The other spooled jobs still run; the report goes with the next try.
+            log.info("the server asks for a pause of %g s; the report waits", exc.seconds)
+            return True
 
     def _finish_attached(self, runs: list[runner.JobRun]) -> bool:
         """Wait for the runs an earlier agent process started, with heartbeats; False

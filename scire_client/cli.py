@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for an administrator to accept the enrollment",
     )
+    parser.add_argument(
+        "--failback-after",
+        type=float,
+        metavar="SECONDS",
+        help="after a failover, when to try the first server again (default 300)",
+    )
     daemon_mode = parser.add_argument_group("daemon mode")
     daemon_mode.add_argument(
         "--poll-interval", type=float, metavar="SECONDS", help="between polls (default 60)"
@@ -145,6 +151,7 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         enrollment_token=args.token,
         ca_fingerprint=args.ca_fingerprint,
         enroll_wait=args.enroll_wait,
+        failback_after=args.failback_after,
         poll_interval=args.poll_interval,
         poll_jitter=args.poll_jitter,
         max_parallel=args.max_parallel,

@@ -27,6 +27,7 @@ HEARTBEAT_INTERVAL = 15.0  # seconds between heartbeat polls while a job runs
 REPORT_RETRY_FOR = 60.0  # seconds a run keeps retrying undeliverable reports
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 CONNECT_TIMEOUT = 10.0  # seconds per socket operation
+FAILBACK_AFTER = 300.0  # seconds on a later server before the first is tried again
 SPOOL_RETENTION = 7 * 24 * 3600.0  # seconds reported entries stay as dedupe tombstones
 POLL_INTERVAL = 60.0  # seconds between a daemon's polls, until the server suggests another
 POLL_INTERVAL_MIN = 1.0  # seconds; the bounds of poll_interval, and of what a server suggests
@@ -112,6 +113,7 @@ class ClientConfig:
     report_retry_for: float = REPORT_RETRY_FOR
     kill_grace: float = KILL_GRACE
     connect_timeout: float = CONNECT_TIMEOUT
+    failback_after: float = FAILBACK_AFTER
     spool_retention: float = SPOOL_RETENTION
     run_as: str = ""  # the user jobs run as; "" = the agent's own (another needs a root agent)
     work_root: Path | None = None  # each job's tree is work_root/<job id>; default state_dir/work
@@ -155,7 +157,7 @@ class ClientConfig:
             self.ca_fingerprint = normalize_fingerprint(self.ca_fingerprint)
         if self.poll_batch < 1:
             raise ConfigError("poll_batch must be at least 1")
-        for name in ("heartbeat_interval", "connect_timeout"):
+        for name in ("heartbeat_interval", "connect_timeout", "failback_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be more than 0 seconds")
         for name in ("enroll_wait", "report_retry_for", "kill_grace", "spool_retention"):
@@ -250,6 +252,11 @@ class ClientConfig:
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
+
+    @property
+    def server_state_file(self) -> Path:
+        """The server in use after a failover, and since when (written by transport.py)."""
+        return self.state_dir / "server.json"
 
     @property
     def lock_file(self) -> Path:

@@ -14,8 +14,12 @@ poll handling, reconciliation and reports, with these differences:
   hinted poll, make one more poll at most;
 * it runs up to ``max_parallel`` spooled jobs at once, highest priority first,
   then the oldest (``Spool.runnable``), and checks them without blocking;
-* undelivered reports are retried with a delay doubling from
-  ``REPORT_BACKOFF_START`` to ``REPORT_RETRY_MAX``, for as long as it lives;
+* a poll no server answered is tried again after a jittered delay doubling
+  from ``POLL_RETRY_FIRST`` to ``POLL_RETRY_MAX`` (or ``poll_interval``, if
+  less), so a restarted server is polled again within seconds; undelivered
+  reports likewise from ``REPORT_BACKOFF_START`` to ``REPORT_RETRY_MAX``, for
+  as long as it lives; a pause a server asks for ("retry after N s") is waited
+  out instead, stretched by up to a quarter, and logged as no failure;
 * on SIGTERM or SIGINT it stops polling and starting jobs, gives running jobs
   ``shutdown_grace`` seconds, then stops them (SIGTERM, SIGKILL after
   ``kill_grace``: only their own process groups) and reports them failed with
@@ -41,10 +45,11 @@ from types import FrameType
 from scire_client import agent, enroll, lock, runner
 from scire_client.agent import REPORT_BACKOFF_START, Agent
 from scire_client.config import POLL_INTERVAL_MAX, POLL_INTERVAL_MIN, ClientConfig
-from scire_client.exceptions import ServerFault, TransportError
+from scire_client.exceptions import RetryLater, ServerFault, TransportError
 from scire_client.spool import Spool
 from scire_client.transport import ServerTransport
 from scire_client.wakeup import PollNowListener
+from scire_schema import failover
 from scire_schema.files import write_atomic
 from scire_schema.protocol import AgentMode
 
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 HINT_GAP = 0.5  # seconds between two polls that poll_now hints asked for
 REPORT_RETRY_MAX = 60.0  # seconds; the longest wait between tries of undelivered reports
+POLL_RETRY_FIRST = 1.0  # seconds before the first poll after one no server answered
+POLL_RETRY_MAX = 60.0  # seconds; the retries double up to this (or poll_interval, if less)
 SIGNAL_CHECK = 0.5  # seconds; the longest the loop sleeps without looking for a stop request
 SHUTDOWN_REASON = "killed: the agent stopped and its shutdown_grace of {grace:g} s ran out"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -108,7 +115,12 @@ class Daemon(Agent):
         self._interval = config.poll_interval
         self._next_poll = 0.0
         self._last_hinted_poll = float("-inf")
-        self._report_delay = 0.0
+        self._poll_backoff = failover.Backoff(
+            POLL_RETRY_FIRST,
+            max(POLL_RETRY_FIRST, min(POLL_RETRY_MAX, config.poll_interval)),
+            self._rng,
+        )
+        self._report_backoff = failover.Backoff(REPORT_BACKOFF_START, REPORT_RETRY_MAX, self._rng)
         self._next_report_try = 0.0
         #: The last poll came back full: the server may hold more for us.
         self._backlog = False
@@ -180,12 +192,28 @@ class Daemon(Agent):
             answer = self._poll(self.config.poll_batch)
             added = self._handle(answer)
         except (TransportError, ServerFault) as exc:
-            # Contact failed too: a heartbeat is not due again before the next interval.
+            # Contact failed too: a heartbeat is not due again before the next try.
             self._last_contact = self._clock()
-            self._next_poll = self._clock() + self._jittered(self._interval)
-            log.warning("poll failed: %s; next try in %.0f s", exc, self._next_poll - self._clock())
             self._backlog = False
+            if isinstance(exc, RetryLater):
+                delay = failover.stretch(exc.seconds, self._rng)
+                log.info("poll: the server asks for a pause; next poll in %.1f s", delay)
+            else:
+                # Soon, then less and less often: a server that restarted is polled
+                # again within seconds, not after a whole poll_interval (a poll_now
+                # hint that came while it was down is not lost), and a fleet whose
+                # server is gone does not come back in lock-step.
+                first = not self._poll_backoff.active
+                delay = self._poll_backoff.next()
+                log.log(
+                    logging.WARNING if first else logging.INFO,
+                    "poll failed: %s; next try in %.1f s",
+                    exc,
+                    delay,
+                )
+            self._next_poll = self._clock() + delay
             return
+        self._poll_backoff.reset()
         self._backlog = len(answer.jobs) >= self.config.poll_batch
         if answer.poll_interval > 0:
             suggested = min(max(float(answer.poll_interval), POLL_INTERVAL_MIN), POLL_INTERVAL_MAX)
@@ -232,17 +260,21 @@ class Daemon(Agent):
         pending = self.spool.pending_reports()
         if not pending:
             return
-        if self._send_reports(pending):
-            self._report_delay = 0.0
+        try:
+            if self._send_reports(pending):
+                self._report_backoff.reset()
+                return
+        except RetryLater as exc:
+            delay = failover.stretch(exc.seconds, self._rng)
+            self._next_report_try = self._clock() + delay
+            log.info("reports: the server asks for a pause; next try in %.1f s", delay)
             return
-        self._report_delay = min(
-            max(self._report_delay * 2, REPORT_BACKOFF_START), REPORT_RETRY_MAX
-        )
-        self._next_report_try = self._clock() + self._report_delay
+        delay = self._report_backoff.next()
+        self._next_report_try = self._clock() + delay
         log.warning(
             "%d report(s) undelivered; retrying in %.1f s",
             len(self.spool.pending_reports()),
-            self._report_delay,
+            delay,
         )
 
     def _wait(self) -> None:
@@ -298,6 +330,9 @@ class Daemon(Agent):
                 run.job_id,
                 run.doc.name,
             )
-        delivered = self.deliver_reports()
+        try:
+            delivered = self.deliver_reports()
+        except RetryLater:
+            delivered = False
         log.info("stopped%s", "" if delivered else "; undelivered reports wait in the spool")
         return 0

@@ -20,10 +20,12 @@ import sys
 import time
 import uuid
 import xmlrpc.client
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from scire_schema import certs, files, protocol, tls
+from scire_schema import certs, failover, files, inifile, protocol, tls
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_schema.protocol import CatchUp, ScheduleKind
@@ -61,11 +63,14 @@ class CLIError(Exception):
 
 
 class ConnectionFailure(CLIError):
-    """The server could not be reached or TLS with it failed; ``main`` words it."""
+    """The server could not be reached or TLS with it failed; ``main`` words it
+    (``explain``) unless ``message`` already says it all (several servers)."""
 
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause), ExitCode.UNREACHABLE)
+    def __init__(self, cause: BaseException, url: str = "", message: str = "") -> None:
+        super().__init__(message or str(cause), ExitCode.UNREACHABLE)
         self.cause = cause
+        self.url = url
+        self.worded = bool(message)
 
 
 #: Tries of ``job submit`` when no answer comes back, and the wait before each retry.
@@ -98,7 +103,7 @@ def write_bundle(path: Path, key_pem: bytes, cert_pem: str, ca_pem: str) -> None
         raise CLIError(f"cannot write the bundle {path}: {exc.strerror}") from exc
 
 
-def connect(config: AdminConfig) -> Any:
+def connect(config: AdminConfig) -> ServerConnection:
     bundle = (config.bundle or DEFAULT_BUNDLE).expanduser()
     try:
         text = bundle.read_text(encoding="utf-8")
@@ -114,9 +119,7 @@ def connect(config: AdminConfig) -> Any:
         context = tls.client_context(None, bundle, bundle, ca_data=pem_certs[-1])
     except ssl.SSLError as exc:
         raise CLIError(f"{bundle}: {exc}") from exc
-    return xmlrpc.client.ServerProxy(
-        config.server, transport=tls.TLSTransport(context, config.timeout), allow_none=True
-    )
+    return ServerConnection(config.server, context, config.timeout)
 
 
 #: What a server fault means for the exit code; any other fault is ExitCode.ERROR.
@@ -129,24 +132,205 @@ FAULT_EXIT_CODES = {
     Unavailable.code: ExitCode.UNREACHABLE,
 }
 
+#: Calls that may reach a server twice: they change nothing, or the server
+#: answers a repeat with the first outcome (``job_submit`` carries a request
+#: key, see ``submit``). Only these are sent again, to the same server on a new
+#: connection or to the next one, when one was sent and no answer came back:
+#: any other may have been applied, and is not repeated behind the operator's back.
+REPEATABLE_CALLS = frozenset(
+    {
+        "admin.audit",
+        "admin.client_list",
+        "admin.client_show",
+        "admin.grant_list",
+        "admin.group_list",
+        "admin.job_list",
+        "admin.job_show",
+        "admin.job_submit",
+        "admin.schedule_list",
+        "admin.schedule_show",
+        "admin.server_list",
+        "admin.user_list",
+        "admin.whoami",
+    }
+)
+#: The longest "retry after" ``scire-admin`` waits out (once) when every server asks
+#: for a pause; a longer one fails with ExitCode.UNREACHABLE and says how long.
+PAUSE_WAIT_MAX = 30.0
 
-def call(proxy: Any, method: str, *args: Any) -> Any:
-    try:
-        return getattr(proxy, method)(*args)
-    except xmlrpc.client.Fault as exc:
-        name = FAULT_NAMES.get(exc.faultCode, "Fault")
-        raise CLIError(
-            f"{exc.faultString} ({name}, fault {exc.faultCode})",
-            FAULT_EXIT_CODES.get(exc.faultCode, ExitCode.ERROR),
-            exc.faultCode,
-        ) from exc
-    except xmlrpc.client.ProtocolError as exc:
-        raise CLIError(
-            f"{exc.url} answered HTTP {exc.errcode} {exc.errmsg}: is --server a Scire server?",
+
+class _NotSent(Exception):
+    """The call never reached the server: any other server may have it."""
+
+
+class _NoAnswer(Exception):
+    """The call was sent but no answer came back: it may have been applied."""
+
+
+class _Pause(Exception):
+    """The server asked for a pause: it did not apply the call."""
+
+    def __init__(self, seconds: float, cause: BaseException) -> None:
+        super().__init__(protocol.retry_after_text(seconds))
+        self.seconds = seconds
+        self.cause = cause
+
+
+class ServerConnection:
+    """The admin API of the first of ``servers`` that answers, in order.
+
+    A server that cannot be reached, that fails the TLS handshake or that asks
+    for a pause is passed over for the next; the one that answers is used for
+    the rest of the command. A call sent without an answer (a timeout, a reset)
+    moves on only when it is in ``REPEATABLE_CALLS``. When every server asks
+    for a pause of up to ``PAUSE_WAIT_MAX``, it is waited out once.
+    """
+
+    def __init__(
+        self,
+        servers: list[str],
+        context: ssl.SSLContext,
+        timeout: float,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.servers = list(servers)
+        self._context = context
+        self._timeout = timeout
+        self._sleep = sleep
+        self._current = 0
+        self._links: dict[str, tuple[failover.SingleTryTransport, xmlrpc.client.ServerProxy]] = {}
+
+    def call(self, method: str, *args: Any) -> Any:
+        try:
+            return self._call_round(method, args)
+        except _Pause as exc:
+            if exc.seconds > PAUSE_WAIT_MAX:
+                raise self._busy(method, exc) from exc.cause
+            delay = failover.stretch(exc.seconds)
+            print(
+                f"scire-admin: the server is busy; trying again in {delay:.1f} s", file=sys.stderr
+            )
+            self._sleep(delay)
+        try:
+            return self._call_round(method, args)
+        except _Pause as exc:
+            raise self._busy(method, exc) from exc.cause
+
+    def _busy(self, method: str, pause: _Pause) -> CLIError:
+        where = " and ".join(self.servers)
+        return CLIError(
+            f"{where} busy: {method} not applied, {pause} (the server asks for a pause)",
             ExitCode.UNREACHABLE,
-        ) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise ConnectionFailure(exc) from exc
+            Unavailable.code,
+        )
+
+    def _call_round(self, method: str, args: tuple[Any, ...]) -> Any:
+        failures: list[tuple[str, BaseException, str]] = []
+        pause: _Pause | None = None
+        for step in range(len(self.servers)):
+            index = (self._current + step) % len(self.servers)
+            url = self.servers[index]
+            try:
+                answer = self._call_one(url, method, args)
+            except _NotSent as exc:
+                cause = exc.__cause__ or exc
+                failures.append((url, cause, explain(cause, url)))
+                continue
+            except _Pause as exc:
+                pause = exc if pause is None or exc.seconds < pause.seconds else pause
+                failures.append((url, exc.cause, f"{urlsplit(url).netloc} busy, {exc}"))
+                continue
+            except _NoAnswer as exc:
+                cause = exc.__cause__ or exc
+                failures.append((url, cause, explain(cause, url)))
+                if method in REPEATABLE_CALLS:
+                    continue
+                raise self._maybe_applied(method, url, cause, index) from cause
+            if failures:
+                skipped = "; ".join(why for _, _, why in failures)
+                print(f"scire-admin: {skipped}; using {url}", file=sys.stderr)
+                self._current = index
+            return answer
+        if pause is not None:
+            raise pause
+        if len(failures) == 1:
+            url, cause, _ = failures[0]
+            raise ConnectionFailure(cause, url) from cause
+        tried = "; ".join(f"{url}: {why}" for url, _, why in failures)
+        raise ConnectionFailure(
+            failures[-1][1], failures[-1][0], f"no server answered {method} (tried {tried})"
+        ) from failures[-1][1]
+
+    def _maybe_applied(
+        self, method: str, url: str, cause: BaseException, index: int
+    ) -> ConnectionFailure:
+        rest = [u for u in self.servers[index + 1 :] + self.servers[:index] if u != url]
+        if not rest:
+            return ConnectionFailure(cause, url)
+        return ConnectionFailure(
+            cause,
+            url,
+            f"{explain(cause, url)}; {method} may have been applied there, so it was not "
+            f"sent to {', '.join(rest)}: check, then run the command again",
+        )
+
+    def _call_one(self, url: str, method: str, args: tuple[Any, ...]) -> Any:
+        transport, proxy = self._link(url)
+        reused = transport.connected
+        try:
+            transport.open(urlsplit(url).netloc)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _NotSent() from exc
+        try:
+            try:
+                return getattr(proxy, method)(*args)
+            except (OSError, http.client.HTTPException) as exc:
+                if not (reused and method in REPEATABLE_CALLS and failover.stale_connection(exc)):
+                    raise
+            # The server closed the kept-alive connection since the last call
+            # (``job wait`` calls job_show many times): once more, on a new one.
+            transport.open(urlsplit(url).netloc)
+            return getattr(proxy, method)(*args)
+        except xmlrpc.client.Fault as exc:
+            seconds = failover.retry_after(exc)
+            if seconds is not None:
+                raise _Pause(seconds, exc) from exc
+            name = FAULT_NAMES.get(exc.faultCode, "Fault")
+            raise CLIError(
+                f"{exc.faultString} ({name}, fault {exc.faultCode})",
+                FAULT_EXIT_CODES.get(exc.faultCode, ExitCode.ERROR),
+                exc.faultCode,
+            ) from exc
+        except xmlrpc.client.ProtocolError as exc:
+            seconds = failover.retry_after(exc)
+            if seconds is not None:
+                raise _Pause(seconds, exc) from exc
+            raise CLIError(
+                f"{exc.url} answered HTTP {exc.errcode} {exc.errmsg}: is --server a Scire server?",
+                ExitCode.UNREACHABLE,
+            ) from exc
+        except ssl.SSLError as exc:
+            raise _NotSent() from exc  # TLS refused before the request went out
+        except (OSError, http.client.HTTPException) as exc:
+            raise _NoAnswer() from exc
+
+    def _link(self, url: str) -> tuple[failover.SingleTryTransport, xmlrpc.client.ServerProxy]:
+        link = self._links.get(url)
+        if link is None:
+            transport = failover.SingleTryTransport(self._context, self._timeout)
+            link = (transport, xmlrpc.client.ServerProxy(url, transport=transport, allow_none=True))
+            self._links[url] = link
+        return link
+
+    def close(self) -> None:
+        for transport, _ in self._links.values():
+            transport.close()
+        self._links.clear()
+
+
+def call(connection: ServerConnection, method: str, *args: Any) -> Any:
+    return connection.call(method, *args)
 
 
 # --- output -----------------------------------------------------------------------
@@ -932,7 +1116,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"INI file with an [admin] section (default {DEFAULT_CONFIG} if it exists)",
     )
-    p.add_argument("--server", metavar="URL", help="server URL (default https://127.0.0.1:8443/)")
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="URL",
+        help="server URL (default https://127.0.0.1:8443/); repeat, or separate with commas, "
+        "for servers to fail over to, in order",
+    )
     p.add_argument(
         "--bundle", type=Path, metavar="FILE", help=f"user bundle (default {DEFAULT_BUNDLE})"
     )
@@ -1510,19 +1700,25 @@ def admin_config(args: argparse.Namespace) -> AdminConfig:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.expanduser().exists():
         path = DEFAULT_CONFIG.expanduser()
-    return AdminConfig.load(
-        path, server=args.server, bundle=args.bundle, timeout=args.request_timeout
-    )
+    servers = None
+    if args.server:
+        servers = [url for item in args.server for url in inifile.split_list(item)]
+    return AdminConfig.load(path, server=servers, bundle=args.bundle, timeout=args.request_timeout)
 
 
 def run(args: argparse.Namespace) -> ExitCode:
     if args.area in OFFLINE:
         return OFFLINE[args.area](args)
     config = admin_config(args)
+    connection = connect(config)
     try:
-        return ONLINE[args.area](args, connect(config))
+        return ONLINE[args.area](args, connection)
     except ConnectionFailure as exc:
-        raise CLIError(explain(exc.cause, config.server), exc.code) from exc
+        if exc.worded:
+            raise CLIError(str(exc), exc.code) from exc
+        raise CLIError(explain(exc.cause, exc.url or config.server[0]), exc.code) from exc
+    finally:
+        connection.close()
 
 
 def main(argv: list[str] | None = None) -> int:

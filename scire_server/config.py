@@ -213,9 +213,11 @@ class ServerConfig:
 
 @dataclasses.dataclass
 class AdminConfig:
-    """``scire-admin``: which server to call and with which user bundle."""
+    """``scire-admin``: which servers to call, in failover order, and with which user bundle."""
 
-    server: str = f"https://{LISTEN_HOST}:{LISTEN_PORT}/"
+    server: list[str] = dataclasses.field(
+        default_factory=lambda: [f"https://{LISTEN_HOST}:{LISTEN_PORT}/"]
+    )
     bundle: Path | None = None  # a PEM file with the user's key, certificate and the CA
     timeout: float = 60.0
 
@@ -226,10 +228,13 @@ class AdminConfig:
     def check(self) -> None:
         if self.bundle is not None:
             self.bundle = Path(self.bundle).expanduser()
-        if not self.server.startswith("https://"):
-            # xmlrpc.client would quietly talk TLS to an http:// URL anyway.
-            raise ConfigError(
-                f"server {self.server!r}: Scire speaks only HTTPS; use https://HOST:PORT/"
-            )
+        if not self.server:
+            raise ConfigError("server names no URL; use https://HOST:PORT/")
+        for url in self.server:
+            if not url.startswith("https://"):
+                # xmlrpc.client would quietly talk TLS to an http:// URL anyway.
+                raise ConfigError(
+                    f"server {url!r}: Scire speaks only HTTPS; use https://HOST:PORT/"
+                )
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be a positive number of seconds, not {self.timeout}")

@@ -564,6 +564,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
         show_job(args, call(proxy, "admin.job_show", args.id))
     elif sub == "cancel":
         show(args, call(proxy, "admin.job_cancel", args.id))
+    elif sub == "retry":
+        return job_retry(args, proxy)
     elif sub == "wait":
         deadline = time.monotonic() + args.timeout
         while True:
@@ -583,6 +585,22 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
             exit_code=job_exit_code,
         )
     return ExitCode.OK
+
+
+def job_retry(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """``job retry``: the failed and timed-out hosts of a finished job run it again."""
+    answer = call(proxy, "admin.job_retry", args.id, args.host or [])
+    if args.json:
+        show(args, answer)
+    else:
+        print(
+            f"job {answer['job_id']} retried on {', '.join(answer['retried'])} "
+            "(previous attempt kept in: scire-admin audit --job "
+            f"{answer['job_id']})"
+        )
+    for why in answer["refused"]:
+        print(f"refused: {why}", file=sys.stderr if args.json else sys.stdout)
+    return ExitCode.TARGETS_REFUSED if answer["refused"] else ExitCode.OK
 
 
 def schedule_keys(args: argparse.Namespace) -> dict[str, Any]:
@@ -1273,7 +1291,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the privilege the job needs on each host (default run)",
     )
-    submit.add_argument("--interpreter", metavar="PATH", help="default /bin/sh")
+    submit.add_argument(
+        "--interpreter",
+        metavar="PATH",
+        help="default: the script's #! line, else /bin/sh (the server's default_interpreter)",
+    )
     submit.add_argument(
         "--not-before",
         type=iso_time,
@@ -1379,6 +1401,27 @@ def build_parser() -> argparse.ArgumentParser:
         _command(job, verb, summary, (summary, f"scire-admin job {verb} 12")).add_argument(
             "id", type=positive_int, metavar="ID", help="the job's id"
         )
+    jretry = _command(
+        job,
+        "retry",
+        "run a finished job again on its failed and timed-out hosts",
+        ("every host of job 12 that failed or timed out", "scire-admin job retry 12"),
+        (
+            "only web-17, then wait for it",
+            "scire-admin job retry 12 --host web-17 && scire-admin job wait 12",
+        ),
+        more="The same job, a new attempt on each retried host: the previous attempt's\n"
+        "state, exit code and output stay in the audit trail (scire-admin audit --job ID).\n"
+        "Refused (exit 1) while the job runs, after a cancel or its expiry, or when no\n"
+        "host failed. Exits 6 when some hosts were refused (client no longer accepted).",
+    )
+    jretry.add_argument("id", type=positive_int, metavar="ID", help="the job's id")
+    jretry.add_argument(
+        "--host",
+        action="append",
+        metavar="CLIENT",
+        help="retry only this host (repeat); default: every failed or timed-out host",
+    )
     jw = _command(
         job,
         "wait",

@@ -157,6 +157,7 @@ class RemoteMethods:
             "admin.job_list": ("user", self.job_list),
             "admin.job_show": ("user", self.job_show),
             "admin.job_cancel": ("user", self.job_cancel),
+            "admin.job_retry": ("user", self.job_retry),
             "admin.client_list": ("user", self.client_list),
             "admin.grant_list": ("user", self.grant_list),
             "admin.schedule_list": ("user", self.schedule_list),
@@ -383,9 +384,14 @@ class RemoteMethods:
                 f"request_key {clip(request_key)} is not valid: 8 to 64 letters, digits, "
                 "'.', '_', ':' or '-', starting with a letter or digit (a UUID fits)"
             )
-        interpreter = spec.get("interpreter") or self.config.default_interpreter
-        if not isinstance(interpreter, str) or not interpreter.startswith("/"):
+        interpreter = spec.get("interpreter") or ""
+        if not isinstance(interpreter, str) or not (
+            interpreter == "" or interpreter.startswith("/")
+        ):
             raise InvalidArgument("the interpreter must be an absolute path")
+        if not interpreter and not script.startswith("#!"):
+            interpreter = self.config.default_interpreter
+        # Otherwise "": the agent runs the script by its shebang line.
         not_before = _time(spec.get("not_before"), "not_before")
         expires = _time(spec.get("expires"), "expires")
         if not_before and expires and expires <= not_before:
@@ -504,6 +510,16 @@ class RemoteMethods:
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         count = self.store.jobs.cancel(caller, _int(job_id, "job id", 1, 2**31 - 1))
         return {"job_id": job_id, "cancelled": count}
+
+    def job_retry(self, caller: Caller, job_id: Any, hosts: Any = None) -> dict[str, Any]:
+        """Re-queue a finished job's failed and timed-out hosts (``hosts``: only
+        these) as a new attempt; their agents are told there is work."""
+        if hosts is not None and not isinstance(hosts, list):
+            raise InvalidArgument("hosts must be a list of client names")
+        names = [check_name(h, "client") for h in hosts or []]
+        result = self.store.jobs.retry(caller, _int(job_id, "job id", 1, 2**31 - 1), names)
+        self.work_due.announce(result.retried)
+        return {"job_id": result.job_id, "retried": result.retried, "refused": result.refused}
 
     # --- admin: schedules ---------------------------------------------------------
 

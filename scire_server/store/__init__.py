@@ -37,6 +37,7 @@ from scire_server.store.records import (
     PollResult,
     PushTarget,
     Repairs,
+    RetryResult,
     ScheduleResult,
     SubmitResult,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "PollResult",
     "PushTarget",
     "Repairs",
+    "RetryResult",
     "ScheduleResult",
     "Store",
     "SubmitResult",

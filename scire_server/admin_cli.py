@@ -384,6 +384,7 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
                 "presence",
                 "mode",
                 "version",
+                "cert_expires",
                 "key_fingerprint",
             ],
         )
@@ -415,7 +416,29 @@ def client_presence(client: dict[str, Any]) -> dict[str, Any]:
         "presence": word,
         "mode": client.get("agent_mode"),
         "version": client.get("agent_version"),
+        "cert_expires": cert_expiry(
+            client.get("cert_not_after"), protocol.utc_now().replace(tzinfo=None)
+        ),
     }
+
+
+#: A client certificate this close to its end is flagged in the tables.
+CERT_EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+def cert_expiry(not_after: str | None, now: dt.datetime) -> str | None:
+    """A certificate's end as the tables show it: the day, flagged when it is
+    less than ``CERT_EXPIRY_WARNING`` away or past; None without a certificate
+    (or from a server that does not say)."""
+    if not not_after:
+        return None
+    end = protocol.parse_time(not_after)
+    day = f"{end:%Y-%m-%d}"
+    if end <= now:
+        return f"{day} (EXPIRED)"
+    if end - now < CERT_EXPIRY_WARNING:
+        return f"{day} (expires in < {CERT_EXPIRY_WARNING.days} days)"
+    return day
 
 
 def cmd_group(args: argparse.Namespace, proxy: Any) -> ExitCode:

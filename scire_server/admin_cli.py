@@ -815,12 +815,24 @@ def show_schedule(args: argparse.Namespace, detail: dict[str, Any]) -> None:
 
 
 def cmd_audit(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    events = call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit)
+    if not args.json:
+        events = [e | {"detail": one_line(e.get("detail"))} for e in events]
     show(
         args,
-        call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit),
+        events,
         ["at", "actor", "action", "job_id", "client", "old_state", "new_state", "detail"],
     )
     return ExitCode.OK
+
+
+def one_line(detail: str | None) -> str | None:
+    """An audit detail in a table row: its first line, saying how many more
+    there are (a ``retry`` row holds the previous attempt's output)."""
+    if detail is None or "\n" not in detail.rstrip("\n"):
+        return detail.rstrip("\n") if detail else detail
+    first, *more = detail.rstrip("\n").split("\n")
+    return f"{first} (+{len(more)} lines: --json shows them)"
 
 
 def cmd_server(args: argparse.Namespace, proxy: Any) -> ExitCode:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import Deployment
+from conftest import Deployment, wait_for
+
+from scire_server import admin_cli
 
 
 def failing_once(marker: str) -> str:
@@ -102,3 +104,33 @@ def test_retry_of_named_hosts_and_its_refusals(running: Deployment) -> None:
     alice = dep.add_user("alice")
     proc = dep.admin_run("job", "retry", str(job), bundle=alice)
     assert proc.returncode == 8
+
+
+def test_a_schedules_run_is_retried_like_a_job(running: Deployment) -> None:
+    dep = running
+    dep.enroll("web-1")
+    sid = dep.admin("job", "submit", "--host", "web-1", "--command", "exit 5", "--every", "2s")[
+        "schedule_id"
+    ]
+    runs = wait_for(
+        lambda: dep.admin("schedule", "show", str(sid))["runs"], 300, "the schedule's first run"
+    )
+    dep.admin("schedule", "pause", str(sid))
+    job = runs[0]["job_id"]
+    dep.run_agent("web-1")
+    assert dep.wait_job(job)["state"] == "failed"
+    assert dep.admin("job", "retry", str(job))["retried"] == ["web-1"]
+    dep.run_agent("web-1")
+    detail = dep.wait_job(job)
+    assert detail["schedule_id"] == sid
+    (assignment,) = detail["assignments"]
+    assert (assignment["state"], assignment["attempt"], assignment["exit_code"]) == ("failed", 2, 5)
+
+
+def test_the_audit_table_shows_a_retry_row_on_one_line() -> None:
+    detail = "attempt 1 failed; exit code 3; output:\nfirst try\nstill failing\n"
+    assert admin_cli.one_line(detail) == (
+        "attempt 1 failed; exit code 3; output: (+2 lines: --json shows them)"
+    )
+    assert admin_cli.one_line("cancelled by alice") == "cancelled by alice"
+    assert admin_cli.one_line(None) is None

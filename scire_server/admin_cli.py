@@ -584,6 +584,7 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
                 "presence",
                 "mode",
                 "version",
+                "cert_expires",
                 "key_fingerprint",
             ],
         )
@@ -615,7 +616,29 @@ def client_presence(client: dict[str, Any]) -> dict[str, Any]:
         "presence": word,
         "mode": client.get("agent_mode"),
         "version": client.get("agent_version"),
+        "cert_expires": cert_expiry(
+            client.get("cert_not_after"), protocol.utc_now().replace(tzinfo=None)
+        ),
     }
+
+
+#: A client certificate this close to its end is flagged in the tables.
+CERT_EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+def cert_expiry(not_after: str | None, now: dt.datetime) -> str | None:
+    """A certificate's end as the tables show it: the day, flagged when it is
+    less than ``CERT_EXPIRY_WARNING`` away or past; None without a certificate
+    (or from a server that does not say)."""
+    if not not_after:
+        return None
+    end = protocol.parse_time(not_after)
+    day = f"{end:%Y-%m-%d}"
+    if end <= now:
+        return f"{day} (EXPIRED)"
+    if end - now < CERT_EXPIRY_WARNING:
+        return f"{day} (expires in < {CERT_EXPIRY_WARNING.days} days)"
+    return day
 
 
 def cmd_group(args: argparse.Namespace, proxy: Any) -> ExitCode:
@@ -764,6 +787,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
         show_job(args, call(proxy, "admin.job_show", args.id))
     elif sub == "cancel":
         show(args, call(proxy, "admin.job_cancel", args.id))
+    elif sub == "retry":
+        return job_retry(args, proxy)
     elif sub == "wait":
         deadline = time.monotonic() + args.timeout
         while True:
@@ -783,6 +808,22 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
             exit_code=job_exit_code,
         )
     return ExitCode.OK
+
+
+def job_retry(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """``job retry``: the failed and timed-out hosts of a finished job run it again."""
+    answer = call(proxy, "admin.job_retry", args.id, args.host or [])
+    if args.json:
+        show(args, answer)
+    else:
+        print(
+            f"job {answer['job_id']} retried on {', '.join(answer['retried'])} "
+            "(previous attempt kept in: scire-admin audit --job "
+            f"{answer['job_id']})"
+        )
+    for why in answer["refused"]:
+        print(f"refused: {why}", file=sys.stderr if args.json else sys.stdout)
+    return ExitCode.TARGETS_REFUSED if answer["refused"] else ExitCode.OK
 
 
 def schedule_keys(args: argparse.Namespace) -> dict[str, Any]:
@@ -974,12 +1015,24 @@ def show_schedule(args: argparse.Namespace, detail: dict[str, Any]) -> None:
 
 
 def cmd_audit(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    events = call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit)
+    if not args.json:
+        events = [e | {"detail": one_line(e.get("detail"))} for e in events]
     show(
         args,
-        call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit),
+        events,
         ["at", "actor", "action", "job_id", "client", "old_state", "new_state", "detail"],
     )
     return ExitCode.OK
+
+
+def one_line(detail: str | None) -> str | None:
+    """An audit detail in a table row: its first line, saying how many more
+    there are (a ``retry`` row holds the previous attempt's output)."""
+    if detail is None or "\n" not in detail.rstrip("\n"):
+        return detail.rstrip("\n") if detail else detail
+    first, *more = detail.rstrip("\n").split("\n")
+    return f"{first} (+{len(more)} lines: --json shows them)"
 
 
 def cmd_server(args: argparse.Namespace, proxy: Any) -> ExitCode:
@@ -1479,7 +1532,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the privilege the job needs on each host (default run)",
     )
-    submit.add_argument("--interpreter", metavar="PATH", help="default /bin/sh")
+    submit.add_argument(
+        "--interpreter",
+        metavar="PATH",
+        help="default: the script's #! line, else /bin/sh (the server's default_interpreter)",
+    )
     submit.add_argument(
         "--not-before",
         type=iso_time,
@@ -1585,6 +1642,27 @@ def build_parser() -> argparse.ArgumentParser:
         _command(job, verb, summary, (summary, f"scire-admin job {verb} 12")).add_argument(
             "id", type=positive_int, metavar="ID", help="the job's id"
         )
+    jretry = _command(
+        job,
+        "retry",
+        "run a finished job again on its failed and timed-out hosts",
+        ("every host of job 12 that failed or timed out", "scire-admin job retry 12"),
+        (
+            "only web-17, then wait for it",
+            "scire-admin job retry 12 --host web-17 && scire-admin job wait 12",
+        ),
+        more="The same job, a new attempt on each retried host: the previous attempt's\n"
+        "state, exit code and output stay in the audit trail (scire-admin audit --job ID).\n"
+        "Refused (exit 1) while the job runs, after a cancel or its expiry, or when no\n"
+        "host failed. Exits 6 when some hosts were refused (client no longer accepted).",
+    )
+    jretry.add_argument("id", type=positive_int, metavar="ID", help="the job's id")
+    jretry.add_argument(
+        "--host",
+        action="append",
+        metavar="CLIENT",
+        help="retry only this host (repeat); default: every failed or timed-out host",
+    )
     jw = _command(
         job,
         "wait",

@@ -18,7 +18,7 @@ import re
 import secrets
 import xmlrpc.client
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -44,6 +44,7 @@ from scire_server.presence import LastSeen, is_online, parse_presence
 from scire_server.refusals import AnonymousRefusals
 from scire_server.states import JOB_SUMMARIES, ClientStatus
 from scire_server.store import Caller, Certificate, JobSpec, Store, utcnow
+from scire_server.store.assignments import APPLIED
 from scire_server.work_due import WorkDue
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,27 @@ def _ids(value: Any, what: str) -> list[int]:
     return value
 
 
+class DispatchObserver(Protocol):
+    """Hears what the agents' calls did (``monitoring.ServerMetrics`` counts it)."""
+
+    def polled(self, sent: int, denied: int) -> None: ...
+
+    def acknowledged(self, count: int) -> None: ...
+
+    def reported(self, state: str) -> None: ...
+
+
+class _Unobserved:
+    def polled(self, sent: int, denied: int) -> None:
+        pass
+
+    def acknowledged(self, count: int) -> None:
+        pass
+
+    def reported(self, state: str) -> None:
+        pass
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -129,14 +151,17 @@ class RemoteMethods:
         store: Store,
         work_due: WorkDue | None = None,
         on_presence_change: Callable[[str], None] | None = None,
+        observer: DispatchObserver | None = None,
     ) -> None:
         """``work_due`` hears of the clients a submission or a rerun gave work;
         ``on_presence_change`` is told the name of a client whose agent changed
-        its version, mode or callback (the pusher forgets where it listened)."""
+        its version, mode or callback (the pusher forgets where it listened);
+        ``observer`` of each poll, acknowledgement and applied report."""
         self.config = config
         self.store = store
         self.work_due = work_due or WorkDue()
         self.on_presence_change = on_presence_change
+        self.observer: DispatchObserver = observer or _Unobserved()
         self.last_seen = LastSeen()
         self.ca_cert = certs.load_cert(config.ca_cert_file.read_bytes())
         self.ca_key = certs.load_key(config.ca_key_file.read_bytes())
@@ -158,6 +183,7 @@ class RemoteMethods:
             "admin.job_list": ("user", self.job_list),
             "admin.job_show": ("user", self.job_show),
             "admin.job_cancel": ("user", self.job_cancel),
+            "admin.job_retry": ("user", self.job_retry),
             "admin.client_list": ("user", self.client_list),
             "admin.grant_list": ("user", self.grant_list),
             "admin.schedule_list": ("user", self.schedule_list),
@@ -333,6 +359,7 @@ class RemoteMethods:
                 self.on_presence_change(caller.name)
         if result.requeued:
             self.work_due.announce([caller.name])
+        self.observer.polled(len(result.deliveries), result.denied)
         # Rendered after the claim has committed: never under the write lock.
         return {
             "jobs": [documents.render_job(job) for job in result.deliveries],
@@ -348,7 +375,11 @@ class RemoteMethods:
             if not isinstance(item, dict) or not isinstance(item.get("delivery_id"), str):
                 raise InvalidArgument("each delivery needs job_id and delivery_id")
             pairs.append((_int(item.get("job_id"), "job_id", 1, 2**31 - 1), item["delivery_id"]))
-        return {"acknowledged": self.store.assignments.acknowledge(caller, pairs)}
+        acknowledged = self.store.assignments.acknowledge(caller, pairs)
+        # Kept ids include repeats of an acknowledgement already counted; close enough
+        # for a rate, and the assignment counts (scire_assignments) are exact.
+        self.observer.acknowledged(len(acknowledged))
+        return {"acknowledged": acknowledged}
 
     def report(self, caller: Caller, status_xml: Any) -> dict[str, Any]:
         if not isinstance(status_xml, str):
@@ -358,6 +389,8 @@ class RemoteMethods:
         except SchemaError as exc:
             raise from_schema_error(exc) from exc
         result = self.store.assignments.report(caller, report)
+        if result == APPLIED:
+            self.observer.reported(report.state)
         return {"job_id": report.job_id, "state": report.state, "result": result}
 
     # --- admin: jobs ------------------------------------------------------------
@@ -386,9 +419,14 @@ class RemoteMethods:
                 f"request_key {clip(request_key)} is not valid: 8 to 64 letters, digits, "
                 "'.', '_', ':' or '-', starting with a letter or digit (a UUID fits)"
             )
-        interpreter = spec.get("interpreter") or self.config.default_interpreter
-        if not isinstance(interpreter, str) or not interpreter.startswith("/"):
+        interpreter = spec.get("interpreter") or ""
+        if not isinstance(interpreter, str) or not (
+            interpreter == "" or interpreter.startswith("/")
+        ):
             raise InvalidArgument("the interpreter must be an absolute path")
+        if not interpreter and not script.startswith("#!"):
+            interpreter = self.config.default_interpreter
+        # Otherwise "": the agent runs the script by its shebang line.
         not_before = _time(spec.get("not_before"), "not_before")
         expires = _time(spec.get("expires"), "expires")
         if not_before and expires and expires <= not_before:
@@ -507,6 +545,16 @@ class RemoteMethods:
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         count = self.store.jobs.cancel(caller, _int(job_id, "job id", 1, 2**31 - 1))
         return {"job_id": job_id, "cancelled": count}
+
+    def job_retry(self, caller: Caller, job_id: Any, hosts: Any = None) -> dict[str, Any]:
+        """Re-queue a finished job's failed and timed-out hosts (``hosts``: only
+        these) as a new attempt; their agents are told there is work."""
+        if hosts is not None and not isinstance(hosts, list):
+            raise InvalidArgument("hosts must be a list of client names")
+        names = [check_name(h, "client") for h in hosts or []]
+        result = self.store.jobs.retry(caller, _int(job_id, "job id", 1, 2**31 - 1), names)
+        self.work_due.announce(result.retried)
+        return {"job_id": result.job_id, "retried": result.retried, "refused": result.refused}
 
     # --- admin: schedules ---------------------------------------------------------
 

@@ -175,7 +175,7 @@ def _serve(config: ServerConfig) -> int:
     # the sweep, schedule ticks and start-up announce on it; the pusher listens.
     work_due = WorkDue()
     pusher: Pusher | None = None
-    methods = RemoteMethods(config, db, work_due)
+    methods = RemoteMethods(config, db, work_due, observer=metrics)
     if config.push:
         pusher = Pusher.from_config(config, db, methods.last_seen)
         methods.on_presence_change = pusher.forget

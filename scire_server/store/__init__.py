@@ -47,6 +47,7 @@ from scire_server.store.records import (
     PollResult,
     PushTarget,
     Repairs,
+    RetryResult,
     ScheduleResult,
     SubmitResult,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "PollResult",
     "PushTarget",
     "Repairs",
+    "RetryResult",
     "ScheduleResult",
     "Store",
     "SqliteDaemonLock",

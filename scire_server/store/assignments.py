@@ -164,6 +164,7 @@ class Assignments:
                         not_before=job.not_before,
                         expires=job.expires_at,
                         rerun_on_agent_crash=job.rerun_on_agent_crash,
+                        retry_base=assignment.retry_base,
                     )
                 )
         return result
@@ -215,7 +216,10 @@ class Assignments:
             elif state in (State.ACKNOWLEDGED, State.RUNNING) and not claimed:
                 # The agent no longer has the job: its spool was lost or wiped.
                 gone = "agent no longer holds it"
-                if job.rerun_on_agent_crash and assignment.attempt < job.max_attempts:
+                if (
+                    job.rerun_on_agent_crash
+                    and assignment.attempt - assignment.retry_base < job.max_attempts
+                ):
                     if state == State.RUNNING:
                         self._server_move(session, assignment, State.LOST, client, gone, now)
                     self._server_move(

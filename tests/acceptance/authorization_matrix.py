@@ -67,6 +67,11 @@ MATRIX: dict[str, tuple[str, tuple[str, ...]]] = {
     "admin.job_list": ("user", USER),
     "admin.job_show": ("user", USER),
     "admin.job_cancel": ("user", USER),
+    # The matrix's job has not finished: job_retry refuses it (8, Conflict).
+    "admin.job_retry": (
+        "user",
+        _with(_with(USER, "user, not admin", "ok, fault 8"), "root admin", "ok, fault 8"),
+    ),
     "admin.client_list": ("user", USER),
     "admin.client_show": ("admin", ADMIN),
     "admin.client_accept": ("admin", ADMIN),

@@ -193,6 +193,7 @@ def _arguments(w: World) -> dict[str, Callable[[], tuple[Any, ...]]]:
         "admin.job_list": lambda: (50, ""),
         "admin.job_show": lambda: (w.user_job_id,),
         "admin.job_cancel": lambda: (w.user_job_id,),
+        "admin.job_retry": lambda: (w.user_job_id, []),
         "admin.client_list": lambda: (),
         "admin.client_show": lambda: (AGENT,),
         "admin.client_accept": lambda: ("victim-accept",),

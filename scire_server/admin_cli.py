@@ -597,10 +597,14 @@ def job_output(args: argparse.Namespace, proxy: Any) -> ExitCode:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     offset = 0
     attempt: int | None = None
+    printed = ""  # the last text printed: the output ends with a newline either way
     while True:
         part = call(proxy, "admin.job_output", args.id, args.host, offset)
         if attempt is not None and (part["attempt"] != attempt or part["start"] < offset):
-            _say_output(args, part, f"--- attempt {part['attempt']}: output from the start ---")
+            if not args.json:
+                print(
+                    f"\n--- attempt {part['attempt']}: output from the start ---", file=sys.stderr
+                )
         attempt = part["attempt"]
         if part["text"]:
             if args.json:
@@ -608,6 +612,7 @@ def job_output(args: argparse.Namespace, proxy: Any) -> ExitCode:
             else:
                 sys.stdout.write(part["text"])
                 sys.stdout.flush()
+            printed = part["text"]
         offset = part["length"]
         if part["final"] or not args.follow:
             break
@@ -622,7 +627,7 @@ def job_output(args: argparse.Namespace, proxy: Any) -> ExitCode:
     if args.json:
         if not part["text"]:
             show_line(part)
-    elif part["text"] and not part["text"].endswith("\n"):
+    elif printed and not printed.endswith("\n"):
         print()
     if part["truncated"] and not args.json:
         print(
@@ -636,12 +641,6 @@ def job_output(args: argparse.Namespace, proxy: Any) -> ExitCode:
         print(f"scire-admin: job {args.id} on {args.host}: {part['state']}{why}", file=sys.stderr)
         return ExitCode.HOSTS_FAILED
     return ExitCode.OK
-
-
-def _say_output(args: argparse.Namespace, part: dict[str, Any], note: str) -> None:
-    if args.json:
-        return
-    print(f"\n{note}", file=sys.stderr)
 
 
 def show_line(value: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scire_client import __version__, enroll, lock, runner
+from scire_client import __version__, enroll, lock, renewal, runner
 from scire_client.config import ClientConfig
 from scire_client.exceptions import (
     ConfigError,
@@ -65,8 +65,10 @@ def run(config: ClientConfig) -> int:
     setup = job_setup(config)
     with lock.hold(config.lock_file):
         enroll.ensure_enrolled(config)
+        renewal.finish_interrupted(config)
         transport = ServerTransport(config)
         try:
+            renewal.resume(config, transport)
             return Agent(config, transport, Spool(config.spool_dir), setup).run()
         finally:
             transport.close()
@@ -232,6 +234,8 @@ class Agent:
         self._sleep = sleep
         self._clock = clock
         self._last_contact = float("-inf")
+        #: Per running job: how much output the server has, and when it was last sent.
+        self._live_sent: dict[int, tuple[int, bool, float]] = {}
         #: What the agent says of itself with each poll (``presence`` in docs/PROTOCOL.md).
         self.presence = {"version": __version__, "mode": AgentMode.ONCE.value, "callback": ""}
 
@@ -434,7 +438,7 @@ class Agent:
             report = runner.wait_job(
                 run,
                 self.config.heartbeat_interval,
-                on_tick=lambda: self._tick(run.job_id),
+                on_tick=lambda: self._send_live_output(run) or self._tick(run.job_id),
                 clock=self._clock,
             )
             self._finished(run, report)
@@ -458,6 +462,8 @@ class Agent:
             if self._clock() >= next_tick:
                 next_tick = self._clock() + self.config.heartbeat_interval
                 self._heartbeat()
+                for run in runs:
+                    self._send_live_output(run)
                 for run in runs:
                     reason = self.spool.cancel_reason(run.job_id)
                     if reason is not None:
@@ -502,8 +508,37 @@ class Agent:
             return None
         return run
 
+    def _send_live_output(self, run: runner.JobRun) -> bool:
+        """Send a running job's output so far in a ``running`` report, at most once
+        per ``heartbeat_interval`` and only when there is more than the server has.
+        Best effort: the final report carries all of it anyway. Returns False (so
+        it chains before a tick with ``or``)."""
+        now = self._clock()
+        sent_length, sent_truncated, sent_at = self._live_sent.get(run.job_id, (0, False, -1e18))
+        if now - sent_at < self.config.heartbeat_interval:
+            return False
+        text, truncated = run.output_so_far()
+        if len(text) <= sent_length and truncated == sent_truncated:
+            return False
+        entry = self.spool.get(run.job_id)
+        if entry is None:
+            return False
+        report = status_report(
+            entry, ReportedState.RUNNING, started=run.started, output=text, truncated=truncated
+        )
+        try:
+            self.transport.report(documents.render_status(report))
+        except (TransportError, ServerFault) as exc:
+            log.warning("job %s (%s): live output not delivered: %s", run.job_id, run.doc.name, exc)
+            self._live_sent[run.job_id] = (sent_length, sent_truncated, now)
+            return False
+        self._live_sent[run.job_id] = (len(text), truncated, now)
+        log.debug("job %s (%s): %d characters of output sent", run.job_id, run.doc.name, len(text))
+        return False
+
     def _finished(self, run: runner.JobRun, report: StatusReport) -> None:
         """Journal a run's final report (it is delivered with the others)."""
+        self._live_sent.pop(run.job_id, None)
         if report.state == ReportedState.CANCELLED:
             reason = self.spool.cancel_reason(run.job_id) or report.reason
             report = dataclasses.replace(report, reason=reason)

@@ -23,6 +23,7 @@ from scire_schema import inifile, logformat
 SECTION = "client"
 POLL_BATCH = 10  # jobs asked for per poll
 ENROLL_WAIT = 0.0  # seconds to wait for an administrator to accept the request
+RENEW_BEFORE = 30.0  # days before expiry the daemon renews its certificate; 0 = never
 HEARTBEAT_INTERVAL = 15.0  # seconds between heartbeat polls while a job runs
 REPORT_RETRY_FOR = 60.0  # seconds a run keeps retrying undeliverable reports
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
@@ -128,6 +129,9 @@ class ClientConfig:
     listen: str = ""  # HOST:PORT of the poll_now listener; "" = none (the daemon only polls)
     advertise: str = ""  # HOST:PORT the server calls back; "" = listen's address
     pid_file: Path | None = None
+    renew_before: float = (
+        RENEW_BEFORE  # days: the daemon renews its certificate this close to expiry
+    )
     log_format: str = "text"  # text | json (one JSON object per line)
 
     @classmethod
@@ -190,6 +194,8 @@ class ClientConfig:
             raise ConfigError(f"max_parallel must be 1 to {MAX_PARALLEL_LIMIT}")
         if self.shutdown_grace < 0:
             raise ConfigError("shutdown_grace must not be negative")
+        if self.renew_before < 0:
+            raise ConfigError("renew_before must not be negative (days; 0 = never renew by itself)")
         self.listen = self.listen.strip()
         self.advertise = self.advertise.strip()
         if self.listen:

@@ -42,16 +42,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from scire_client import agent, enroll, lock, runner
+from scire_client import agent, enroll, lock, renewal, runner
 from scire_client.agent import REPORT_BACKOFF_START, Agent
 from scire_client.config import POLL_INTERVAL_MAX, POLL_INTERVAL_MIN, ClientConfig
-from scire_client.exceptions import RetryLater, ServerFault, TransportError
+from scire_client.exceptions import ConfigError, RetryLater, ServerFault, TransportError
 from scire_client.spool import Spool
 from scire_client.transport import ServerTransport
 from scire_client.wakeup import PollNowListener
 from scire_schema import failover
 from scire_schema.files import write_atomic
-from scire_schema.protocol import AgentMode
+from scire_schema.protocol import AgentMode, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,10 @@ def run(config: ClientConfig) -> int:
     setup = agent.job_setup(config)
     with lock.hold(config.lock_file):
         enroll.ensure_enrolled(config)
+        renewal.finish_interrupted(config)
         transport = ServerTransport(config)
         try:
+            renewal.resume(config, transport)
             with pid_file(config.pid_file):
                 return Daemon(config, transport, Spool(config.spool_dir), setup).serve()
         finally:
@@ -124,6 +126,8 @@ class Daemon(Agent):
         self._next_report_try = 0.0
         #: The last poll came back full: the server may hold more for us.
         self._backlog = False
+        self._listener: PollNowListener | None = None
+        self._next_renewal_check = 0.0  # at start, then daily
 
     def stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         """Ask the loop to stop (a signal handler: it only sets a flag)."""
@@ -138,6 +142,7 @@ class Daemon(Agent):
             if self.config.listen:
                 listener = PollNowListener(self.config, self.wake)
                 listener.start()
+                self._listener = listener
                 self.presence["callback"] = listener.callback
             log.info(
                 "%s: daemon started: poll every %g s, up to %d job(s) at once, %s",
@@ -163,6 +168,8 @@ class Daemon(Agent):
     # The loop.
 
     def _step(self) -> None:
+        if self._clock() >= self._next_renewal_check:
+            self._renew_if_due()
         now = self._clock()
         hinted = self.wake.is_set() and now - self._last_hinted_poll >= HINT_GAP
         heartbeat = bool(self._running) and (
@@ -185,6 +192,32 @@ class Daemon(Agent):
         self._start_runnable()
         self._try_reports()
         self._wait()
+
+    def _renew_if_due(self) -> None:
+        """Renew the certificate when it is within ``renew_before`` days of expiry;
+        checked again a day later, or an hour after a failed renewal."""
+        self._next_renewal_check = self._clock() + renewal.DAY
+        try:
+            if not renewal.due(self.config, utc_now()):
+                return
+            log.info(
+                "%s: certificate expires %s UTC, within renew_before (%g days): renewing",
+                self.config.name,
+                f"{renewal.expiry(self.config):%Y-%m-%d %H:%M}",
+                self.config.renew_before,
+            )
+            renewal.renew(self.config, self.transport)
+        except (TransportError, ServerFault, ConfigError, OSError) as exc:
+            self._next_renewal_check = self._clock() + renewal.RETRY_AFTER_FAILURE
+            log.error(
+                "%s: certificate renewal failed: %s; trying again in %g s",
+                self.config.name,
+                exc,
+                renewal.RETRY_AFTER_FAILURE,
+            )
+            return
+        if self._listener is not None:
+            self._listener.reload_certificate()
 
     def _poll_once(self, why: str) -> None:
         self.polls += 1
@@ -243,6 +276,8 @@ class Daemon(Agent):
                 del self._running[job_id]
                 self._finished(run, report)
                 self._next_report_try = 0.0  # a new report goes out at once
+            elif not self._stopping:
+                self._send_live_output(run)
 
     def _start_runnable(self) -> None:
         if self._stopping:

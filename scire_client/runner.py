@@ -34,6 +34,7 @@ end-of-file and exits without running anything.
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import json
 import logging
@@ -331,6 +332,19 @@ def read_output(path: Path, limit: int) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), truncated
 
 
+def read_live_output(path: Path, limit: int) -> tuple[str, bool]:
+    """``read_output`` for a job still writing: a UTF-8 sequence cut at the end
+    is held back (it is whole in the next read), not turned into U+FFFD."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit)
+            truncated = bool(fh.read(1))
+    except FileNotFoundError:
+        return "", False
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return decoder.decode(data, final=truncated), truncated
+
+
 def _boot_id() -> str | None:
     try:
         return _BOOT_ID.read_text().strip()
@@ -472,6 +486,11 @@ class JobRun:
         self._forced = (state, reason)
         self._signal(signal.SIGTERM)
         self._kill_at = self._clock() + self.kill_grace
+
+    def output_so_far(self) -> tuple[str, bool]:
+        """What the job has written up to now (at most its output limit), and
+        whether it wrote more than the limit."""
+        return read_live_output(self.entry_dir / OUTPUT_FILE, self.doc.output_limit)
 
     def kill(self) -> None:
         """SIGKILL the job's group at once (the agent goes down, or its grace ran out)."""

@@ -231,6 +231,18 @@ class ServerTransport:
             result=_field(answer, "result", str, "agent.report"),
         )
 
+    def renew_certificate(self, csr_pem: str) -> str:
+        """A certificate for the request's key, replacing ours (the PEM text)."""
+        method = "agent.renew_certificate"
+        answer = _expect(self._call(method, csr_pem), dict, method)
+        return _field(answer, "certificate", str, method)
+
+    def reload_identity(self, config: ClientConfig) -> None:
+        """Present the certificate now in ``config.cert_file`` from the next call
+        on (after a renewal); open connections, made with the old one, are closed."""
+        self._context = _default_context(config)
+        self.close()
+
     # Failover and error mapping.
 
     def _call(self, method: str, *args: Any) -> Any:

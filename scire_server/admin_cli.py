@@ -798,6 +798,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
             time.sleep(0.5)
         show_job(args, detail)
         return job_exit_code(detail, args.timeout)
+    elif sub == "output":
+        return job_output(args, proxy)
     elif sub == "watch":
         return job_watch.watch(
             args.id,
@@ -824,6 +826,90 @@ def job_retry(args: argparse.Namespace, proxy: Any) -> ExitCode:
     for why in answer["refused"]:
         print(f"refused: {why}", file=sys.stderr if args.json else sys.stdout)
     return ExitCode.TARGETS_REFUSED if answer["refused"] else ExitCode.OK
+
+
+#: Seconds between two asks of ``job output --follow``.
+FOLLOW_INTERVAL = 1.0
+
+
+def job_output(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """One host's output of a job; with ``--follow`` the new text as it comes,
+    until the host's assignment is final. Exits like ``job wait`` for that host."""
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    offset = 0
+    attempt: int | None = None
+    printed = ""  # the last text printed: the output ends with a newline either way
+    while True:
+        part = call(proxy, "admin.job_output", args.id, args.host, offset)
+        if attempt is not None and (part["attempt"] != attempt or part["start"] < offset):
+            if not args.json:
+                print(
+                    f"\n--- attempt {part['attempt']}: output from the start ---", file=sys.stderr
+                )
+        attempt = part["attempt"]
+        if part["text"]:
+            if args.json:
+                show_line(part)
+            else:
+                sys.stdout.write(part["text"])
+                sys.stdout.flush()
+            printed = part["text"]
+        offset = part["length"]
+        if part["final"] or not args.follow:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            print(
+                f"scire-admin: job {args.id} on {args.host} still {part['state']} "
+                f"after {args.timeout:g} s",
+                file=sys.stderr,
+            )
+            return ExitCode.NOT_FINISHED
+        time.sleep(FOLLOW_INTERVAL)
+    if args.json:
+        if not part["text"]:
+            show_line(part)
+    elif printed and not printed.endswith("\n"):
+        print()
+    if part["truncated"] and not args.json:
+        print(
+            f"scire-admin: the output of {args.host} was cut at the job's output limit",
+            file=sys.stderr,
+        )
+    if not part["final"]:
+        return ExitCode.NOT_FINISHED if args.follow else ExitCode.OK
+    if part["state"] != "succeeded":
+        why = f": {part['reason']}" if part["reason"] else ""
+        print(f"scire-admin: job {args.id} on {args.host}: {part['state']}{why}", file=sys.stderr)
+        return ExitCode.HOSTS_FAILED
+    return ExitCode.OK
+
+
+def show_line(value: dict[str, Any]) -> None:
+    """One JSON object on one line (a stream a script reads line by line)."""
+    print(json.dumps(value, default=str), flush=True)
+
+
+def cmd_cert(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """Renew the caller's own certificate: a new key and request, signed by the
+    server over this connection; the bundle is replaced in one atomic write."""
+    bundle = (admin_config(args).bundle or DEFAULT_BUNDLE).expanduser()
+    whoami = call(proxy, "admin.whoami")
+    key = certs.generate_key()
+    answer = call(proxy, "admin.renew_certificate", certs.make_csr(key, whoami["name"]).decode())
+    cert = certs.load_cert(answer["certificate"])
+    if not certs.same_key(cert.public_key(), key) or certs.common_name(cert) != whoami["name"]:
+        raise CLIError("the server answered a certificate for another key or name; bundle kept")
+    write_bundle(bundle, certs.key_to_pem(key), answer["certificate"], answer["ca"])
+    show(
+        args,
+        {
+            "name": answer["name"],
+            "bundle": str(bundle),
+            "fingerprint": answer["fingerprint"],
+            "expires": answer["expires"],
+        },
+    )
+    return ExitCode.OK
 
 
 def schedule_keys(args: argparse.Namespace) -> dict[str, Any]:
@@ -1681,6 +1767,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up after this long (default 300)",
     )
+    joutput = _command(
+        job,
+        "output",
+        "one host's output of a job, live while it runs",
+        ("what web-17 printed so far", "scire-admin job output 12 --host web-17"),
+        ("tail it until the job ends there", "scire-admin job output 12 --host web-17 --follow"),
+        more="While a job runs its agent sends the output so far every heartbeat_interval,\n"
+        "so --follow prints new text as it arrives (up to the job's output limit).\n"
+        "With --json, one object per new piece: text, state, final, truncated.\n"
+        "Exits like job wait for that host: 0 succeeded, 5 it did not, 7 --timeout\n"
+        "ran out (without --follow: 0 while it runs).",
+    )
+    joutput.add_argument("id", type=positive_int, metavar="ID", help="the job's id")
+    joutput.add_argument("--host", required=True, metavar="NAME", help="the host (client) name")
+    joutput.add_argument(
+        "-f", "--follow", action="store_true", help="print new output until the host has finished"
+    )
+    joutput.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="with --follow: give up after this long (default: never)",
+    )
     jwatch = _command(
         job,
         "watch",
@@ -1697,6 +1806,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_seconds,
         metavar="SECONDS",
         help="give up after this long (default: never)",
+    )
+
+    cert = _area(
+        sub,
+        "cert",
+        "your own certificate",
+        ("a new certificate for your bundle", "scire-admin cert renew"),
+    )
+    _command(
+        cert,
+        "renew",
+        "replace your certificate: a new key, signed by the server, written to your bundle",
+        ("renew the bundle in use", "scire-admin cert renew"),
+        ("renew another bundle", "scire-admin --bundle ~/alice.pem cert renew"),
+        more="The new certificate works at once; the old one is refused from then on\n"
+        "(docs/SECURITY.md, Renewal). The bundle is replaced in one atomic write.",
     )
 
     schedule = _area(
@@ -1765,6 +1890,7 @@ ONLINE = {
     "schedule": cmd_schedule,
     "audit": cmd_audit,
     "server": cmd_server,
+    "cert": cmd_cert,
 }
 OFFLINE = {
     "init": cmd_init,

@@ -42,7 +42,7 @@ from scire_server.exceptions import (
 )
 from scire_server.presence import LastSeen, is_online, parse_presence
 from scire_server.refusals import AnonymousRefusals
-from scire_server.states import JOB_SUMMARIES, ClientStatus
+from scire_server.states import FINAL, JOB_SUMMARIES, ClientStatus
 from scire_server.store import Caller, Certificate, JobSpec, Store, utcnow
 from scire_server.store.assignments import APPLIED
 from scire_server.work_due import WorkDue
@@ -58,6 +58,7 @@ MAX_SCRIPT_BYTES = 1024 * 1024
 # byte that is not UTF-8, then base64): 2 MiB keeps it and the XML-RPC envelope
 # under their caps.
 MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
+FINAL_STATES = frozenset(state.value for state in FINAL)
 #: Keys of ``job_submit`` that only a schedule (``at``, ``every``, ``cron``) takes.
 SCHEDULE_ONLY_KEYS = ("timezone", "catch_up", "allow_overlap")
 
@@ -178,12 +179,15 @@ class RemoteMethods:
             "agent.poll": ("agent", self.poll),
             "agent.acknowledge": ("agent", self.acknowledge),
             "agent.report": ("agent", self.report),
+            "agent.renew_certificate": ("agent", self.renew_certificate),
             "admin.whoami": ("user", self.whoami),
+            "admin.renew_certificate": ("user", self.renew_certificate),
             "admin.job_submit": ("user", self.job_submit),
             "admin.job_list": ("user", self.job_list),
             "admin.job_show": ("user", self.job_show),
             "admin.job_cancel": ("user", self.job_cancel),
             "admin.job_retry": ("user", self.job_retry),
+            "admin.job_output": ("user", self.job_output),
             "admin.client_list": ("user", self.client_list),
             "admin.grant_list": ("user", self.grant_list),
             "admin.schedule_list": ("user", self.schedule_list),
@@ -393,6 +397,51 @@ class RemoteMethods:
             self.observer.reported(report.state)
         return {"job_id": report.job_id, "state": report.state, "result": result}
 
+    # --- agent and user: renewal ------------------------------------------------
+
+    def renew_certificate(self, caller: Caller, csr_pem: Any) -> dict[str, Any]:
+        """A new certificate for the caller's own name and the request's key,
+        replacing the one the call came with (docs/SECURITY.md, "Renewal")."""
+        if not isinstance(csr_pem, str):
+            raise InvalidArgument("csr_pem must be a PEM string")
+        try:
+            csr = certs.load_csr(csr_pem)
+        except SchemaError as exc:
+            raise from_schema_error(exc) from exc
+        if certs.common_name(csr) != caller.name:
+            raise InvalidArgument(
+                f"the request's common name {clip(certs.common_name(csr))} is not "
+                f"{caller.name!r}: a certificate is renewed only for its own holder"
+            )
+        role = ca.ROLE_CLIENT if caller.kind == "client" else ca.ROLE_USER
+        try:
+            cert = ca.sign_csr(self.ca_key, self.ca_cert, csr_pem, caller.name, role)
+        except SchemaError as exc:
+            raise from_schema_error(exc) from exc
+        cert_pem = certs.cert_to_pem(cert).decode()
+        fingerprint = certs.fingerprint(cert)
+        replaced = self.store.directory.renew_certificate(
+            caller, Certificate(csr_pem, cert_pem, fingerprint), certs.key_fingerprint(csr)
+        )
+        expires = cert.not_valid_after_utc
+        log.info(
+            "%s: certificate renewed: %s replaces %s, valid until %s",
+            caller.actor,
+            fingerprint,
+            replaced,
+            protocol.format_time(expires),
+        )
+        if caller.kind == "client" and self.on_presence_change is not None:
+            # The pusher pins the fingerprint on record: it must not keep the old one.
+            self.on_presence_change(caller.name)
+        return {
+            "name": caller.name,
+            "certificate": cert_pem,
+            "ca": self.ca_pem,
+            "fingerprint": fingerprint,
+            "expires": protocol.format_time(expires),
+        }
+
     # --- admin: jobs ------------------------------------------------------------
 
     def whoami(self, caller: Caller) -> dict[str, Any]:
@@ -541,6 +590,36 @@ class RemoteMethods:
             if assignment.get("output") is not None:
                 assignment["output"] = documents.xml_safe(assignment["output"])
         return detail
+
+    def job_output(self, caller: Caller, job_id: Any, host: Any, offset: Any = 0) -> dict[str, Any]:
+        """The output one host has sent for a job, from character ``offset`` on:
+        live while it runs, final once it ended. ``start`` is where ``text``
+        begins: 0 rather than ``offset`` when the stored output is shorter than
+        ``offset`` (a new attempt began again), so a follower starts over."""
+        job_id = _int(job_id, "job id", 1, 2**31 - 1)
+        host = check_name(host, "host")
+        offset = _int(offset, "offset", 0, 2**31 - 1)
+        detail = self.store.jobs.detail(caller, job_id)
+        for assignment in detail["assignments"]:
+            if assignment["client"] == host:
+                break
+        else:
+            raise NotFound(f"job {job_id} has no host {host}", job_id=job_id)
+        output = assignment.get("output") or ""
+        start = offset if offset <= len(output) else 0
+        return {
+            "job_id": job_id,
+            "client": host,
+            "state": assignment["state"],
+            "final": assignment["state"] in FINAL_STATES,
+            "attempt": assignment["attempt"],
+            "exit_code": assignment["exit_code"],
+            "reason": assignment["reason"],
+            "start": start,
+            "length": len(output),
+            "text": documents.xml_safe(output[start:]),
+            "truncated": bool(assignment.get("output_truncated")),
+        }
 
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         count = self.store.jobs.cancel(caller, _int(job_id, "job id", 1, 2**31 - 1))

@@ -148,6 +148,46 @@ class Directory:
             user.status = UserStatus.REVOKED.value
             self.audit.write(session, by, "user_revoke", detail=f"user {name}")
 
+    # --- renewal --------------------------------------------------------------
+
+    def renew_certificate(
+        self, caller: Caller, certificate: Certificate, key_fingerprint: str
+    ) -> str:
+        """Make ``certificate`` the caller's one certificate from now on: the
+        fingerprint on record (what identifies the caller, and what the pusher
+        pins) becomes its, so the certificate the call came with is refused from
+        the next call on. A client's request and certificate are kept too, so an
+        agent that lost the answer fetches it with ``agent.fetch_certificate``.
+        Refused when the caller was revoked since it was identified. Returns the
+        fingerprint replaced."""
+        with self.db.tx() as session:
+            row: Client | User | None
+            if caller.kind == "client":
+                row = session.get(Client, caller.id)
+                usable = row is not None and row.status == ClientStatus.ACCEPTED
+            else:
+                row = session.get(User, caller.id)
+                usable = row is not None and row.status == UserStatus.ACTIVE
+            if row is None or not usable:
+                raise Conflict(
+                    f"{caller.actor} was revoked or deleted while the certificate was "
+                    "signed; nothing was renewed"
+                )
+            old_fingerprint = row.fingerprint or ""
+            row.fingerprint = certificate.fingerprint
+            if isinstance(row, Client):
+                row.csr_pem = certificate.csr_pem
+                row.cert_pem = certificate.cert_pem
+                row.key_fingerprint = key_fingerprint
+            self.audit.write(
+                session,
+                caller.actor,
+                "certificate_renew",
+                client=caller.name if caller.kind == "client" else None,
+                detail=f"certificate {old_fingerprint} replaced by {certificate.fingerprint}",
+            )
+        return old_fingerprint
+
     # --- clients and enrollment -----------------------------------------------
 
     def add_token(self, token_hash: str, ttl: int, uses: int, by: str) -> dt.datetime:

@@ -203,6 +203,17 @@ def run_with(tmp_path: Path, doc: JobDocument, on_started: object) -> StatusRepo
     )
 
 
+def test_live_output_holds_back_a_cut_utf8_sequence(tmp_path: Path) -> None:
+    path = tmp_path / "output"
+    path.write_bytes(b"ok \xc3")  # the first byte of "é": the rest is not written yet
+    assert runner.read_live_output(path, 100) == ("ok ", False)
+    path.write_bytes("ok é".encode())
+    assert runner.read_live_output(path, 100) == ("ok é", False)
+    # Over the limit: the cap holds, marked truncated, and a cut sequence shows as U+FFFD.
+    assert runner.read_live_output(path, 4) == ("ok \ufffd", True)
+    assert runner.read_live_output(tmp_path / "none", 10) == ("", False)
+
+
 def test_read_output_of_a_missing_file(tmp_path: Path) -> None:
     assert runner.read_output(tmp_path / "none", 10) == ("", False)
     assert os.path.exists(tmp_path)

@@ -1,0 +1,165 @@
+"""The failover pair under load: two server daemons on one PostgreSQL primary
+with a synchronous standby, 22 agents (12 daemon-mode, 10 normal-mode) given
+both URLs, 440 assignments in flight per test, and one fault per test: a
+daemon killed, the database restarted, every daemon down for a while, the
+primary killed and the standby promoted. After each, every job ran exactly
+once and reached one final state (``FaultRig.check``).
+
+One deployment serves the whole module (enrolling 22 agents and building the
+replicated database are the expensive part); each test starts from both
+daemons up and the agents stopped, submits its own jobs, and empties the run
+logs after its check. The promotion test comes last: it leaves the standby
+as the only database.
+
+The dead daemon's leases come back when their ack deadline runs out
+(``--ack-timeout 4``): written against that; a faster takeover only makes
+these tests quicker.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Deployment, wait_for
+from fault.harness import MARK, FaultRig, ManualAgent
+from pgnodes import ReplicatedPair
+
+DAEMON_HOSTS = tuple(f"d{i:02}" for i in range(12))
+NORMAL_HOSTS = tuple(f"n{i:02}" for i in range(10))
+HOSTS = DAEMON_HOSTS + NORMAL_HOSTS
+JOBS = 20  # each for every host: 440 assignments
+SERVER_OPTIONS = ("--ack-timeout", "4", "--sweep-interval", "1", "--lost-after", "60")
+#: The marker, and a little work so that jobs are still running when the fault hits.
+SCRIPT = f"{MARK}; sleep 0.2"
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[ReplicatedPair]:
+    pair = ReplicatedPair()
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+@pytest.fixture(scope="module")
+def pair(
+    database: ReplicatedPair, tmp_path_factory: pytest.TempPathFactory, xprocess: Any
+) -> Iterator[FaultRig]:
+    dep = Deployment(tmp_path_factory.mktemp("pair"), xprocess, database.url)
+    rig = FaultRig(
+        dep,
+        HOSTS,
+        {"poll_batch": "10", "connect_timeout": "2"},
+        daemon_hosts=DAEMON_HOSTS,
+    )
+    # Daemon-mode agents poll as often as the server suggests: quickly here,
+    # so that they notice a dead daemon (and its return) within seconds.
+    config = dep.root / "server.ini"
+    config.write_text("[server]\npoll_interval = 2\n")
+    options = ("-c", str(config), *SERVER_OPTIONS)
+    try:
+        rig.start_server(*options, name="a")
+        rig.start_server(*options, name="b")
+        rig.enroll_all()
+        yield rig
+    finally:
+        rig.close()
+
+
+@pytest.fixture
+def rig(pair: FaultRig) -> Iterator[FaultRig]:
+    """The module's pair with both daemons up; the agents stopped afterwards."""
+    pair.reset_admin()  # the daemons may have closed an idle connection
+    for name in pair.daemons:
+        if not pair.server_running(name):
+            pair.restart_server(name)
+    try:
+        yield pair
+    finally:
+        pair.stop_agents()
+
+
+def _run_with_fault(rig: FaultRig, fault: Any, at: float = 0.3) -> list[int]:
+    """Submit the load, start every agent, apply ``fault`` once ``at`` of it
+    ran, wait until every assignment is final; the job ids, checked."""
+    jobs = rig.submit_many(JOBS, script=SCRIPT)
+    total = JOBS * len(rig.hosts)
+    rig.start_agents()
+    rig.wait_lines(total * at, timeout=120)
+    fault()
+    wait_for(lambda: rig.all_final(jobs), 180, "every assignment to be final", step=0.5)
+    rig.stop_agents()
+    tally = rig.check(jobs)
+    print(f"\n{tally.line(rig.kills)}")
+    assert tally.assignments == total
+    assert tally.states == {"succeeded": total}
+    assert tally.runs == total and tally.lost == 0 and tally.duplicates == 0
+    rig.forget_runs()
+    return jobs
+
+
+def test_a_daemon_killed_mid_run(rig: FaultRig) -> None:
+    """kill -9 of daemon a: the agents move to b, a's unacknowledged leases come
+    back, nothing is lost or run twice; a, restarted, serves again."""
+
+    def kill_a() -> None:
+        assert rig.kill_server("a", signal.SIGKILL) == -signal.SIGKILL
+
+    _run_with_fault(rig, kill_a)
+    moved = [h for h in DAEMON_HOSTS if "failing over to server" in rig.agent_log(h)]
+    assert moved, "no daemon-mode agent failed over"
+    rig.restart_server("a")
+    assert "recovery of " in rig.server_log("a")
+    # a answers agents again: an agent's poll through it (nothing is due).
+    with ManualAgent(rig.dep, HOSTS[0]) as agent:
+        assert agent.poll()["jobs"] == []
+    # And it takes work: a job submitted through it runs.
+    job = rig.submit([NORMAL_HOSTS[0]])
+    assert rig.run_agent(NORMAL_HOSTS[0]) == 0
+    assert rig.states([job]) == {"succeeded": 1}
+    rig.forget_runs()
+
+
+def test_postgres_restarted_mid_run(rig: FaultRig, database: ReplicatedPair) -> None:
+    """The primary stopped at once (crash recovery at start) and started again:
+    the daemons reconnect, nothing is lost."""
+    _run_with_fault(rig, database.primary.restart)
+    wait_for(database.synchronous, 60, "the standby to catch up again")
+
+
+def test_every_daemon_down_for_a_while(rig: FaultRig) -> None:
+    """Both daemons killed: the agents finish what they hold, keep its reports
+    in the spool, retry, and deliver them once the daemons are back."""
+
+    def outage() -> None:
+        for name in ("a", "b"):
+            rig.kill_server(name, signal.SIGKILL)
+        # A while: until every daemon-mode agent has seen its polls fail, and
+        # normal-mode runs have failed to reach either server.
+        wait_for(
+            lambda: all("poll failed" in rig.agent_log(h) for h in DAEMON_HOSTS),
+            60,
+            "every daemon-mode agent to notice the outage",
+        )
+        for host in NORMAL_HOSTS[:2]:
+            assert rig.run_agent(host) != 0
+        spooled = [h for h in HOSTS if any((rig.dep.agent_dir(h) / "spool").glob("*/report*"))]
+        print(f"\nagents with undelivered reports during the outage: {len(spooled)}")
+        for name in ("a", "b"):
+            rig.restart_server(name)
+
+    _run_with_fault(rig, outage)
+
+
+def test_database_failover_to_the_standby(rig: FaultRig, database: ReplicatedPair) -> None:
+    """kill -9 of the primary's postmaster, promotion of the synchronous
+    standby: the daemons find it through the multi-host URL and carry on; no
+    acknowledged job or report is lost."""
+    _run_with_fault(rig, database.fail_over)
+    assert not database.primary.pid()
+    (row,) = database.standby.sql("SELECT count(*) FROM jobs", dbname="scire")
+    assert int(str(row[0])) >= 2 * JOBS

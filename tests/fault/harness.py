@@ -61,7 +61,7 @@ FAST_AGENT = {
 }
 #: What daemon-mode agents get on top: a quick poll (the lowest allowed) and a
 #: listener, so that a submission pushes them.
-FAST_DAEMON = {"poll_interval": "1", "poll_jitter": "0.3", "max_parallel": "4"}
+FAST_DAEMON = {"poll_interval": "1", "poll_jitter": "0.3", "max_parallel": "10"}
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.S)
 
 
@@ -288,32 +288,34 @@ class FaultRig:
         config = str(self.config_file(host))
         return self.dep.agent_args(host, "-c", config, command, servers=self.urls)
 
-    def start_agent_daemon(self, host: str) -> subprocess.Popen[str]:
-        """``scire-client daemon`` for ``host`` (one of ``daemon_hosts``), logging
-        to agent.log; it runs until ``stop_agents``."""
-        assert host in self.daemon_hosts, f"{host} is not a daemon-mode agent"
-        log_path = self.dep.agent_dir(host) / "agent.log"
-        mark = log_path.stat().st_size if log_path.exists() else 0
-        cmd = self.agent_cmd(host, "daemon")
-        with open(log_path, "a", encoding="utf-8") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        self.agent_daemons[host] = proc
+    def start_agent_daemons(self, hosts: Sequence[str] | None = None) -> None:
+        """``scire-client daemon`` for each of ``hosts`` (default every one of
+        ``daemon_hosts``), logging to agent.log; they run until ``stop_agents``."""
+        marks: dict[str, int] = {}
+        for host in hosts or self.daemon_hosts:
+            assert host in self.daemon_hosts, f"{host} is not a daemon-mode agent"
+            log_path = self.dep.agent_dir(host) / "agent.log"
+            marks[host] = log_path.stat().st_size if log_path.exists() else 0
+            cmd = self.agent_cmd(host, "daemon")
+            with open(log_path, "a", encoding="utf-8") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+            self.agent_daemons[host] = proc
 
         def started() -> bool:
-            with open(log_path, "rb") as fh:
-                fh.seek(mark)
-                return b"daemon started" in fh.read()
+            for host, mark in marks.items():
+                with open(self.dep.agent_dir(host) / "agent.log", "rb") as fh:
+                    fh.seek(mark)
+                    if b"daemon started" not in fh.read():
+                        return False
+            return True
 
-        wait_for(started, 60, f"the daemon of {host} to start")
-        return proc
+        wait_for(started, 60, f"the daemons of {', '.join(marks)} to start")
 
     def start_agents(self, pause: float = 0.5) -> None:
         """Every agent at work until ``stop_agents``: the daemon-mode ones as
         daemons, each normal-mode one as ``scire-client run`` again and again
         (``pause`` seconds apart), the way cron runs it."""
         self._stop_loops.clear()
-        for host in self.daemon_hosts:
-            self.start_agent_daemon(host)
 
         def loop(host: str) -> None:
             while not self._stop_loops.is_set():
@@ -325,6 +327,7 @@ class FaultRig:
                 thread = threading.Thread(target=loop, args=(host,), name=f"agent-{host}")
                 thread.start()
                 self._loops.append(thread)
+        self.start_agent_daemons()
 
     def stop_agents(self) -> None:
         """Stop the normal-mode loops (each finishes its run) and the daemons (SIGTERM)."""

@@ -1,0 +1,75 @@
+"""``scripts/pair``: up in one command, a job through it, a daemon killed and
+the job after it served by the other, ``down`` that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import _exe, wait_for
+
+PAIR = Path(__file__).resolve().parents[2] / "scripts" / "pair"
+
+
+def pair(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PAIR), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def admin(root: Path, *args: str, server: str | None = None) -> dict[str, object]:
+    where = ["--server", server] if server else []
+    proc = subprocess.run(
+        [_exe("scire-admin"), "-c", str(root / "admin.ini"), *where, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def run_job(root: Path, host: str, text: str, server: str | None = None) -> str:
+    job = admin(root, "job", "submit", "--host", host, "--command", f"echo {text}", server=server)
+    done = admin(root, "job", "wait", str(job["job_id"]), "--timeout", "60", server=server)
+    (assignment,) = done["assignments"]  # type: ignore[misc]
+    assert assignment["state"] == "succeeded", done
+    return str(job["job_id"])
+
+
+def test_pair_up_serves_survives_a_daemon_and_comes_down(tmp_path: Path) -> None:
+    root = tmp_path / "pair"
+    up = pair("up", "--dir", str(root), "--agents", "2", "--daemon-agents", "1")
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((root / "pair.json").read_text())
+        a, b = state["daemons"]["a"]["url"], state["daemons"]["b"]["url"]
+        assert a in up.stdout and b in up.stdout and "job submit" in up.stdout
+        # The database password is in the daemons' config files only.
+        config = (root / "a" / "server.ini").read_text()
+        password = config.split("scire:", 1)[1].split("@", 1)[0]
+        assert password and password not in up.stdout + up.stderr
+        assert (root / "a" / "server.ini").stat().st_mode & 0o077 == 0
+        # Two certificates from one CA.
+        assert (root / "a" / "ca.pem").read_bytes() == (root / "b" / "ca.pem").read_bytes()
+        assert (root / "a" / "server.pem").read_bytes() != (root / "b" / "server.pem").read_bytes()
+        servers = admin(root, "server", "list")
+        assert servers
+        status = pair("status", "--dir", str(root))
+        assert status.returncode == 0 and status.stdout.count("running") >= 3, status.stdout
+
+        run_job(root, "pair-agent-1", "first")  # the daemon-mode agent
+        # kill -9 of daemon a: the daemon-mode agent's next job comes through b.
+        os.kill(state["daemons"]["a"]["pid"], signal.SIGKILL)
+        wait_for(lambda: "dead" in pair("status", "--dir", str(root)).stdout, 30, "a to be dead")
+        run_job(root, "pair-agent-1", "after-the-kill", server=b)
+    finally:
+        down = pair("down", "--dir", str(root))
+    assert down.returncode == 0, down.stderr
+    assert not root.exists()
+    again = pair("down", "--dir", str(root))
+    assert again.returncode == 1 and "no pair" in again.stderr

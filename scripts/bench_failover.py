@@ -6,14 +6,16 @@ Stands a pair up with ``scripts/pair up --replicated`` (PostgreSQL primary and
 synchronous standby, two daemons on the multi-host URL, A daemon-mode agents
 with both URLs), then, with LOAD marker jobs for every agent in flight:
 
-* daemon drill (ROUNDS times): ``kill -9`` of daemon a; a probe job is
-  submitted through b at once; measured: kill -> the probe's first
-  assignment ``succeeded`` (an agent moved to b, ran it, reported). Daemon a
-  is started again before the next round.
-* database drill (once): ``kill -9`` of the primary's postmaster, then
-  ``pg_ctl promote`` of the standby; a probe job is submitted (retried until
-  a daemon takes it); measured: kill -> the probe's first assignment
-  succeeded, and kill -> promotion done.
+* daemon drill (ROUNDS times): ``kill -9`` of daemon a with the load in
+  flight (b finishes it; lost and twice counted); a started again; then
+  ``kill -9`` of b, which the agents moved to, and a probe job submitted
+  through a at once; measured: kill -> the probe's first assignment
+  ``succeeded`` (an agent moved back to a, ran it, reported). b is started
+  again before the next round.
+* database drill (once): ``kill -9`` of the primary's postmaster with the
+  load in flight, then ``pg_ctl promote`` of the standby; measured: kill ->
+  the first assignment that succeeds after it (a success is a commit, so it
+  needs the new primary), and kill -> promotion done.
 
 After each drill every assignment must be final; ``lost`` counts assignments
 not final or succeeded without a run, ``twice`` runs beyond one per
@@ -144,20 +146,36 @@ class Drill:
             time.sleep(0.05)
 
     def daemon_round(self, load: int, n: int) -> tuple[float, int, int]:
-        jobs = self.load("a", load, f"daemon-{n}")
+        """Two kills. First the daemon the agents use, with LOAD jobs in
+        flight: the other finishes them (lost, twice). Then, idle, the daemon
+        they moved to: a probe through the restarted first one, timed from
+        the kill to its first success (no queue of load jobs in front of it)."""
+        victim, other = "a", "b"
+        jobs = self.load(victim, load, f"daemon-{n}")
         time.sleep(0.5)  # some of the load taken by the agents, some not yet
-        os.kill(self.state["daemons"]["a"]["pid"], signal.SIGKILL)
+        os.kill(self.state["daemons"][victim]["pid"], signal.SIGKILL)
+        self.wait(other, jobs)
+        lost, twice = self.tally(other, jobs)
+        self.restart_daemon(victim)
+        os.kill(self.state["daemons"][other]["pid"], signal.SIGKILL)
         start = time.monotonic()
-        probe = self.submit("b", f"probe-daemon-{n}")
-        served = self.first_success("b", probe, start)
-        self.wait("b", [*jobs, probe])
-        lost, twice = self.tally("b", [*jobs, probe])
-        self.restart_daemon("a")
-        return served, lost, twice
+        probe = self.submit(victim, f"probe-daemon-{n}")
+        served = self.first_success(victim, probe, start)
+        self.wait(victim, [probe])
+        probe_lost, probe_twice = self.tally(victim, [probe])
+        self.restart_daemon(other)
+        return served, lost + probe_lost, twice + probe_twice
+
+    def succeeded(self, daemon: str, job_ids: list[int]) -> int:
+        return sum(self.states(daemon, j).count("succeeded") for j in job_ids)
 
     def database_round(self, load: int) -> tuple[float, float, int, int]:
+        """``kill -9`` of the primary with the load in flight, promotion of the
+        standby; timed from the kill to the first assignment that succeeds
+        after it (every success needs a commit, so the new primary)."""
         jobs = self.load("a", load, "database")
         time.sleep(0.5)
+        before = self.succeeded("a", jobs)
         pg = self.root / "pg"
         primary_pid = int((pg / "primary" / "postmaster.pid").read_text().split()[0])
         os.kill(primary_pid, signal.SIGKILL)
@@ -165,10 +183,13 @@ class Drill:
         promote = [self.pair._pg("pg_ctl"), "-D", str(pg / "standby"), "-w", "promote"]
         self.pair.run([*self.pair.as_postgres(), *promote], "pg_ctl promote")
         promoted = time.monotonic() - start
-        probe = self.submit("a", "probe-database")
-        served = self.first_success("a", probe, start)
-        self.wait("a", [*jobs, probe])
-        lost, twice = self.tally("a", [*jobs, probe])
+        while self.succeeded("a", jobs) <= before:
+            if time.monotonic() - start > 300:
+                raise SystemExit("no job succeeded within 300 s of the primary's kill")
+            time.sleep(0.01)
+        served = time.monotonic() - start
+        self.wait("a", jobs)
+        lost, twice = self.tally("a", jobs)
         return promoted, served, lost, twice
 
     def close(self) -> None:
@@ -176,7 +197,11 @@ class Drill:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    load = os.getloadavg()[1]  # the machine may be shared: its 5-minute load at the end
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load {load:.1f}"
+    )
 
 
 def main() -> int:
@@ -186,15 +211,18 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="daemon drills (default 3)")
     p.add_argument("--write", action="store_true", help="append the table to docs/BENCHMARKS.md")
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="scire-drill-")) / "pair"
+    top = Path(tempfile.mkdtemp(prefix="scire-drill-"))
+    os.chmod(top, 0o755)  # the postgres user reaches the database below it
+    root = top / "pair"
     drill = Drill(load_pair(), root, args.agents)
     try:
         daemon = [drill.daemon_round(args.load, n) for n in range(args.rounds)]
         promoted, db_served, db_lost, db_twice = drill.database_round(args.load)
     finally:
         drill.close()
+        top.rmdir()
     served = [d[0] for d in daemon]
-    assignments = (args.load + 1) * args.agents
+    assignments = args.load * args.agents
     rows = [
         "| date | drill | agents | assignments per drill | kill -> first job served "
         "| jobs lost | run twice | machine |",
@@ -215,10 +243,12 @@ def main() -> int:
             "\n## Failover drill (issue 9)\n\n"
             "`scripts/bench_failover.py`: `scripts/pair up --replicated` (PostgreSQL primary and "
             "synchronous standby, two daemons on the multi-host URL, daemon-mode agents with "
-            "both URLs), marker jobs for every agent in flight, then `kill -9` of a daemon "
-            "(a probe submitted through the other at once), and `kill -9` of the primary's "
-            "postmaster with `pg_ctl promote` of the standby (a probe submitted as soon as a "
-            "daemon takes it). Timed from the kill to the probe's first assignment succeeded; "
+            "both URLs), marker jobs for every agent in flight, then `kill -9` of the daemon the "
+            "agents use (the other finishes the load), and `kill -9` of the other, idle, with a "
+            "probe submitted through the first at once (timed from the kill to the probe's "
+            "first success); and `kill -9` of the primary's postmaster with the load in flight "
+            "and `pg_ctl promote` of the standby (timed from the kill to the first assignment "
+            "that succeeds after it); "
             "lost and twice from the final states and the agents' run logs.\n\n"
             f"{table}\n\nCommand: `{command} --write`\n"
         )

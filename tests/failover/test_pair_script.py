@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import _exe, wait_for
 
 PAIR = Path(__file__).resolve().parents[2] / "scripts" / "pair"
@@ -41,8 +45,24 @@ def run_job(root: Path, host: str, text: str, server: str | None = None) -> str:
     return str(job["job_id"])
 
 
-def test_pair_up_serves_survives_a_daemon_and_comes_down(tmp_path: Path) -> None:
-    root = tmp_path / "pair"
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A directory the postgres user can enter (pytest's own are private)."""
+    top = Path(tempfile.mkdtemp(prefix="scire-pair-test-"))
+    os.chmod(top, 0o755)
+    yield top / "pair"
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_pair_up_refuses_a_directory_postgres_cannot_enter(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        return  # run as another user, initdb runs as that user: nothing to refuse
+    proc = pair("up", "--dir", str(tmp_path / "pair"))
+    assert proc.returncode == 1 and "cannot enter" in proc.stderr, proc.stderr
+    assert not (tmp_path / "pair").exists()
+
+
+def test_pair_up_serves_survives_a_daemon_and_comes_down(root: Path) -> None:
     up = pair("up", "--dir", str(root), "--agents", "2", "--daemon-agents", "1")
     try:
         assert up.returncode == 0, up.stderr

@@ -1,6 +1,6 @@
 """The failover pair under load: two server daemons on one PostgreSQL primary
 with a synchronous standby, 22 agents (12 daemon-mode, 10 normal-mode) given
-both URLs, 290 assignments in flight per test, and one fault per test: a
+both URLs, 220 assignments in flight per test, and one fault per test: a
 daemon killed, the database restarted, every daemon down for a while, the
 primary killed and the standby promoted. After each, every job ran exactly
 once and reached one final state (``FaultRig.check``).
@@ -30,8 +30,8 @@ from pgnodes import ReplicatedPair
 DAEMON_HOSTS = tuple(f"d{i:02}" for i in range(12))
 NORMAL_HOSTS = tuple(f"n{i:02}" for i in range(10))
 HOSTS = DAEMON_HOSTS + NORMAL_HOSTS
-JOBS = 20  # the first NORMAL_JOBS for every host, the rest for the daemon-mode ones:
-NORMAL_JOBS = 5  # 5 * 22 + 15 * 12 = 290 assignments (a normal-mode run takes its jobs in turn)
+JOBS = 15  # the first NORMAL_JOBS for every host, the rest for the daemon-mode ones:
+NORMAL_JOBS = 4  # 4 * 22 + 11 * 12 = 220 assignments (a normal-mode run takes its jobs in turn)
 TOTAL = NORMAL_JOBS * len(HOSTS) + (JOBS - NORMAL_JOBS) * len(DAEMON_HOSTS)
 SERVER_OPTIONS = ("--ack-timeout", "5", "--sweep-interval", "1", "--lost-after", "60")
 #: The marker, and a little work so that jobs are still running when the fault hits.

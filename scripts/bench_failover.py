@@ -31,6 +31,7 @@ import argparse
 import collections
 import importlib.machinery
 import importlib.util
+import json
 import os
 import platform
 import shlex
@@ -139,6 +140,8 @@ class Drill:
         daemon["pid"] = self.pair.background(
             [str(REPO / ".venv" / "bin" / "scire-server"), "-c", str(config)], log
         )
+        # scripts/pair down stops the pids on record: record the new one.
+        (self.root / self.pair.STATE).write_text(json.dumps(self.state, indent=2))
         stop = time.monotonic() + 90
         while "listening on" not in log.read_text(errors="replace")[mark:]:
             if time.monotonic() > stop:

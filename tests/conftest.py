@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,11 +213,14 @@ class Deployment:
     def agent_dir(self, name: str) -> Path:
         return self.root / "agents" / name
 
-    def agent_args(self, name: str, *args: str, token: str | None = None) -> list[str]:
+    def agent_args(
+        self, name: str, *args: str, token: str | None = None, servers: Sequence[str] = ()
+    ) -> list[str]:
+        """``scire-client`` for agent ``name``, given ``servers`` (default this
+        deployment's one URL) in failover order."""
         return [
             _exe("scire-client"),
-            "--server",
-            self.url,
+            *[flag for url in servers or [self.url] for flag in ("--server", url)],
             "--state-dir",
             str(self.agent_dir(name)),
             "--name",

@@ -174,6 +174,13 @@ class _Pause(Exception):
         super().__init__(protocol.retry_after_text(seconds))
         self.seconds = seconds
         self.cause = cause
+        # The server's own words ("database unavailable: ...; retry after 5 s")
+        # say why; a 503 from a full queue says only that it is busy.
+        self.reason = (
+            cause.faultString
+            if isinstance(cause, xmlrpc.client.Fault)
+            else f"the server is busy, {protocol.retry_after_text(seconds)}"
+        )
 
 
 class ServerConnection:
@@ -208,9 +215,7 @@ class ServerConnection:
             if exc.seconds > PAUSE_WAIT_MAX:
                 raise self._busy(method, exc) from exc.cause
             delay = failover.stretch(exc.seconds)
-            print(
-                f"scire-admin: the server is busy; trying again in {delay:.1f} s", file=sys.stderr
-            )
+            print(f"scire-admin: {exc.reason}; trying again in {delay:.1f} s", file=sys.stderr)
             self._sleep(delay)
         try:
             return self._call_round(method, args)
@@ -220,7 +225,7 @@ class ServerConnection:
     def _busy(self, method: str, pause: _Pause) -> CLIError:
         where = " and ".join(self.servers)
         return CLIError(
-            f"{where} busy: {method} not applied, {pause} (the server asks for a pause)",
+            f"{where}: {method} not applied: {pause.reason} (the server asks for a pause)",
             ExitCode.UNREACHABLE,
             Unavailable.code,
         )

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ack-timeout", type=int, help="seconds a sent job waits for its ack")
     p.add_argument("--lost-after", type=int, help="seconds of agent silence before running is lost")
     p.add_argument("--sweep-interval", type=int)
+    p.add_argument("--heartbeat-interval", type=int, help="seconds between heartbeats (default 5)")
+    p.add_argument(
+        "--instance-stale-after",
+        type=int,
+        help="seconds without a heartbeat before another daemon takes this one over (default 30)",
+    )
     p.add_argument(
         "--push",
         choices=["on", "off"],
@@ -104,6 +110,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         ack_timeout=args.ack_timeout,
         lost_after=args.lost_after,
         sweep_interval=args.sweep_interval,
+        heartbeat_interval=args.heartbeat_interval,
+        instance_stale_after=args.instance_stale_after,
         push=args.push,
         push_workers=args.push_workers,
         push_timeout=args.push_timeout,

@@ -39,6 +39,7 @@ from scire_server.store.records import (
     Repairs,
     ScheduleResult,
     SubmitResult,
+    Takeover,
 )
 from scire_server.store.schedules import Schedules
 from scire_server.store.servers import Servers
@@ -57,6 +58,7 @@ __all__ = [
     "ScheduleResult",
     "Store",
     "SubmitResult",
+    "Takeover",
     "make_engine",
     "utcnow",
 ]

@@ -19,6 +19,7 @@ from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
 from scire_server.push import Pusher
+from scire_server.relay import Relay
 from scire_server.rpc import ScireRPCServer, listener_limits
 from scire_server.work_due import WorkDue
 
@@ -148,7 +149,14 @@ def serve(config: ServerConfig) -> int:
     if config.push:
         pusher = Pusher.from_config(config, db, methods.last_seen)
         methods.on_presence_change = pusher.forget
-        work_due.subscribe(pusher)
+        # Only this daemon's own announcements: the daemon where work changed pushes.
+        work_due.subscribe(pusher, relayed=False)
+    relay: Relay | None = None
+    if db.signals.available:
+        # Announcements cross to the other daemons on the database, and theirs to us.
+        relay = Relay(db, work_due, config.instance_key)
+        if not relay.start():
+            log.warning("relay: not listening yet; it keeps trying")
     health = monitoring.HealthCheck(db)
     app = monitoring.MonitoringApp(health, metrics, methods.identify)
     server = ScireRPCServer(
@@ -179,6 +187,8 @@ def serve(config: ServerConfig) -> int:
         )
         if pusher is not None:
             pusher.close()
+        if relay is not None:
+            relay.close()
         server.drain(0)
         db.servers.stop()
         db.close()
@@ -228,6 +238,8 @@ def serve(config: ServerConfig) -> int:
         if pusher is not None:
             work_due.unsubscribe(pusher)
             pusher.close()  # queued pushes dropped; those in flight end within push_timeout
+        if relay is not None:
+            relay.close()
         methods.summarize_refusals()  # the last interval's, before the store closes
         try:
             methods.flush_last_seen()

@@ -187,3 +187,98 @@ def test_a_task_under_the_advisory_lock_runs_on_one_daemon_at_a_time(postgres_ur
     assert ran == ["a", "b-other", "b"]
     first.close()
     second.close()
+
+
+# --- the relay between daemons ---------------------------------------------------------
+
+
+class _Heard:
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.changed = threading.Condition()
+
+    def __call__(self, names: frozenset[str]) -> None:
+        with self.changed:
+            self.names |= names
+            self.changed.notify_all()
+
+    def wait_for(self, names: set[str]) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: names <= self.names, timeout=30)
+
+
+def test_an_announcement_on_one_daemon_reaches_the_other_once_and_is_not_echoed(
+    postgres_url: str,
+) -> None:
+    from scire_server.relay import Relay
+    from scire_server.work_due import WorkDue
+
+    migrations.upgrade(postgres_url)
+    stores = [_daemon(postgres_url, "a", 101), _daemon(postgres_url, "b", 102)]
+    signals = [WorkDue(), WorkDue()]
+    relays = [
+        Relay(db, due, db.database.server_name) for db, due in zip(stores, signals, strict=True)
+    ]
+    everything = [_Heard(), _Heard()]
+    own_only = [_Heard(), _Heard()]
+    for due, heard, local in zip(signals, everything, own_only, strict=True):
+        due.subscribe(heard)
+        due.subscribe(local, relayed=False)
+    for relay in relays:
+        assert relay.start()
+
+    many = {f"host-{i:05d}.example.org" for i in range(2000)}
+    signals[0].announce(many | {"web1"})
+    assert everything[1].wait_for(many | {"web1"})
+    assert own_only[1].names == set()  # the pusher's kind: the origin pushes
+    signals[1].announce({"db1"})
+    assert everything[0].wait_for({"db1"})
+    # Neither heard its own announcement back from the other (no echo, no loop).
+    assert everything[0].names == many | {"web1", "db1"}
+    assert everything[1].names == many | {"web1", "db1"}
+    assert own_only[0].names == many | {"web1"}
+    for relay in relays:
+        relay.close()
+    for db in stores:
+        db.close()
+
+
+def test_the_relay_listens_again_after_losing_its_connection_and_catches_up(
+    postgres_url: str,
+) -> None:
+    from sqlalchemy import text
+
+    from scire_server.relay import Relay
+    from scire_server.work_due import WorkDue
+
+    migrations.upgrade(postgres_url)
+    db, other = _daemon(postgres_url, "a", 101), _daemon(postgres_url, "b", 102)
+    owner, _client = _seed(db)
+    due = WorkDue()
+    heard = _Heard()
+    due.subscribe(heard)
+    relay = Relay(db, due, "a")
+    assert relay.start()
+    # Work made due without a notification (as if sent while the relay was
+    # not listening), then the listening connection cut off, as a database
+    # restart would.
+    other.jobs.submit(owner, JobSpec(script="true", name="j"), ["host0"], [])
+    assert heard.names == set()
+    with other.database.tx() as session:
+        session.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+            )
+        )
+    # After reconnecting it announces every client with due work.
+    assert heard.wait_for({"host0"})
+    other_due = WorkDue()
+    other_relay = Relay(other, other_due, "b")
+    assert other_relay.start()
+    other_due.announce({"later"})
+    assert heard.wait_for({"later"})
+    relay.close()
+    other_relay.close()
+    db.close()
+    other.close()

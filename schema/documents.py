@@ -64,6 +64,10 @@ class JobDocument:
     not_before: dt.datetime | None = None
     expires: dt.datetime | None = None
     rerun_on_agent_crash: bool = False
+    #: The delivery count when an operator last retried this host (``job
+    #: retry``), 0 when never: a spooled run of the same job with a lower one
+    #: ended, and this delivery is a new run, not a repeat of it.
+    retry_base: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,10 @@ def render_job(doc: JobDocument) -> str:
     root.set("id", str(doc.job_id))
     root.set("delivery", doc.delivery_id)
     root.set("attempt", str(doc.attempt))
+    # Only on a retried host's delivery: an agent older than the attribute
+    # refuses that document rather than answer it with the old run's result.
+    if doc.retry_base:
+        root.set("retryBase", str(doc.retry_base))
     for tag, value in (
         ("name", doc.name),
         ("owner", doc.owner),
@@ -186,7 +194,11 @@ def render_job(doc: JobDocument) -> str:
         ("interpreter", doc.interpreter),
         ("created", format_time(doc.created)),
     ):
-        _sub(root, JOB_NS, tag, value)
+        # No interpreter: run the script by its shebang line. Left out rather
+        # than empty, so an agent older than that refuses the document (its
+        # schema requires the element) instead of running the script under /bin/sh.
+        if tag != "interpreter" or value:
+            _sub(root, JOB_NS, tag, value)
     if doc.not_before is not None:
         _sub(root, JOB_NS, "notBefore", format_time(doc.not_before))
     if doc.expires is not None:
@@ -234,12 +246,13 @@ def parse_job(text: str | bytes) -> JobDocument:
         priority=int(req("priority")),
         timeout=int(req("timeout")),
         output_limit=int(req("outputLimit")),
-        interpreter=req("interpreter"),
+        interpreter=_text(root, JOB_NS, "interpreter") or "",
         created=_time(req("created"), "created"),
         not_before=opt_time("notBefore"),
         expires=opt_time("expires"),
         rerun_on_agent_crash=req("rerunOnAgentCrash").strip() in ("true", "1"),
         script=_decoded(root.find(f"{{{JOB_NS}}}script"), "the script"),
+        retry_base=int(root.get("retryBase", "0")),
     )
 
 

@@ -22,7 +22,7 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 8  #: no such job, schedule, client, user, group or grant
     PERMISSION_DENIED = 9  #: the server knows the caller but refuses this to them
     UNREACHABLE = 10  #: no connection: server down, TLS failure, wrong port, timeout, busy
-    INSTANCE_CONFLICT = 11  #: scire-server: another live daemon holds this instance key
+    INSTANCE_CONFLICT = 11  #: scire-server: another live daemon holds this key or SQLite file
     INTERRUPTED = 130  #: Ctrl-C (128 + SIGINT, as the shell counts)
 
 
@@ -38,7 +38,7 @@ MEANING: dict[ExitCode, str] = {
     ExitCode.NOT_FOUND: "no such job, schedule, client, user, group or grant",
     ExitCode.PERMISSION_DENIED: "permission denied",
     ExitCode.UNREACHABLE: "server unreachable (down, TLS failure, wrong port, timeout, busy)",
-    ExitCode.INSTANCE_CONFLICT: "another live daemon holds this instance key",
+    ExitCode.INSTANCE_CONFLICT: "another live daemon holds this instance key or SQLite file",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

@@ -1,13 +1,14 @@
 """A small metrics registry and the Prometheus text exposition format 0.0.4.
 
-Why not ``prometheus-client``: Scire needs counters and gauges with labels,
-collectors that read numbers other objects already keep, and the text format;
-that is this page, with no global registry and no new dependency.
+Why not ``prometheus-client``: Scire needs counters, gauges and histograms
+with labels, collectors that read numbers other objects already keep, and the
+text format; that is this page, with no global registry and no new dependency
+(docs/ARCHITECTURE.md, "Metrics", records the decision).
 
 Two kinds of metric:
 
-* :class:`Counter` and :class:`Gauge` are owned by the code that counts
-  (``inc``, ``set``), safe from any thread;
+* :class:`Counter`, :class:`Gauge` and :class:`Histogram` are owned by the
+  code that counts (``inc``, ``set``, ``observe``), safe from any thread;
 * a *collector* is any object with ``collect() -> Iterable[Family]``, asked at
   each scrape. :class:`SnapshotCollector` turns an object's ``snapshot()`` (a
   mapping or a dataclass of numbers, such as ``Listener.stats()``) into one
@@ -19,6 +20,7 @@ of their label values, so the output is stable.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import re
@@ -29,7 +31,7 @@ from typing import Any, Literal, Protocol
 #: The Content-Type of :meth:`Registry.exposition`.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-Kind = Literal["counter", "gauge"]
+Kind = Literal["counter", "gauge", "histogram"]
 Labels = tuple[tuple[str, str], ...]
 
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -40,6 +42,8 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 class Sample:
     labels: Labels
     value: float
+    #: Added to the family's name: a histogram's ``_bucket``, ``_sum`` and ``_count``.
+    suffix: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,8 @@ def check_name(name: str, kind: Kind) -> None:
         raise ValueError(f"metric name {name!r} is not valid")
     if kind == "counter" and not name.endswith("_total"):
         raise ValueError(f"counter {name!r} must end in _total")
+    if kind == "histogram" and name.endswith(("_total", "_bucket", "_sum", "_count")):
+        raise ValueError(f"histogram {name!r} must not end in a suffix its samples add")
 
 
 def check_label(label: str) -> None:
@@ -151,6 +157,75 @@ class Gauge(_Metric):
             self._values = fresh
 
 
+#: Seconds from 1 ms to 10 s: a call answered from memory to one stuck on a busy database.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """How observed values fall into cumulative buckets (``le``), with their sum
+    and count, per combination of label values."""
+
+    kind: Kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str] = (),
+        buckets: Iterable[float] = LATENCY_BUCKETS,
+    ) -> None:
+        check_name(name, self.kind)
+        self.name = name
+        self.help = help
+        self.labelnames = tuple(labelnames)
+        for label in self.labelnames:
+            check_label(label)
+            if label == "le":
+                raise ValueError(f"{name}: 'le' is the histogram's own label")
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        if not self.buckets or len(set(self.buckets)) != len(self.buckets):
+            raise ValueError(f"{name}: give distinct bucket bounds")
+        self._lock = threading.Lock()
+        #: label values -> (count per bucket, not cumulative, plus +Inf; sum)
+        self._values: dict[Labels, tuple[list[int], float]] = {}
+
+    def _key(self, labels: Mapping[str, object]) -> Labels:
+        if set(labels) != set(self.labelnames):
+            raise ValueError(
+                f"{self.name} takes the labels ({', '.join(self.labelnames)}), "
+                f"not ({', '.join(sorted(labels))})"
+            )
+        return tuple((name, str(labels[name])) for name in self.labelnames)
+
+    def observe(self, value: float, **labels: object) -> None:
+        key = self._key(labels)
+        slot = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            counts, total = self._values.get(key) or ([0] * (len(self.buckets) + 1), 0.0)
+            counts[slot] += 1
+            self._values[key] = (counts, total + value)
+
+    def count(self, **labels: object) -> int:
+        """How many values were observed with these labels."""
+        with self._lock:
+            found = self._values.get(self._key(labels))
+            return sum(found[0]) if found else 0
+
+    def collect(self) -> Iterable[Family]:
+        with self._lock:
+            values = sorted((k, (list(c), t)) for k, (c, t) in self._values.items())
+        samples: list[Sample] = []
+        bounds = [*(_number(b) for b in self.buckets), "+Inf"]
+        for labels, (counts, total) in values:
+            running = 0
+            for bound, count in zip(bounds, counts, strict=True):
+                running += count
+                samples.append(Sample((*labels, ("le", bound)), running, "_bucket"))
+            samples.append(Sample(labels, total, "_sum"))
+            samples.append(Sample(labels, running, "_count"))
+        yield Family(self.name, self.kind, self.help, tuple(samples))
+
+
 class SnapshotCollector:
     """The numbers of ``snapshot()`` as families ``{prefix}_{field}``.
 
@@ -207,6 +282,17 @@ class Registry:
         self.register(metric)
         return metric
 
+    def histogram(
+        self,
+        name: str,
+        help: str,
+        labelnames: Iterable[str] = (),
+        buckets: Iterable[float] = LATENCY_BUCKETS,
+    ) -> Histogram:
+        metric = Histogram(name, help, labelnames, buckets)
+        self.register(metric)
+        return metric
+
     def collect(self) -> list[Family]:
         """Every family, in registration order; a name given twice is an error."""
         with self._lock:
@@ -232,7 +318,9 @@ def render(families: Iterable[Family]) -> bytes:
         lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
         lines.append(f"# TYPE {family.name} {family.kind}")
         for sample in family.samples:
-            lines.append(f"{family.name}{_labels(sample.labels)} {_number(sample.value)}")
+            lines.append(
+                f"{family.name}{sample.suffix}{_labels(sample.labels)} {_number(sample.value)}"
+            )
     return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
 
 

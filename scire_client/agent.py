@@ -32,12 +32,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scire_client import __version__, enroll, lock, runner
+from scire_client import __version__, enroll, lock, renewal, runner
 from scire_client.config import ClientConfig
-from scire_client.exceptions import ConfigError, ServerFault, SpoolError, TransportError
+from scire_client.exceptions import (
+    ConfigError,
+    RetryLater,
+    ServerFault,
+    SpoolError,
+    TransportError,
+)
 from scire_client.spool import RECEIVED, STARTED, Entry, Spool
 from scire_client.transport import PollAnswer, Reconcile, ServerTransport
-from scire_schema import documents, logformat
+from scire_schema import documents, failover, logformat
 from scire_schema.documents import JobDocument, StatusReport
 from scire_schema.protocol import AgentMode, ReconcileAction, ReportedState, utc_now
 
@@ -45,6 +51,9 @@ log = logging.getLogger(__name__)
 
 REPORT_BACKOFF_START = 0.5  # seconds before the first retry of an undelivered report
 REPORT_BACKOFF_MAX = 10.0  # seconds; the delay doubles up to this
+#: A normal-mode run waits out a server's "retry after" up to this long; a longer
+#: pause ends the run with exit 0 (nothing is wrong), the next run tries again.
+SHORT_PAUSE = 10.0
 EXPIRED_REASON = "expired before it started"
 UNKNOWN_REASON = "unknown to the server"
 REASON_AGENT_RESTARTED = runner.AGENT_RESTARTED_REASON
@@ -56,8 +65,10 @@ def run(config: ClientConfig) -> int:
     setup = job_setup(config)
     with lock.hold(config.lock_file):
         enroll.ensure_enrolled(config)
+        renewal.finish_interrupted(config)
         transport = ServerTransport(config)
         try:
+            renewal.resume(config, transport)
             return Agent(config, transport, Spool(config.spool_dir), setup).run()
         finally:
             transport.close()
@@ -223,6 +234,8 @@ class Agent:
         self._sleep = sleep
         self._clock = clock
         self._last_contact = float("-inf")
+        #: Per running job: how much output the server has, and when it was last sent.
+        self._live_sent: dict[int, tuple[int, bool, float]] = {}
         #: What the agent says of itself with each poll (``presence`` in docs/PROTOCOL.md).
         self.presence = {"version": __version__, "mode": AgentMode.ONCE.value, "callback": ""}
 
@@ -238,18 +251,23 @@ class Agent:
 
     def run(self) -> int:
         attached = self.recover()
-        if attached and not self._finish_attached(attached):
-            return 1
-        while True:
-            if not self.deliver_reports():
+        try:
+            if attached and not self._finish_attached(attached):
                 return 1
-            added = self._handle(self._poll(self.config.poll_batch))
-            runnable = self.spool.runnable()
-            if not added and not runnable:
-                return 0 if self.deliver_reports() else 1
-            for entry in runnable:
-                if not self._run(entry):
+            while True:
+                if not self.deliver_reports():
                     return 1
+                added = self._handle(self._poll_waiting_out_pauses(self.config.poll_batch))
+                runnable = self.spool.runnable()
+                if not added and not runnable:
+                    return 0 if self.deliver_reports() else 1
+                for entry in runnable:
+                    if not self._run(entry):
+                        return 1
+        except RetryLater as exc:
+            # The server is busy, not broken: what is spooled waits for the next run.
+            log.info("the server asks for a pause of %g s; the next run goes on", exc.seconds)
+            return 0
 
     # Talking to the server.
 
@@ -259,6 +277,22 @@ class Agent:
         )
         self._last_contact = self._clock()
         return answer
+
+    def _poll_waiting_out_pauses(self, limit: int) -> PollAnswer:
+        """``_poll``; a pause of up to ``SHORT_PAUSE`` the servers ask for is
+        waited out (once per call), a longer one raises ``RetryLater``."""
+        try:
+            return self._poll(limit)
+        except RetryLater as exc:
+            if exc.seconds > SHORT_PAUSE:
+                raise
+            self._wait_out(exc)
+        return self._poll(limit)
+
+    def _wait_out(self, pause: RetryLater) -> None:
+        delay = failover.stretch(pause.seconds)
+        log.info("the server asks for a pause: polling again in %.1f s", delay)
+        self._sleep(delay)
 
     def _handle(self, answer: PollAnswer) -> int:
         """Spool and acknowledge the delivered jobs, apply the reconcile list.
@@ -327,19 +361,32 @@ class Agent:
         """Poll with limit 0: the server learns we live, we learn of cancellations."""
         try:
             self._handle(self._poll(0))
+        except RetryLater as exc:
+            log.info("heartbeat: the server asks for a pause of %g s", exc.seconds)
         except (TransportError, ServerFault) as exc:
             log.warning("heartbeat failed: %s", exc)
 
     def deliver_reports(self) -> bool:
-        """Send every pending report; retry with backoff for ``report_retry_for``
-        seconds. True when none is left."""
+        """Send every pending report; retry with a jittered backoff for
+        ``report_retry_for`` seconds. True when none is left. A pause the
+        servers ask for that does not fit in what is left raises ``RetryLater``."""
         start = self._clock()
-        delay = REPORT_BACKOFF_START
+        backoff = failover.Backoff(REPORT_BACKOFF_START, REPORT_BACKOFF_MAX)
         while True:
             pending = self.spool.pending_reports()
             if not pending:
                 return True
-            if self._send_reports(pending):
+            try:
+                if self._send_reports(pending):
+                    backoff.reset()
+                    continue
+                delay = backoff.next()
+            except RetryLater as exc:
+                delay = failover.stretch(exc.seconds)
+                if self._clock() - start + delay > self.config.report_retry_for:
+                    raise
+                log.info("the server asks for a pause: reporting again in %.1f s", delay)
+                self._sleep(delay)
                 continue
             left = len(self.spool.pending_reports())
             if self._clock() - start + delay > self.config.report_retry_for:
@@ -347,15 +394,17 @@ class Agent:
                 return False
             log.warning("%d report(s) undelivered; retrying in %.1f s", left, delay)
             self._sleep(delay)
-            delay = min(delay * 2, REPORT_BACKOFF_MAX)
 
     def _send_reports(self, pending: list[tuple[int, str]]) -> bool:
-        """One attempt at each report; False when the server could not take them."""
+        """One attempt at each report; False when the server could not take them,
+        ``RetryLater`` when it asked for a pause."""
         for job_id, status_xml in pending:
             entry = self.spool.get(job_id)
             name = entry.name if entry is not None else ""
             try:
                 answer = self.transport.report(status_xml)
+            except RetryLater:
+                raise  # the caller waits as asked
             except TransportError as exc:
                 log.warning("job %s (%s): report not delivered: %s", job_id, name, exc)
                 return False  # no server answers: the others would fail the same way
@@ -389,11 +438,16 @@ class Agent:
             report = runner.wait_job(
                 run,
                 self.config.heartbeat_interval,
-                on_tick=lambda: self._tick(run.job_id),
+                on_tick=lambda: self._send_live_output(run) or self._tick(run.job_id),
                 clock=self._clock,
             )
             self._finished(run, report)
-        return self.deliver_reports()
+        try:
+            return self.deliver_reports()
+        except RetryLater as exc:
+            # The other spooled jobs still run; the report goes with the next try.
+            log.info("the server asks for a pause of %g s; the report waits", exc.seconds)
+            return True
 
     def _finish_attached(self, runs: list[runner.JobRun]) -> bool:
         """Wait for the runs an earlier agent process started, with heartbeats; False
@@ -408,6 +462,8 @@ class Agent:
             if self._clock() >= next_tick:
                 next_tick = self._clock() + self.config.heartbeat_interval
                 self._heartbeat()
+                for run in runs:
+                    self._send_live_output(run)
                 for run in runs:
                     reason = self.spool.cancel_reason(run.job_id)
                     if reason is not None:
@@ -452,8 +508,37 @@ class Agent:
             return None
         return run
 
+    def _send_live_output(self, run: runner.JobRun) -> bool:
+        """Send a running job's output so far in a ``running`` report, at most once
+        per ``heartbeat_interval`` and only when there is more than the server has.
+        Best effort: the final report carries all of it anyway. Returns False (so
+        it chains before a tick with ``or``)."""
+        now = self._clock()
+        sent_length, sent_truncated, sent_at = self._live_sent.get(run.job_id, (0, False, -1e18))
+        if now - sent_at < self.config.heartbeat_interval:
+            return False
+        text, truncated = run.output_so_far()
+        if len(text) <= sent_length and truncated == sent_truncated:
+            return False
+        entry = self.spool.get(run.job_id)
+        if entry is None:
+            return False
+        report = status_report(
+            entry, ReportedState.RUNNING, started=run.started, output=text, truncated=truncated
+        )
+        try:
+            self.transport.report(documents.render_status(report))
+        except (TransportError, ServerFault) as exc:
+            log.warning("job %s (%s): live output not delivered: %s", run.job_id, run.doc.name, exc)
+            self._live_sent[run.job_id] = (sent_length, sent_truncated, now)
+            return False
+        self._live_sent[run.job_id] = (len(text), truncated, now)
+        log.debug("job %s (%s): %d characters of output sent", run.job_id, run.doc.name, len(text))
+        return False
+
     def _finished(self, run: runner.JobRun, report: StatusReport) -> None:
         """Journal a run's final report (it is delivered with the others)."""
+        self._live_sent.pop(run.job_id, None)
         if report.state == ReportedState.CANCELLED:
             reason = self.spool.cancel_reason(run.job_id) or report.reason
             report = dataclasses.replace(report, reason=reason)

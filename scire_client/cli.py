@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scire_client import __version__, agent, daemon, enroll, lock
+from scire_client import __version__, agent, daemon, enroll, lock, renewal
 from scire_client.config import ClientConfig
 from scire_client.exceptions import (
     AgentBusy,
@@ -29,7 +29,8 @@ from scire_client.exceptions import (
     SpoolError,
 )
 from scire_client.spool import Spool
-from scire_schema import inifile, logformat
+from scire_client.transport import ServerTransport
+from scire_schema import certs, inifile, logformat
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_schema.protocol import AgentMode
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  # daemon mode: poll every minute, run two jobs at once, take poll_now hints\n"
         "  scire-client -c /etc/scire/client.ini --max-parallel 2 --listen 10.0.0.17:8444 daemon\n"
         "  # what the spool holds, as JSON\n"
-        "  scire-client --state-dir /var/lib/scire-client spool --json\n\n"
+        "  scire-client --state-dir /var/lib/scire-client spool --json\n"
+        "  # a new certificate now, the old one refused from then on\n"
+        "  scire-client renew\n\n"
         f"configuration:\n  the [client] section of FILE (default {DEFAULT_CONFIG} if it exists);\n"
         "  flags override it.\n\n"
         + epilog("scire-client")
@@ -86,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for an administrator to accept the enrollment",
     )
+    parser.add_argument(
+        "--failback-after",
+        type=float,
+        metavar="SECONDS",
+        help="after a failover, when to try the first server again (default 300)",
+    )
     daemon_mode = parser.add_argument_group("daemon mode")
     daemon_mode.add_argument(
         "--poll-interval", type=float, metavar="SECONDS", help="between polls (default 60)"
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--advertise", metavar="HOST:PORT", help="the address the server calls (default: --listen)"
     )
     daemon_mode.add_argument("--pid-file", type=Path, metavar="FILE", help="write the daemon's pid")
+    daemon_mode.add_argument(
+        "--renew-before",
+        type=float,
+        metavar="DAYS",
+        help="renew the certificate this close to its expiry (default 30; 0 = never)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument(
         "--log-format", choices=logformat.FORMATS, help="text (default) or json lines"
@@ -121,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("run", "daemon", "enroll", "spool"),
+        choices=("run", "daemon", "enroll", "spool", "renew"),
         help="run: enroll if needed, run the jobs, exit; daemon: enroll if needed, then poll "
-        "and run jobs until SIGTERM; enroll: only enroll; spool: list the spool. "
+        "and run jobs until SIGTERM; enroll: only enroll; spool: list the spool; renew: "
+        "replace the agent's certificate now (the daemon does it by itself renew_before "
+        "days before expiry). "
         "Default: daemon with mode = daemon in the configuration, else run",
     )
     return parser
@@ -145,6 +162,7 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         enrollment_token=args.token,
         ca_fingerprint=args.ca_fingerprint,
         enroll_wait=args.enroll_wait,
+        failback_after=args.failback_after,
         poll_interval=args.poll_interval,
         poll_jitter=args.poll_jitter,
         max_parallel=args.max_parallel,
@@ -152,6 +170,7 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         listen=args.listen,
         advertise=args.advertise,
         pid_file=args.pid_file,
+        renew_before=args.renew_before,
         log_format=args.log_format,
     )
 
@@ -211,6 +230,23 @@ def cmd_enroll(config: ClientConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_renew(config: ClientConfig, args: argparse.Namespace) -> int:
+    with lock.hold(config.lock_file):
+        if not enroll.is_enrolled(config):
+            raise ConfigError(f"not enrolled yet ({config.cert_file} is missing): run enroll first")
+        renewal.finish_interrupted(config)
+        transport = ServerTransport(config)
+        try:
+            cert = renewal.renew(config, transport)
+        finally:
+            transport.close()
+    print(
+        f"renewed {config.name}: {config.cert_file}, fingerprint {certs.fingerprint(cert)}, "
+        f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    )
+    return EXIT_OK
+
+
 def cmd_spool(config: ClientConfig, args: argparse.Namespace) -> int:
     spool = Spool(config.spool_dir) if config.spool_dir.exists() else None
     entries = spool.entries() if spool else []
@@ -245,7 +281,13 @@ def cmd_spool(config: ClientConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "daemon": cmd_daemon, "enroll": cmd_enroll, "spool": cmd_spool}
+COMMANDS = {
+    "run": cmd_run,
+    "daemon": cmd_daemon,
+    "enroll": cmd_enroll,
+    "spool": cmd_spool,
+    "renew": cmd_renew,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

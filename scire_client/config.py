@@ -23,10 +23,12 @@ from scire_schema import inifile, logformat
 SECTION = "client"
 POLL_BATCH = 10  # jobs asked for per poll
 ENROLL_WAIT = 0.0  # seconds to wait for an administrator to accept the request
+RENEW_BEFORE = 30.0  # days before expiry the daemon renews its certificate; 0 = never
 HEARTBEAT_INTERVAL = 15.0  # seconds between heartbeat polls while a job runs
 REPORT_RETRY_FOR = 60.0  # seconds a run keeps retrying undeliverable reports
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 CONNECT_TIMEOUT = 10.0  # seconds per socket operation
+FAILBACK_AFTER = 300.0  # seconds on a later server before the first is tried again
 SPOOL_RETENTION = 7 * 24 * 3600.0  # seconds reported entries stay as dedupe tombstones
 POLL_INTERVAL = 60.0  # seconds between a daemon's polls, until the server suggests another
 POLL_INTERVAL_MIN = 1.0  # seconds; the bounds of poll_interval, and of what a server suggests
@@ -112,6 +114,7 @@ class ClientConfig:
     report_retry_for: float = REPORT_RETRY_FOR
     kill_grace: float = KILL_GRACE
     connect_timeout: float = CONNECT_TIMEOUT
+    failback_after: float = FAILBACK_AFTER
     spool_retention: float = SPOOL_RETENTION
     run_as: str = ""  # the user jobs run as; "" = the agent's own (another needs a root agent)
     work_root: Path | None = None  # each job's tree is work_root/<job id>; default state_dir/work
@@ -126,6 +129,9 @@ class ClientConfig:
     listen: str = ""  # HOST:PORT of the poll_now listener; "" = none (the daemon only polls)
     advertise: str = ""  # HOST:PORT the server calls back; "" = listen's address
     pid_file: Path | None = None
+    renew_before: float = (
+        RENEW_BEFORE  # days: the daemon renews its certificate this close to expiry
+    )
     log_format: str = "text"  # text | json (one JSON object per line)
 
     @classmethod
@@ -155,7 +161,7 @@ class ClientConfig:
             self.ca_fingerprint = normalize_fingerprint(self.ca_fingerprint)
         if self.poll_batch < 1:
             raise ConfigError("poll_batch must be at least 1")
-        for name in ("heartbeat_interval", "connect_timeout"):
+        for name in ("heartbeat_interval", "connect_timeout", "failback_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be more than 0 seconds")
         for name in ("enroll_wait", "report_retry_for", "kill_grace", "spool_retention"):
@@ -188,6 +194,8 @@ class ClientConfig:
             raise ConfigError(f"max_parallel must be 1 to {MAX_PARALLEL_LIMIT}")
         if self.shutdown_grace < 0:
             raise ConfigError("shutdown_grace must not be negative")
+        if self.renew_before < 0:
+            raise ConfigError("renew_before must not be negative (days; 0 = never renew by itself)")
         self.listen = self.listen.strip()
         self.advertise = self.advertise.strip()
         if self.listen:
@@ -250,6 +258,11 @@ class ClientConfig:
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
+
+    @property
+    def server_state_file(self) -> Path:
+        """The server in use after a failover, and since when (written by transport.py)."""
+        return self.state_dir / "server.json"
 
     @property
     def lock_file(self) -> Path:

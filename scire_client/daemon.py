@@ -14,8 +14,12 @@ poll handling, reconciliation and reports, with these differences:
   hinted poll, make one more poll at most;
 * it runs up to ``max_parallel`` spooled jobs at once, highest priority first,
   then the oldest (``Spool.runnable``), and checks them without blocking;
-* undelivered reports are retried with a delay doubling from
-  ``REPORT_BACKOFF_START`` to ``REPORT_RETRY_MAX``, for as long as it lives;
+* a poll no server answered is tried again after a jittered delay doubling
+  from ``POLL_RETRY_FIRST`` to ``POLL_RETRY_MAX`` (or ``poll_interval``, if
+  less), so a restarted server is polled again within seconds; undelivered
+  reports likewise from ``REPORT_BACKOFF_START`` to ``REPORT_RETRY_MAX``, for
+  as long as it lives; a pause a server asks for ("retry after N s") is waited
+  out instead, stretched by up to a quarter, and logged as no failure;
 * on SIGTERM or SIGINT it stops polling and starting jobs, gives running jobs
   ``shutdown_grace`` seconds, then stops them (SIGTERM, SIGKILL after
   ``kill_grace``: only their own process groups) and reports them failed with
@@ -38,20 +42,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from scire_client import agent, enroll, lock, runner
+from scire_client import agent, enroll, lock, renewal, runner
 from scire_client.agent import REPORT_BACKOFF_START, Agent
 from scire_client.config import POLL_INTERVAL_MAX, POLL_INTERVAL_MIN, ClientConfig
-from scire_client.exceptions import ServerFault, TransportError
+from scire_client.exceptions import ConfigError, RetryLater, ServerFault, TransportError
 from scire_client.spool import Spool
 from scire_client.transport import ServerTransport
 from scire_client.wakeup import PollNowListener
+from scire_schema import failover
 from scire_schema.files import write_atomic
-from scire_schema.protocol import AgentMode
+from scire_schema.protocol import AgentMode, utc_now
 
 log = logging.getLogger(__name__)
 
 HINT_GAP = 0.5  # seconds between two polls that poll_now hints asked for
 REPORT_RETRY_MAX = 60.0  # seconds; the longest wait between tries of undelivered reports
+POLL_RETRY_FIRST = 1.0  # seconds before the first poll after one no server answered
+POLL_RETRY_MAX = 60.0  # seconds; the retries double up to this (or poll_interval, if less)
 SIGNAL_CHECK = 0.5  # seconds; the longest the loop sleeps without looking for a stop request
 SHUTDOWN_REASON = "killed: the agent stopped and its shutdown_grace of {grace:g} s ran out"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -62,8 +69,10 @@ def run(config: ClientConfig) -> int:
     setup = agent.job_setup(config)
     with lock.hold(config.lock_file):
         enroll.ensure_enrolled(config)
+        renewal.finish_interrupted(config)
         transport = ServerTransport(config)
         try:
+            renewal.resume(config, transport)
             with pid_file(config.pid_file):
                 return Daemon(config, transport, Spool(config.spool_dir), setup).serve()
         finally:
@@ -108,10 +117,17 @@ class Daemon(Agent):
         self._interval = config.poll_interval
         self._next_poll = 0.0
         self._last_hinted_poll = float("-inf")
-        self._report_delay = 0.0
+        self._poll_backoff = failover.Backoff(
+            POLL_RETRY_FIRST,
+            max(POLL_RETRY_FIRST, min(POLL_RETRY_MAX, config.poll_interval)),
+            self._rng,
+        )
+        self._report_backoff = failover.Backoff(REPORT_BACKOFF_START, REPORT_RETRY_MAX, self._rng)
         self._next_report_try = 0.0
         #: The last poll came back full: the server may hold more for us.
         self._backlog = False
+        self._listener: PollNowListener | None = None
+        self._next_renewal_check = 0.0  # at start, then daily
 
     def stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         """Ask the loop to stop (a signal handler: it only sets a flag)."""
@@ -126,6 +142,7 @@ class Daemon(Agent):
             if self.config.listen:
                 listener = PollNowListener(self.config, self.wake)
                 listener.start()
+                self._listener = listener
                 self.presence["callback"] = listener.callback
             log.info(
                 "%s: daemon started: poll every %g s, up to %d job(s) at once, %s",
@@ -151,6 +168,8 @@ class Daemon(Agent):
     # The loop.
 
     def _step(self) -> None:
+        if self._clock() >= self._next_renewal_check:
+            self._renew_if_due()
         now = self._clock()
         hinted = self.wake.is_set() and now - self._last_hinted_poll >= HINT_GAP
         heartbeat = bool(self._running) and (
@@ -174,18 +193,60 @@ class Daemon(Agent):
         self._try_reports()
         self._wait()
 
+    def _renew_if_due(self) -> None:
+        """Renew the certificate when it is within ``renew_before`` days of expiry;
+        checked again a day later, or an hour after a failed renewal."""
+        self._next_renewal_check = self._clock() + renewal.DAY
+        try:
+            if not renewal.due(self.config, utc_now()):
+                return
+            log.info(
+                "%s: certificate expires %s UTC, within renew_before (%g days): renewing",
+                self.config.name,
+                f"{renewal.expiry(self.config):%Y-%m-%d %H:%M}",
+                self.config.renew_before,
+            )
+            renewal.renew(self.config, self.transport)
+        except (TransportError, ServerFault, ConfigError, OSError) as exc:
+            self._next_renewal_check = self._clock() + renewal.RETRY_AFTER_FAILURE
+            log.error(
+                "%s: certificate renewal failed: %s; trying again in %g s",
+                self.config.name,
+                exc,
+                renewal.RETRY_AFTER_FAILURE,
+            )
+            return
+        if self._listener is not None:
+            self._listener.reload_certificate()
+
     def _poll_once(self, why: str) -> None:
         self.polls += 1
         try:
             answer = self._poll(self.config.poll_batch)
             added = self._handle(answer)
         except (TransportError, ServerFault) as exc:
-            # Contact failed too: a heartbeat is not due again before the next interval.
+            # Contact failed too: a heartbeat is not due again before the next try.
             self._last_contact = self._clock()
-            self._next_poll = self._clock() + self._jittered(self._interval)
-            log.warning("poll failed: %s; next try in %.0f s", exc, self._next_poll - self._clock())
             self._backlog = False
+            if isinstance(exc, RetryLater):
+                delay = failover.stretch(exc.seconds, self._rng)
+                log.info("poll: the server asks for a pause; next poll in %.1f s", delay)
+            else:
+                # Soon, then less and less often: a server that restarted is polled
+                # again within seconds, not after a whole poll_interval (a poll_now
+                # hint that came while it was down is not lost), and a fleet whose
+                # server is gone does not come back in lock-step.
+                first = not self._poll_backoff.active
+                delay = self._poll_backoff.next()
+                log.log(
+                    logging.WARNING if first else logging.INFO,
+                    "poll failed: %s; next try in %.1f s",
+                    exc,
+                    delay,
+                )
+            self._next_poll = self._clock() + delay
             return
+        self._poll_backoff.reset()
         self._backlog = len(answer.jobs) >= self.config.poll_batch
         if answer.poll_interval > 0:
             suggested = min(max(float(answer.poll_interval), POLL_INTERVAL_MIN), POLL_INTERVAL_MAX)
@@ -215,6 +276,8 @@ class Daemon(Agent):
                 del self._running[job_id]
                 self._finished(run, report)
                 self._next_report_try = 0.0  # a new report goes out at once
+            elif not self._stopping:
+                self._send_live_output(run)
 
     def _start_runnable(self) -> None:
         if self._stopping:
@@ -232,17 +295,21 @@ class Daemon(Agent):
         pending = self.spool.pending_reports()
         if not pending:
             return
-        if self._send_reports(pending):
-            self._report_delay = 0.0
+        try:
+            if self._send_reports(pending):
+                self._report_backoff.reset()
+                return
+        except RetryLater as exc:
+            delay = failover.stretch(exc.seconds, self._rng)
+            self._next_report_try = self._clock() + delay
+            log.info("reports: the server asks for a pause; next try in %.1f s", delay)
             return
-        self._report_delay = min(
-            max(self._report_delay * 2, REPORT_BACKOFF_START), REPORT_RETRY_MAX
-        )
-        self._next_report_try = self._clock() + self._report_delay
+        delay = self._report_backoff.next()
+        self._next_report_try = self._clock() + delay
         log.warning(
             "%d report(s) undelivered; retrying in %.1f s",
             len(self.spool.pending_reports()),
-            self._report_delay,
+            delay,
         )
 
     def _wait(self) -> None:
@@ -298,6 +365,9 @@ class Daemon(Agent):
                 run.job_id,
                 run.doc.name,
             )
-        delivered = self.deliver_reports()
+        try:
+            delivered = self.deliver_reports()
+        except RetryLater:
+            delivered = False
         log.info("stopped%s", "" if delivered else "; undelivered reports wait in the spool")
         return 0

@@ -91,7 +91,7 @@ def ensure_enrolled(
         certificate = _wait_for_certificate(transport, config, name, csr_pem, sleep, clock)
     finally:
         transport.close()
-    cert = _check_certificate(config, key, certificate)
+    cert = check_certificate(config, key, certificate)
     files.write_public(config.cert_file, certs.cert_to_pem(cert))
     log.info(
         "client %s: enrolled, certificate %s (fingerprint %s)",
@@ -226,7 +226,7 @@ def _wait_for_certificate(
         sleep(min(FETCH_INTERVAL, remaining))
 
 
-def _check_certificate(config: ClientConfig, key: certs.PrivateKey, pem: str) -> x509.Certificate:
+def check_certificate(config: ClientConfig, key: certs.PrivateKey, pem: str) -> x509.Certificate:
     """The certificate must carry our key and be signed by the CA we trust."""
     cert = _load_cert(pem, "the certificate sent by the server")
     if not certs.same_key(cert.public_key(), key):

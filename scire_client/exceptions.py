@@ -7,6 +7,7 @@ original.
 * ClientError                  base; its docstring is the default message
   + ConfigError                bad configuration or command line (exit 2)
   + TransportError             network or TLS failure talking to a server; retryable
+    + RetryLater               every server that answered asked for a pause (not an error)
   + ServerFault                the server answered with an XML-RPC fault
   + EnrollmentPending          the request waits for an administrator (exit 3)
   + EnrollmentRefused          the request was rejected or revoked (exit 4)
@@ -37,6 +38,16 @@ class ConfigError(ClientError):
 
 class TransportError(ClientError):
     """No server could be reached; try again later."""
+
+
+class RetryLater(TransportError):
+    """The servers ask for a pause: an HTTP 503 with Retry-After, or an
+    Unavailable fault ending "retry after N s". Nothing is wrong with the agent."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        #: The shortest pause a server asked for.
+        self.seconds = seconds
 
 
 class ServerFault(ClientError):

@@ -71,18 +71,22 @@ def environment_as_given() -> dict[bytes, bytes] | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) != 8:
-        print(f"usage: {argv[0]} RECORD PID_FD UID GID GROUPS INTERPRETER SCRIPT", file=sys.stderr)
+    if len(argv) not in (8, 9):
+        print(
+            f"usage: {argv[0]} RECORD PID_FD UID GID GROUPS INTERPRETER [ARGUMENT] SCRIPT",
+            file=sys.stderr,
+        )
         return 2
     record = Path(argv[1])
     pid_fd = int(argv[2])
     switch = argv[3] != SAME_USER
-    interpreter, script = argv[6], argv[7]
+    # The interpreter, with the one argument a shebang line may give it, then the script.
+    command = argv[6:]
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _ignore)
     try:
         job = subprocess.Popen(
-            ["/bin/sh", "-c", GATE, "scire-job", interpreter, script],
+            ["/bin/sh", "-c", GATE, "scire-job", *command],
             stdin=0,
             env=environment_as_given(),
             process_group=0,

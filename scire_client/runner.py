@@ -3,7 +3,8 @@
 The runner owns the job's process group, in this agent's life and after it:
 nothing else signals one.
 
-The job runs as ``interpreter script`` in a process group of its own (so the
+The job runs as ``interpreter script`` (or, with no interpreter, as its
+``#!`` line says: ``job_command``) in a process group of its own (so the
 whole group can be signalled, and it survives an agent crash), with stdin from
 /dev/null and stdout and stderr into one file. Its parent is not the agent but
 ``jobwrapper``, started in a session of its own, which records the job's exit
@@ -33,11 +34,13 @@ end-of-file and exits without running anything.
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import json
 import logging
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -207,6 +210,30 @@ def remove_job_tree(work_root: Path, job_id: int) -> None:
         shutil.rmtree(tree)
 
 
+#: The longest shebang line read, as Linux reads it (``BINPRM_BUF_SIZE``).
+SHEBANG_MAX = 256
+
+
+def job_command(doc: JobDocument) -> list[str]:
+    """What runs the script (its path is added last): the job's interpreter,
+    or without one the script's ``#!`` line as the kernel reads it -- the
+    interpreter and at most one argument, the rest of the line. The line is
+    run that way, not the script executed, so a work root mounted ``noexec``
+    runs it too. ``ValueError`` says why a shebang line cannot be run."""
+    if doc.interpreter:
+        return [doc.interpreter]
+    first = doc.script.split("\n", 1)[0]
+    if not first.startswith("#!"):
+        raise ValueError("the job names no interpreter and the script has no #! line")
+    line = first[2:SHEBANG_MAX].strip()
+    if not line:
+        raise ValueError("the script's #! line names no interpreter")
+    interpreter, *argument = re.split(r"[ \t]+", line, maxsplit=1)
+    if not interpreter.startswith("/"):
+        raise ValueError(f"the script's #! line names {interpreter!r}, not an absolute path")
+    return [interpreter, *argument]
+
+
 def _make_job_tree(setup: JobSetup, doc: JobDocument) -> Path:
     """A fresh tree for ``doc``: everything made by the agent first, then handed to
     the job's user, the tree itself last, so the job user never holds a directory
@@ -303,6 +330,19 @@ def read_output(path: Path, limit: int) -> tuple[str, bool]:
     except FileNotFoundError:
         return "", False
     return data.decode("utf-8", errors="replace"), truncated
+
+
+def read_live_output(path: Path, limit: int) -> tuple[str, bool]:
+    """``read_output`` for a job still writing: a UTF-8 sequence cut at the end
+    is held back (it is whole in the next read), not turned into U+FFFD."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit)
+            truncated = bool(fh.read(1))
+    except FileNotFoundError:
+        return "", False
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return decoder.decode(data, final=truncated), truncated
 
 
 def _boot_id() -> str | None:
@@ -447,6 +487,11 @@ class JobRun:
         self._signal(signal.SIGTERM)
         self._kill_at = self._clock() + self.kill_grace
 
+    def output_so_far(self) -> tuple[str, bool]:
+        """What the job has written up to now (at most its output limit), and
+        whether it wrote more than the limit."""
+        return read_live_output(self.entry_dir / OUTPUT_FILE, self.doc.output_limit)
+
     def kill(self) -> None:
         """SIGKILL the job's group at once (the agent goes down, or its grace ran out)."""
         self._signal(signal.SIGKILL)
@@ -539,6 +584,10 @@ def start_job(
     (entry_dir / EXIT_RECORD).unlink(missing_ok=True)  # a record of an earlier, aborted start
     started = utc_now()
     try:
+        command = job_command(doc)
+    except ValueError as exc:
+        return _report(doc, delivery_id, "failed", started, reason=f"cannot start: {exc}")
+    try:
         tree = _make_job_tree(setup, doc)
     except OSError as exc:
         reason = f"cannot make the job's directory: {exc}"
@@ -560,7 +609,7 @@ def start_job(
                     str(user.uid) if user.switch else jobwrapper.SAME_USER,
                     str(user.gid),
                     ",".join(str(g) for g in user.groups),
-                    doc.interpreter,
+                    *command,
                     str(tree / SCRIPT_FILE),
                 ],
                 stdin=gate_read,

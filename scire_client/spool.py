@@ -145,6 +145,16 @@ class Spool:
                 "job %s (%s): its spool entry is damaged; not running it", doc.job_id, doc.name
             )
             return False
+        if journal is not None and self._retried(journal, doc):
+            # An operator's retry of a run that ended here: a new run of the job.
+            log.info(
+                "job %s (%s): retried by an operator; the ended run's entry makes way",
+                doc.job_id,
+                doc.name,
+            )
+            shutil.rmtree(self._dir(doc.job_id))
+            self._load().pop(doc.job_id, None)
+            journal = None
         if journal is not None:
             self._adopt_delivery(doc.job_id, journal, doc.delivery_id)
             return False
@@ -159,10 +169,21 @@ class Spool:
                 "name": doc.name,
                 "priority": doc.priority,
                 "created": format_time(doc.created),
+                "retry_base": doc.retry_base,
             },
         )
         fsync_dir(self.root)
         return True
+
+    @staticmethod
+    def _retried(journal: dict[str, Any], doc: JobDocument) -> bool:
+        """Whether ``doc`` is an operator's retry of the run ``journal`` holds:
+        a later retry, of a run that ended (a run still going adopts the delivery)."""
+        return doc.retry_base > int(journal.get("retry_base", 0)) and journal["state"] in (
+            FINISHED,
+            REPORTED,
+            DROPPED,
+        )
 
     def mark_started(
         self,

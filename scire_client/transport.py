@@ -1,9 +1,14 @@
 """The only place the agent talks to a server: XML-RPC over TLS, with failover.
 
 ``ServerTransport`` holds the configured servers in order. A call goes to the
-current server; on a network/TLS error or a retryable fault it moves to the
-next, and after ``FAILBACK_AFTER`` seconds on a fallback it tries the first
-again. Every foreign error leaves this module as a ``TransportError`` or a
+current server; on a network/TLS error, a retryable fault or a request for a
+pause (503 Retry-After, "retry after N s") it moves to the next, and
+``failback_after`` seconds after a failover it tries the first again. The
+server in use after a failover is kept in the state directory, so the next
+normal-mode run starts there. A call that finds a kept-alive connection closed
+by the server is sent once more at once, on a new connection. When every
+server asks for a pause the call raises ``RetryLater``; when none answers,
+``TransportError``; the caller backs off (``scire_schema.failover.Backoff``). Every foreign error leaves this module as a ``TransportError`` or a
 ``ServerFault`` (``from`` the original), and every answer is checked and
 turned into a small typed value. Job files are decoded here, once: a poll
 answer carries each job's ``JobDocument`` with the XML text the spool keeps.
@@ -12,6 +17,7 @@ answer carries each job's ``JobDocument`` with the XML text the spool keeps.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import ssl
 import time
@@ -23,16 +29,21 @@ from typing import Any, TypeVar
 from xml.parsers.expat import ExpatError
 
 from scire_client.config import ClientConfig
-from scire_client.exceptions import CertificateExpired, ConfigError, ServerFault, TransportError
-from scire_schema import certs, documents, tls, tls_errors
+from scire_client.exceptions import (
+    CertificateExpired,
+    ConfigError,
+    RetryLater,
+    ServerFault,
+    TransportError,
+)
+from scire_schema import certs, documents, failover, files, tls, tls_errors
 from scire_schema.documents import JobDocument
 from scire_schema.errors import CertificateError, DocumentError
-from scire_schema.protocol import EnrollmentStatus, FaultCode, ReconcileAction
+from scire_schema.protocol import EnrollmentStatus, FaultCode, ReconcileAction, retry_after_text
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-FAILBACK_AFTER = 300.0  # seconds on a fallback server before the first is tried again
 #: How an older server refuses ``agent.poll`` with ``presence`` (InvalidArgument).
 _WRONG_POLL_ARGUMENTS = "wrong arguments for agent.poll"
 
@@ -87,7 +98,8 @@ class ServerTransport:
     ``context`` defaults to one that trusts ``config.ca_path`` and presents the
     agent's certificate when it has one; enrollment passes an unverified one
     (``tls.client_context(None)``) only to fetch the CA, whose fingerprint it
-    checks itself.
+    checks itself. With ``remember``, the server in use after a failover is kept
+    in ``config.server_state_file`` for the next process.
     """
 
     def __init__(
@@ -96,25 +108,34 @@ class ServerTransport:
         context: ssl.SSLContext | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        remember: bool = True,
     ) -> None:
         if not config.servers:
             raise ConfigError("no server configured (servers in [client] or --server URL)")
         self._servers = list(config.servers)
         self._context = context if context is not None else _default_context(config)
         self._timeout = config.connect_timeout
+        self._failback_after = config.failback_after
         self._clock = clock
+        self._wall_clock = wall_clock
         self._current = 0
-        self._failed_over_at = 0.0
-        self._proxies: dict[str, xmlrpc.client.ServerProxy] = {}
+        self._failed_over_at = 0.0  # on self._clock
+        self._failed_over_wall = 0.0  # the same moment on the wall clock, for the state file
+        self._all_down = False  # the last call found no server: log the change once
+        self._state_file = config.server_state_file if remember else None
+        self._remembered: tuple[str, float] | None = None  # what the state file says
+        self._proxies: dict[str, tuple[failover.SingleTryTransport, xmlrpc.client.ServerProxy]] = {}
         self._without_presence: set[str] = set()  # servers that refused agent.poll's 4th argument
+        self._recall()
 
     @property
     def current_server(self) -> str:
         return self._servers[self._current]
 
     def close(self) -> None:
-        for proxy in self._proxies.values():
-            proxy("close")()
+        for transport, _ in self._proxies.values():
+            transport.close()
         self._proxies.clear()
 
     # The agent API; see "The wire" in docs/ARCHITECTURE.md.
@@ -210,49 +231,171 @@ class ServerTransport:
             result=_field(answer, "result", str, "agent.report"),
         )
 
+    def renew_certificate(self, csr_pem: str) -> str:
+        """A certificate for the request's key, replacing ours (the PEM text)."""
+        method = "agent.renew_certificate"
+        answer = _expect(self._call(method, csr_pem), dict, method)
+        return _field(answer, "certificate", str, method)
+
+    def reload_identity(self, config: ClientConfig) -> None:
+        """Present the certificate now in ``config.cert_file`` from the next call
+        on (after a renewal); open connections, made with the old one, are closed."""
+        self._context = _default_context(config)
+        self.close()
+
     # Failover and error mapping.
 
     def _call(self, method: str, *args: Any) -> Any:
-        if self._current and self._clock() - self._failed_over_at >= FAILBACK_AFTER:
-            log.info("server %s: failing back to the first server", self._servers[0])
-            self._current = 0
-        last: TransportError | ServerFault | None = None
-        for _ in range(len(self._servers)):
-            url = self._servers[self._current]
+        start = self._current
+        if start and self._clock() - self._failed_over_at >= self._failback_after:
+            log.info(
+                "server %s: %g s (failback_after) on %s: trying the first server again",
+                self._servers[0],
+                self._failback_after,
+                self._servers[start],
+            )
+            start = 0
+        failures: list[str] = []  # each names its server and says what went wrong
+        pauses = 0
+        pause: float | None = None
+        fault: ServerFault | None = None
+        for step in range(len(self._servers)):
+            index = (start + step) % len(self._servers)
+            url = self._servers[index]
             try:
-                return self._call_one(url, method, args)
+                answer = self._call_one(url, method, args)
+            except _Pause as exc:
+                pause = exc.seconds if pause is None else min(pause, exc.seconds)
+                pauses += 1
+                failures.append(f"server {url} asks for a pause ({exc})")
             except TransportError as exc:
-                last = exc
+                # ``_call_one`` starts the message with the URL; once is enough.
+                why = exc.message.removeprefix(f"{url}: ")
+                failures.append(f"server {url} unreachable ({why})")
             except ServerFault as exc:
                 if exc.permanent:
+                    # It answered: the call itself is refused.
+                    self._arrived(index, failures, pauses == len(failures))
                     raise
-                last = exc  # unavailable or internal there: another daemon may do better
-            log.warning("%s failed: %s", method, last)
+                fault = exc  # unavailable or internal there: another daemon may do better
+                failures.append(f"server {url} failed ({exc.message})")
+            else:
+                self._arrived(index, failures, pauses == len(failures))
+                return answer
             self._drop_proxy(url)
-            if len(self._servers) > 1:
-                self._current = (self._current + 1) % len(self._servers)
-                self._failed_over_at = self._clock()
-                log.info("failing over to server %s", self._servers[self._current])
-        assert last is not None
-        if isinstance(last, ServerFault):
-            raise last
-        raise TransportError(f"no server answered {method}: {last}") from last
+        tried = "; ".join(failures)
+        if not self._all_down:
+            self._all_down = True
+            # A pause asked for is no failure: the caller waits, as told.
+            level = logging.INFO if pause is not None else logging.WARNING
+            log.log(level, "no server answers %s: %s", method, tried)
+        if pause is not None:
+            raise RetryLater(f"{method}: {tried}", pause)
+        if fault is not None:
+            raise fault
+        raise TransportError(f"no server answered {method}: {tried}")
+
+    def _arrived(self, index: int, failures: list[str], only_pauses: bool) -> None:
+        """Server ``index`` answered after ``failures``: log a change of server
+        (one line per change, not per call) and remember it for the next run.
+        Servers that only asked for a pause are no failure: that line is INFO."""
+        url = self._servers[index]
+        was = self._servers[self._current]
+        if failures and (index != self._current or self._all_down):
+            level = logging.INFO if only_pauses else logging.WARNING
+            log.log(level, "%s; using %s", "; ".join(failures), url)
+        elif failures:
+            # A failback try that failed again: one line per failback_after.
+            log.info("%s; staying on %s", "; ".join(failures), url)
+        elif index != self._current or self._all_down:
+            log.info("server %s answers; using it", url)
+        self._all_down = False
+        if index != 0 and (index != self._current or failures):
+            self._failed_over_at = self._clock()
+            self._failed_over_wall = self._wall_clock()
+        self._current = index
+        if url != was or failures:
+            self._remember()
+
+    def _recall(self) -> None:
+        """Start on the server the last run failed over to, until ``failback_after``
+        has passed since: a hung first server then costs one timeout per
+        failback period, not one per run."""
+        if self._state_file is None:
+            return
+        try:
+            saved = json.loads(self._state_file.read_text(encoding="utf-8"))
+            url = saved["server"]
+            since = float(saved["failed_over_at"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: not read, starting on the first server: %s", self._state_file, exc)
+            return
+        if url not in self._servers or url == self._servers[0]:
+            return
+        age = self._wall_clock() - since
+        if not 0 <= age < self._failback_after:
+            return  # due for failback (or the clock went back: trust the first server)
+        self._current = self._servers.index(url)
+        self._failed_over_at = self._clock() - age
+        self._failed_over_wall = since
+        self._remembered = (url, since)
+        log.info(
+            "server %s: using it, as since the failover %.0f s ago (the first server is "
+            "tried again %g s after it)",
+            url,
+            age,
+            self._failback_after,
+        )
+
+    def _remember(self) -> None:
+        if self._state_file is None or not self._state_file.parent.is_dir():
+            return  # before enrollment made the state directory: nothing to keep yet
+        url = self._servers[self._current]
+        since = self._failed_over_wall if self._current else 0.0
+        if (url, since) == self._remembered:
+            return
+        data = json.dumps({"server": url, "failed_over_at": since}) + "\n"
+        try:
+            files.write_atomic(self._state_file, data.encode(), 0o644)
+        except OSError as exc:
+            log.warning("%s: cannot record the server in use: %s", self._state_file, exc)
+            return
+        self._remembered = (url, since)
 
     def _call_one(self, url: str, method: str, args: tuple[Any, ...]) -> Any:
-        proxy = self._proxies.get(url)
-        if proxy is None:
-            proxy = xmlrpc.client.ServerProxy(
-                url, transport=tls.TLSTransport(self._context, self._timeout), allow_none=True
-            )
-            self._proxies[url] = proxy
+        transport, proxy = self._connection(url)
+        reused = transport.connected
         log.debug("server %s: calling %s", url, method)
         try:
+            try:
+                return getattr(proxy, method)(*args)
+            except (OSError, http.client.HTTPException) as exc:
+                if not (reused and failover.stale_connection(exc)):
+                    raise
+                # The server closed the kept-alive connection since the last call
+                # (it restarted, or dropped it as idle): one more try at once, on a
+                # new connection, before failing over. Safe for every agent call,
+                # because each may reach the server twice: register answers a key
+                # already on record with its status, poll and fetch_certificate
+                # change nothing a repeat would undo (an unacknowledged delivery
+                # comes again, under its delivery id), acknowledge names delivery
+                # ids, and a second report of a job is a "duplicate" (scire_server
+                # api.py and store/assignments.py).
+                log.info("server %s closed the connection (%s); calling again", url, exc)
             return getattr(proxy, method)(*args)
         except xmlrpc.client.Fault as exc:
+            seconds = failover.retry_after(exc)
+            if seconds is not None:
+                raise _Pause(seconds) from exc
             raise ServerFault(int(exc.faultCode), str(exc.faultString)) from exc
         except ssl.SSLError as exc:
             raise TransportError(tls_errors.explain_for_agent(exc, url)) from exc
         except xmlrpc.client.ProtocolError as exc:
+            seconds = failover.retry_after(exc)
+            if seconds is not None:
+                raise _Pause(seconds) from exc
             raise TransportError(f"{url}: HTTP {exc.errcode} {exc.errmsg}") from exc
         except (OSError, http.client.HTTPException) as exc:
             # ssl.SSLError, TimeoutError and ConnectionError are all OSErrors.
@@ -260,11 +403,29 @@ class ServerTransport:
         except (xmlrpc.client.ResponseError, ExpatError) as exc:
             raise TransportError(f"{url}: not an XML-RPC answer: {exc}") from exc
 
+    def _connection(
+        self, url: str
+    ) -> tuple[failover.SingleTryTransport, xmlrpc.client.ServerProxy]:
+        pair = self._proxies.get(url)
+        if pair is None:
+            transport = failover.SingleTryTransport(self._context, self._timeout)
+            pair = (transport, xmlrpc.client.ServerProxy(url, transport=transport, allow_none=True))
+            self._proxies[url] = pair
+        return pair
+
     def _drop_proxy(self, url: str) -> None:
         # A failed call may leave a half-read connection: never reuse it.
-        proxy = self._proxies.pop(url, None)
-        if proxy is not None:
-            proxy("close")()
+        pair = self._proxies.pop(url, None)
+        if pair is not None:
+            pair[0].close()
+
+
+class _Pause(Exception):
+    """One server asked for a pause of ``seconds``; ``_call`` tries the others."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(retry_after_text(seconds))
+        self.seconds = seconds
 
 
 def _default_context(config: ClientConfig) -> ssl.SSLContext:

@@ -51,6 +51,8 @@ class PollNowListener:
             raise ConfigError(
                 f"poll_now listener: cannot load the agent's certificate: {exc}"
             ) from exc
+        self._context = context
+        self._cert_file, self._key_file = config.cert_file, config.key_file
         self._app = XMLRPCApp(self._dispatch)
         self._listener = Listener(
             self._host,
@@ -67,6 +69,14 @@ class PollNowListener:
             self._listener.start()
         except OSError as exc:
             raise ConfigError(f"listen {self._host}:{self._listener.port}: {exc.strerror}") from exc
+
+    def reload_certificate(self) -> None:
+        """Present the agent's renewed certificate from the next connection on (the
+        server pins the fingerprint on record, which the renewal changed)."""
+        try:
+            self._context.load_cert_chain(self._cert_file, self._key_file)
+        except OSError as exc:  # ssl.SSLError too
+            log.error("poll_now listener: cannot load the renewed certificate: %s", exc)
 
     def stop(self) -> None:
         self._listener.drain(DRAIN_GRACE)

@@ -20,10 +20,12 @@ import sys
 import time
 import uuid
 import xmlrpc.client
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from scire_schema import certs, files, protocol, tls
+from scire_schema import certs, failover, files, inifile, protocol, tls
 from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_schema.protocol import CatchUp, ScheduleKind
@@ -61,11 +63,14 @@ class CLIError(Exception):
 
 
 class ConnectionFailure(CLIError):
-    """The server could not be reached or TLS with it failed; ``main`` words it."""
+    """The server could not be reached or TLS with it failed; ``main`` words it
+    (``explain``) unless ``message`` already says it all (several servers)."""
 
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause), ExitCode.UNREACHABLE)
+    def __init__(self, cause: BaseException, url: str = "", message: str = "") -> None:
+        super().__init__(message or str(cause), ExitCode.UNREACHABLE)
         self.cause = cause
+        self.url = url
+        self.worded = bool(message)
 
 
 #: Tries of ``job submit`` when no answer comes back, and the wait before each retry.
@@ -98,7 +103,7 @@ def write_bundle(path: Path, key_pem: bytes, cert_pem: str, ca_pem: str) -> None
         raise CLIError(f"cannot write the bundle {path}: {exc.strerror}") from exc
 
 
-def connect(config: AdminConfig) -> Any:
+def connect(config: AdminConfig) -> ServerConnection:
     bundle = (config.bundle or DEFAULT_BUNDLE).expanduser()
     try:
         text = bundle.read_text(encoding="utf-8")
@@ -114,9 +119,7 @@ def connect(config: AdminConfig) -> Any:
         context = tls.client_context(None, bundle, bundle, ca_data=pem_certs[-1])
     except ssl.SSLError as exc:
         raise CLIError(f"{bundle}: {exc}") from exc
-    return xmlrpc.client.ServerProxy(
-        config.server, transport=tls.TLSTransport(context, config.timeout), allow_none=True
-    )
+    return ServerConnection(config.server, context, config.timeout)
 
 
 #: What a server fault means for the exit code; any other fault is ExitCode.ERROR.
@@ -129,24 +132,205 @@ FAULT_EXIT_CODES = {
     Unavailable.code: ExitCode.UNREACHABLE,
 }
 
+#: Calls that may reach a server twice: they change nothing, or the server
+#: answers a repeat with the first outcome (``job_submit`` carries a request
+#: key, see ``submit``). Only these are sent again, to the same server on a new
+#: connection or to the next one, when one was sent and no answer came back:
+#: any other may have been applied, and is not repeated behind the operator's back.
+REPEATABLE_CALLS = frozenset(
+    {
+        "admin.audit",
+        "admin.client_list",
+        "admin.client_show",
+        "admin.grant_list",
+        "admin.group_list",
+        "admin.job_list",
+        "admin.job_show",
+        "admin.job_submit",
+        "admin.schedule_list",
+        "admin.schedule_show",
+        "admin.server_list",
+        "admin.user_list",
+        "admin.whoami",
+    }
+)
+#: The longest "retry after" ``scire-admin`` waits out (once) when every server asks
+#: for a pause; a longer one fails with ExitCode.UNREACHABLE and says how long.
+PAUSE_WAIT_MAX = 30.0
 
-def call(proxy: Any, method: str, *args: Any) -> Any:
-    try:
-        return getattr(proxy, method)(*args)
-    except xmlrpc.client.Fault as exc:
-        name = FAULT_NAMES.get(exc.faultCode, "Fault")
-        raise CLIError(
-            f"{exc.faultString} ({name}, fault {exc.faultCode})",
-            FAULT_EXIT_CODES.get(exc.faultCode, ExitCode.ERROR),
-            exc.faultCode,
-        ) from exc
-    except xmlrpc.client.ProtocolError as exc:
-        raise CLIError(
-            f"{exc.url} answered HTTP {exc.errcode} {exc.errmsg}: is --server a Scire server?",
+
+class _NotSent(Exception):
+    """The call never reached the server: any other server may have it."""
+
+
+class _NoAnswer(Exception):
+    """The call was sent but no answer came back: it may have been applied."""
+
+
+class _Pause(Exception):
+    """The server asked for a pause: it did not apply the call."""
+
+    def __init__(self, seconds: float, cause: BaseException) -> None:
+        super().__init__(protocol.retry_after_text(seconds))
+        self.seconds = seconds
+        self.cause = cause
+
+
+class ServerConnection:
+    """The admin API of the first of ``servers`` that answers, in order.
+
+    A server that cannot be reached, that fails the TLS handshake or that asks
+    for a pause is passed over for the next; the one that answers is used for
+    the rest of the command. A call sent without an answer (a timeout, a reset)
+    moves on only when it is in ``REPEATABLE_CALLS``. When every server asks
+    for a pause of up to ``PAUSE_WAIT_MAX``, it is waited out once.
+    """
+
+    def __init__(
+        self,
+        servers: list[str],
+        context: ssl.SSLContext,
+        timeout: float,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.servers = list(servers)
+        self._context = context
+        self._timeout = timeout
+        self._sleep = sleep
+        self._current = 0
+        self._links: dict[str, tuple[failover.SingleTryTransport, xmlrpc.client.ServerProxy]] = {}
+
+    def call(self, method: str, *args: Any) -> Any:
+        try:
+            return self._call_round(method, args)
+        except _Pause as exc:
+            if exc.seconds > PAUSE_WAIT_MAX:
+                raise self._busy(method, exc) from exc.cause
+            delay = failover.stretch(exc.seconds)
+            print(
+                f"scire-admin: the server is busy; trying again in {delay:.1f} s", file=sys.stderr
+            )
+            self._sleep(delay)
+        try:
+            return self._call_round(method, args)
+        except _Pause as exc:
+            raise self._busy(method, exc) from exc.cause
+
+    def _busy(self, method: str, pause: _Pause) -> CLIError:
+        where = " and ".join(self.servers)
+        return CLIError(
+            f"{where} busy: {method} not applied, {pause} (the server asks for a pause)",
             ExitCode.UNREACHABLE,
-        ) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise ConnectionFailure(exc) from exc
+            Unavailable.code,
+        )
+
+    def _call_round(self, method: str, args: tuple[Any, ...]) -> Any:
+        failures: list[tuple[str, BaseException, str]] = []
+        pause: _Pause | None = None
+        for step in range(len(self.servers)):
+            index = (self._current + step) % len(self.servers)
+            url = self.servers[index]
+            try:
+                answer = self._call_one(url, method, args)
+            except _NotSent as exc:
+                cause = exc.__cause__ or exc
+                failures.append((url, cause, explain(cause, url)))
+                continue
+            except _Pause as exc:
+                pause = exc if pause is None or exc.seconds < pause.seconds else pause
+                failures.append((url, exc.cause, f"{urlsplit(url).netloc} busy, {exc}"))
+                continue
+            except _NoAnswer as exc:
+                cause = exc.__cause__ or exc
+                failures.append((url, cause, explain(cause, url)))
+                if method in REPEATABLE_CALLS:
+                    continue
+                raise self._maybe_applied(method, url, cause, index) from cause
+            if failures:
+                skipped = "; ".join(why for _, _, why in failures)
+                print(f"scire-admin: {skipped}; using {url}", file=sys.stderr)
+                self._current = index
+            return answer
+        if pause is not None:
+            raise pause
+        if len(failures) == 1:
+            url, cause, _ = failures[0]
+            raise ConnectionFailure(cause, url) from cause
+        tried = "; ".join(f"{url}: {why}" for url, _, why in failures)
+        raise ConnectionFailure(
+            failures[-1][1], failures[-1][0], f"no server answered {method} (tried {tried})"
+        ) from failures[-1][1]
+
+    def _maybe_applied(
+        self, method: str, url: str, cause: BaseException, index: int
+    ) -> ConnectionFailure:
+        rest = [u for u in self.servers[index + 1 :] + self.servers[:index] if u != url]
+        if not rest:
+            return ConnectionFailure(cause, url)
+        return ConnectionFailure(
+            cause,
+            url,
+            f"{explain(cause, url)}; {method} may have been applied there, so it was not "
+            f"sent to {', '.join(rest)}: check, then run the command again",
+        )
+
+    def _call_one(self, url: str, method: str, args: tuple[Any, ...]) -> Any:
+        transport, proxy = self._link(url)
+        reused = transport.connected
+        try:
+            transport.open(urlsplit(url).netloc)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _NotSent() from exc
+        try:
+            try:
+                return getattr(proxy, method)(*args)
+            except (OSError, http.client.HTTPException) as exc:
+                if not (reused and method in REPEATABLE_CALLS and failover.stale_connection(exc)):
+                    raise
+            # The server closed the kept-alive connection since the last call
+            # (``job wait`` calls job_show many times): once more, on a new one.
+            transport.open(urlsplit(url).netloc)
+            return getattr(proxy, method)(*args)
+        except xmlrpc.client.Fault as exc:
+            seconds = failover.retry_after(exc)
+            if seconds is not None:
+                raise _Pause(seconds, exc) from exc
+            name = FAULT_NAMES.get(exc.faultCode, "Fault")
+            raise CLIError(
+                f"{exc.faultString} ({name}, fault {exc.faultCode})",
+                FAULT_EXIT_CODES.get(exc.faultCode, ExitCode.ERROR),
+                exc.faultCode,
+            ) from exc
+        except xmlrpc.client.ProtocolError as exc:
+            seconds = failover.retry_after(exc)
+            if seconds is not None:
+                raise _Pause(seconds, exc) from exc
+            raise CLIError(
+                f"{exc.url} answered HTTP {exc.errcode} {exc.errmsg}: is --server a Scire server?",
+                ExitCode.UNREACHABLE,
+            ) from exc
+        except ssl.SSLError as exc:
+            raise _NotSent() from exc  # TLS refused before the request went out
+        except (OSError, http.client.HTTPException) as exc:
+            raise _NoAnswer() from exc
+
+    def _link(self, url: str) -> tuple[failover.SingleTryTransport, xmlrpc.client.ServerProxy]:
+        link = self._links.get(url)
+        if link is None:
+            transport = failover.SingleTryTransport(self._context, self._timeout)
+            link = (transport, xmlrpc.client.ServerProxy(url, transport=transport, allow_none=True))
+            self._links[url] = link
+        return link
+
+    def close(self) -> None:
+        for transport, _ in self._links.values():
+            transport.close()
+        self._links.clear()
+
+
+def call(connection: ServerConnection, method: str, *args: Any) -> Any:
+    return connection.call(method, *args)
 
 
 # --- output -----------------------------------------------------------------------
@@ -218,6 +402,20 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         raise CLIError(
             f"cannot make the state directory {config.state_dir}: {exc.strerror}"
         ) from exc
+    database = store.redacted(config.database_url)
+    try:
+        # The database first: an unreachable one costs nothing written, so
+        # init runs again as it is once the URL or the server is fixed.
+        migrations.upgrade(config.database_url)
+    except ConfigError:  # a bad URL or a missing driver: its own line
+        bundle.unlink(missing_ok=True)
+        raise
+    except ScireError as exc:
+        bundle.unlink(missing_ok=True)
+        raise CLIError(
+            f"cannot set up the database {database}: {exc.message}; nothing was written, "
+            "fix that and run init again"
+        ) from None
     try:
         ca_key, ca_cert = ca.create_ca()
         files.write_private(config.ca_key_file, certs.key_to_pem(ca_key))
@@ -233,7 +431,6 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         )
         files.write_private(config.key_file, certs.key_to_pem(server_key))
         files.write_public(config.cert_file, certs.cert_to_pem(server_cert))
-        migrations.upgrade(config.database_url)
         user_key = certs.generate_key()
         user_cert = ca.sign_csr(
             ca_key, ca_cert, certs.make_csr(user_key, args.admin), args.admin, ca.ROLE_USER
@@ -250,12 +447,12 @@ def cmd_init(args: argparse.Namespace) -> ExitCode:
         raise CLIError(
             f"init stopped half-way: {_why(exc)}; fix that (disk full? read-only?), "
             f"remove {config.state_dir} and run init again"
-        ) from exc
+        ) from None
     ca_pem = certs.cert_to_pem(ca_cert).decode()
     write_bundle(bundle, certs.key_to_pem(user_key), certs.cert_to_pem(user_cert).decode(), ca_pem)
     answer = {
         "state_dir": str(config.state_dir),
-        "database": config.database_url,
+        "database": database,
         "server_names": config.alt_names,
         "admin": args.admin,
         "bundle": str(bundle),
@@ -296,16 +493,19 @@ def check_bundle_target(path: Path) -> None:
 
 def cmd_db(args: argparse.Namespace) -> ExitCode:
     config = server_config(args)
+    database = store.redacted(config.database_url)
     try:
         if args.db_command == "upgrade":
             before, head = migrations.current(config.database_url)
             migrations.upgrade(config.database_url)
-            answer = {"database": config.database_url, "from": before or "empty", "to": head}
+            answer = {"database": database, "from": before or "empty", "to": head}
         else:
             current, head = migrations.current(config.database_url)
-            answer = {"database": config.database_url, "current": current or "empty", "head": head}
+            answer = {"database": database, "current": current or "empty", "head": head}
+    except ConfigError:
+        raise
     except (OSError, ScireError) as exc:
-        raise CLIError(f"{config.database_url}: {_why(exc)}") from exc
+        raise CLIError(f"{database}: {_why(exc)}") from None
     show(args, answer)
     return ExitCode.OK
 
@@ -384,6 +584,7 @@ def cmd_client(args: argparse.Namespace, proxy: Any) -> ExitCode:
                 "presence",
                 "mode",
                 "version",
+                "cert_expires",
                 "key_fingerprint",
             ],
         )
@@ -415,7 +616,29 @@ def client_presence(client: dict[str, Any]) -> dict[str, Any]:
         "presence": word,
         "mode": client.get("agent_mode"),
         "version": client.get("agent_version"),
+        "cert_expires": cert_expiry(
+            client.get("cert_not_after"), protocol.utc_now().replace(tzinfo=None)
+        ),
     }
+
+
+#: A client certificate this close to its end is flagged in the tables.
+CERT_EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+def cert_expiry(not_after: str | None, now: dt.datetime) -> str | None:
+    """A certificate's end as the tables show it: the day, flagged when it is
+    less than ``CERT_EXPIRY_WARNING`` away or past; None without a certificate
+    (or from a server that does not say)."""
+    if not not_after:
+        return None
+    end = protocol.parse_time(not_after)
+    day = f"{end:%Y-%m-%d}"
+    if end <= now:
+        return f"{day} (EXPIRED)"
+    if end - now < CERT_EXPIRY_WARNING:
+        return f"{day} (expires in < {CERT_EXPIRY_WARNING.days} days)"
+    return day
 
 
 def cmd_group(args: argparse.Namespace, proxy: Any) -> ExitCode:
@@ -564,6 +787,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
         show_job(args, call(proxy, "admin.job_show", args.id))
     elif sub == "cancel":
         show(args, call(proxy, "admin.job_cancel", args.id))
+    elif sub == "retry":
+        return job_retry(args, proxy)
     elif sub == "wait":
         deadline = time.monotonic() + args.timeout
         while True:
@@ -573,6 +798,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
             time.sleep(0.5)
         show_job(args, detail)
         return job_exit_code(detail, args.timeout)
+    elif sub == "output":
+        return job_output(args, proxy)
     elif sub == "watch":
         return job_watch.watch(
             args.id,
@@ -582,6 +809,106 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
             is_final=lambda detail: detail["state"] in FINAL_SUMMARIES,
             exit_code=job_exit_code,
         )
+    return ExitCode.OK
+
+
+def job_retry(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """``job retry``: the failed and timed-out hosts of a finished job run it again."""
+    answer = call(proxy, "admin.job_retry", args.id, args.host or [])
+    if args.json:
+        show(args, answer)
+    else:
+        print(
+            f"job {answer['job_id']} retried on {', '.join(answer['retried'])} "
+            "(previous attempt kept in: scire-admin audit --job "
+            f"{answer['job_id']})"
+        )
+    for why in answer["refused"]:
+        print(f"refused: {why}", file=sys.stderr if args.json else sys.stdout)
+    return ExitCode.TARGETS_REFUSED if answer["refused"] else ExitCode.OK
+
+
+#: Seconds between two asks of ``job output --follow``.
+FOLLOW_INTERVAL = 1.0
+
+
+def job_output(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """One host's output of a job; with ``--follow`` the new text as it comes,
+    until the host's assignment is final. Exits like ``job wait`` for that host."""
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    offset = 0
+    attempt: int | None = None
+    printed = ""  # the last text printed: the output ends with a newline either way
+    while True:
+        part = call(proxy, "admin.job_output", args.id, args.host, offset)
+        if attempt is not None and (part["attempt"] != attempt or part["start"] < offset):
+            if not args.json:
+                print(
+                    f"\n--- attempt {part['attempt']}: output from the start ---", file=sys.stderr
+                )
+        attempt = part["attempt"]
+        if part["text"]:
+            if args.json:
+                show_line(part)
+            else:
+                sys.stdout.write(part["text"])
+                sys.stdout.flush()
+            printed = part["text"]
+        offset = part["length"]
+        if part["final"] or not args.follow:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            print(
+                f"scire-admin: job {args.id} on {args.host} still {part['state']} "
+                f"after {args.timeout:g} s",
+                file=sys.stderr,
+            )
+            return ExitCode.NOT_FINISHED
+        time.sleep(FOLLOW_INTERVAL)
+    if args.json:
+        if not part["text"]:
+            show_line(part)
+    elif printed and not printed.endswith("\n"):
+        print()
+    if part["truncated"] and not args.json:
+        print(
+            f"scire-admin: the output of {args.host} was cut at the job's output limit",
+            file=sys.stderr,
+        )
+    if not part["final"]:
+        return ExitCode.NOT_FINISHED if args.follow else ExitCode.OK
+    if part["state"] != "succeeded":
+        why = f": {part['reason']}" if part["reason"] else ""
+        print(f"scire-admin: job {args.id} on {args.host}: {part['state']}{why}", file=sys.stderr)
+        return ExitCode.HOSTS_FAILED
+    return ExitCode.OK
+
+
+def show_line(value: dict[str, Any]) -> None:
+    """One JSON object on one line (a stream a script reads line by line)."""
+    print(json.dumps(value, default=str), flush=True)
+
+
+def cmd_cert(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    """Renew the caller's own certificate: a new key and request, signed by the
+    server over this connection; the bundle is replaced in one atomic write."""
+    bundle = (admin_config(args).bundle or DEFAULT_BUNDLE).expanduser()
+    whoami = call(proxy, "admin.whoami")
+    key = certs.generate_key()
+    answer = call(proxy, "admin.renew_certificate", certs.make_csr(key, whoami["name"]).decode())
+    cert = certs.load_cert(answer["certificate"])
+    if not certs.same_key(cert.public_key(), key) or certs.common_name(cert) != whoami["name"]:
+        raise CLIError("the server answered a certificate for another key or name; bundle kept")
+    write_bundle(bundle, certs.key_to_pem(key), answer["certificate"], answer["ca"])
+    show(
+        args,
+        {
+            "name": answer["name"],
+            "bundle": str(bundle),
+            "fingerprint": answer["fingerprint"],
+            "expires": answer["expires"],
+        },
+    )
     return ExitCode.OK
 
 
@@ -774,12 +1101,24 @@ def show_schedule(args: argparse.Namespace, detail: dict[str, Any]) -> None:
 
 
 def cmd_audit(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    events = call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit)
+    if not args.json:
+        events = [e | {"detail": one_line(e.get("detail"))} for e in events]
     show(
         args,
-        call(proxy, "admin.audit", args.job or 0, args.client or "", args.limit),
+        events,
         ["at", "actor", "action", "job_id", "client", "old_state", "new_state", "detail"],
     )
     return ExitCode.OK
+
+
+def one_line(detail: str | None) -> str | None:
+    """An audit detail in a table row: its first line, saying how many more
+    there are (a ``retry`` row holds the previous attempt's output)."""
+    if detail is None or "\n" not in detail.rstrip("\n"):
+        return detail.rstrip("\n") if detail else detail
+    first, *more = detail.rstrip("\n").split("\n")
+    return f"{first} (+{len(more)} lines: --json shows them)"
 
 
 def cmd_server(args: argparse.Namespace, proxy: Any) -> ExitCode:
@@ -916,7 +1255,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"INI file with an [admin] section (default {DEFAULT_CONFIG} if it exists)",
     )
-    p.add_argument("--server", metavar="URL", help="server URL (default https://127.0.0.1:8443/)")
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="URL",
+        help="server URL (default https://127.0.0.1:8443/); repeat, or separate with commas, "
+        "for servers to fail over to, in order",
+    )
     p.add_argument(
         "--bundle", type=Path, metavar="FILE", help=f"user bundle (default {DEFAULT_BUNDLE})"
     )
@@ -1273,7 +1618,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the privilege the job needs on each host (default run)",
     )
-    submit.add_argument("--interpreter", metavar="PATH", help="default /bin/sh")
+    submit.add_argument(
+        "--interpreter",
+        metavar="PATH",
+        help="default: the script's #! line, else /bin/sh (the server's default_interpreter)",
+    )
     submit.add_argument(
         "--not-before",
         type=iso_time,
@@ -1379,6 +1728,27 @@ def build_parser() -> argparse.ArgumentParser:
         _command(job, verb, summary, (summary, f"scire-admin job {verb} 12")).add_argument(
             "id", type=positive_int, metavar="ID", help="the job's id"
         )
+    jretry = _command(
+        job,
+        "retry",
+        "run a finished job again on its failed and timed-out hosts",
+        ("every host of job 12 that failed or timed out", "scire-admin job retry 12"),
+        (
+            "only web-17, then wait for it",
+            "scire-admin job retry 12 --host web-17 && scire-admin job wait 12",
+        ),
+        more="The same job, a new attempt on each retried host: the previous attempt's\n"
+        "state, exit code and output stay in the audit trail (scire-admin audit --job ID).\n"
+        "Refused (exit 1) while the job runs, after a cancel or its expiry, or when no\n"
+        "host failed. Exits 6 when some hosts were refused (client no longer accepted).",
+    )
+    jretry.add_argument("id", type=positive_int, metavar="ID", help="the job's id")
+    jretry.add_argument(
+        "--host",
+        action="append",
+        metavar="CLIENT",
+        help="retry only this host (repeat); default: every failed or timed-out host",
+    )
     jw = _command(
         job,
         "wait",
@@ -1397,6 +1767,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up after this long (default 300)",
     )
+    joutput = _command(
+        job,
+        "output",
+        "one host's output of a job, live while it runs",
+        ("what web-17 printed so far", "scire-admin job output 12 --host web-17"),
+        ("tail it until the job ends there", "scire-admin job output 12 --host web-17 --follow"),
+        more="While a job runs its agent sends the output so far every heartbeat_interval,\n"
+        "so --follow prints new text as it arrives (up to the job's output limit).\n"
+        "With --json, one object per new piece: text, state, final, truncated.\n"
+        "Exits like job wait for that host: 0 succeeded, 5 it did not, 7 --timeout\n"
+        "ran out (without --follow: 0 while it runs).",
+    )
+    joutput.add_argument("id", type=positive_int, metavar="ID", help="the job's id")
+    joutput.add_argument("--host", required=True, metavar="NAME", help="the host (client) name")
+    joutput.add_argument(
+        "-f", "--follow", action="store_true", help="print new output until the host has finished"
+    )
+    joutput.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="with --follow: give up after this long (default: never)",
+    )
     jwatch = _command(
         job,
         "watch",
@@ -1413,6 +1806,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_seconds,
         metavar="SECONDS",
         help="give up after this long (default: never)",
+    )
+
+    cert = _area(
+        sub,
+        "cert",
+        "your own certificate",
+        ("a new certificate for your bundle", "scire-admin cert renew"),
+    )
+    _command(
+        cert,
+        "renew",
+        "replace your certificate: a new key, signed by the server, written to your bundle",
+        ("renew the bundle in use", "scire-admin cert renew"),
+        ("renew another bundle", "scire-admin --bundle ~/alice.pem cert renew"),
+        more="The new certificate works at once; the old one is refused from then on\n"
+        "(docs/SECURITY.md, Renewal). The bundle is replaced in one atomic write.",
     )
 
     schedule = _area(
@@ -1481,6 +1890,7 @@ ONLINE = {
     "schedule": cmd_schedule,
     "audit": cmd_audit,
     "server": cmd_server,
+    "cert": cmd_cert,
 }
 OFFLINE = {
     "init": cmd_init,
@@ -1494,19 +1904,25 @@ def admin_config(args: argparse.Namespace) -> AdminConfig:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.expanduser().exists():
         path = DEFAULT_CONFIG.expanduser()
-    return AdminConfig.load(
-        path, server=args.server, bundle=args.bundle, timeout=args.request_timeout
-    )
+    servers = None
+    if args.server:
+        servers = [url for item in args.server for url in inifile.split_list(item)]
+    return AdminConfig.load(path, server=servers, bundle=args.bundle, timeout=args.request_timeout)
 
 
 def run(args: argparse.Namespace) -> ExitCode:
     if args.area in OFFLINE:
         return OFFLINE[args.area](args)
     config = admin_config(args)
+    connection = connect(config)
     try:
-        return ONLINE[args.area](args, connect(config))
+        return ONLINE[args.area](args, connection)
     except ConnectionFailure as exc:
-        raise CLIError(explain(exc.cause, config.server), exc.code) from exc
+        if exc.worded:
+            raise CLIError(str(exc), exc.code) from exc
+        raise CLIError(explain(exc.cause, exc.url or config.server[0]), exc.code) from exc
+    finally:
+        connection.close()
 
 
 def main(argv: list[str] | None = None) -> int:

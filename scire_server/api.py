@@ -18,7 +18,7 @@ import re
 import secrets
 import xmlrpc.client
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
@@ -29,6 +29,7 @@ from scire_server.config import ServerConfig
 from scire_server.exceptions import (
     AuthenticationRequired,
     Conflict,
+    DatabaseUnreachable,
     Forbidden,
     InvalidArgument,
     InvalidDocument,
@@ -41,8 +42,9 @@ from scire_server.exceptions import (
 )
 from scire_server.presence import LastSeen, is_online, parse_presence
 from scire_server.refusals import AnonymousRefusals
-from scire_server.states import JOB_SUMMARIES, ClientStatus
+from scire_server.states import FINAL, JOB_SUMMARIES, ClientStatus
 from scire_server.store import Caller, Certificate, JobSpec, Store, utcnow
+from scire_server.store.assignments import APPLIED
 from scire_server.work_due import WorkDue
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ MAX_SCRIPT_BYTES = 1024 * 1024
 # byte that is not UTF-8, then base64): 2 MiB keeps it and the XML-RPC envelope
 # under their caps.
 MAX_OUTPUT_LIMIT = 2 * 1024 * 1024
+FINAL_STATES = frozenset(state.value for state in FINAL)
 #: Keys of ``job_submit`` that only a schedule (``at``, ``every``, ``cron``) takes.
 SCHEDULE_ONLY_KEYS = ("timezone", "catch_up", "allow_overlap")
 
@@ -115,6 +118,27 @@ def _ids(value: Any, what: str) -> list[int]:
     return value
 
 
+class DispatchObserver(Protocol):
+    """Hears what the agents' calls did (``monitoring.ServerMetrics`` counts it)."""
+
+    def polled(self, sent: int, denied: int) -> None: ...
+
+    def acknowledged(self, count: int) -> None: ...
+
+    def reported(self, state: str) -> None: ...
+
+
+class _Unobserved:
+    def polled(self, sent: int, denied: int) -> None:
+        pass
+
+    def acknowledged(self, count: int) -> None:
+        pass
+
+    def reported(self, state: str) -> None:
+        pass
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -128,14 +152,17 @@ class RemoteMethods:
         store: Store,
         work_due: WorkDue | None = None,
         on_presence_change: Callable[[str], None] | None = None,
+        observer: DispatchObserver | None = None,
     ) -> None:
         """``work_due`` hears of the clients a submission or a rerun gave work;
         ``on_presence_change`` is told the name of a client whose agent changed
-        its version, mode or callback (the pusher forgets where it listened)."""
+        its version, mode or callback (the pusher forgets where it listened);
+        ``observer`` of each poll, acknowledgement and applied report."""
         self.config = config
         self.store = store
         self.work_due = work_due or WorkDue()
         self.on_presence_change = on_presence_change
+        self.observer: DispatchObserver = observer or _Unobserved()
         self.last_seen = LastSeen()
         self.ca_cert = certs.load_cert(config.ca_cert_file.read_bytes())
         self.ca_key = certs.load_key(config.ca_key_file.read_bytes())
@@ -152,11 +179,15 @@ class RemoteMethods:
             "agent.poll": ("agent", self.poll),
             "agent.acknowledge": ("agent", self.acknowledge),
             "agent.report": ("agent", self.report),
+            "agent.renew_certificate": ("agent", self.renew_certificate),
             "admin.whoami": ("user", self.whoami),
+            "admin.renew_certificate": ("user", self.renew_certificate),
             "admin.job_submit": ("user", self.job_submit),
             "admin.job_list": ("user", self.job_list),
             "admin.job_show": ("user", self.job_show),
             "admin.job_cancel": ("user", self.job_cancel),
+            "admin.job_retry": ("user", self.job_retry),
+            "admin.job_output": ("user", self.job_output),
             "admin.client_list": ("user", self.client_list),
             "admin.grant_list": ("user", self.grant_list),
             "admin.schedule_list": ("user", self.schedule_list),
@@ -200,6 +231,8 @@ class RemoteMethods:
         is only counted (:class:`refusals.AnonymousRefusals`): its first from
         each address per interval is logged, the rest summed up by
         :meth:`summarize_refusals`."""
+        if isinstance(exc, DatabaseUnreachable):
+            return  # the store logs an outage once, not once per call
         who = caller or exc.identity
         what = method if method in self._names else clip(method)
         if who is None:
@@ -330,6 +363,7 @@ class RemoteMethods:
                 self.on_presence_change(caller.name)
         if result.requeued:
             self.work_due.announce([caller.name])
+        self.observer.polled(len(result.deliveries), result.denied)
         # Rendered after the claim has committed: never under the write lock.
         return {
             "jobs": [documents.render_job(job) for job in result.deliveries],
@@ -345,7 +379,11 @@ class RemoteMethods:
             if not isinstance(item, dict) or not isinstance(item.get("delivery_id"), str):
                 raise InvalidArgument("each delivery needs job_id and delivery_id")
             pairs.append((_int(item.get("job_id"), "job_id", 1, 2**31 - 1), item["delivery_id"]))
-        return {"acknowledged": self.store.assignments.acknowledge(caller, pairs)}
+        acknowledged = self.store.assignments.acknowledge(caller, pairs)
+        # Kept ids include repeats of an acknowledgement already counted; close enough
+        # for a rate, and the assignment counts (scire_assignments) are exact.
+        self.observer.acknowledged(len(acknowledged))
+        return {"acknowledged": acknowledged}
 
     def report(self, caller: Caller, status_xml: Any) -> dict[str, Any]:
         if not isinstance(status_xml, str):
@@ -355,7 +393,54 @@ class RemoteMethods:
         except SchemaError as exc:
             raise from_schema_error(exc) from exc
         result = self.store.assignments.report(caller, report)
+        if result == APPLIED:
+            self.observer.reported(report.state)
         return {"job_id": report.job_id, "state": report.state, "result": result}
+
+    # --- agent and user: renewal ------------------------------------------------
+
+    def renew_certificate(self, caller: Caller, csr_pem: Any) -> dict[str, Any]:
+        """A new certificate for the caller's own name and the request's key,
+        replacing the one the call came with (docs/SECURITY.md, "Renewal")."""
+        if not isinstance(csr_pem, str):
+            raise InvalidArgument("csr_pem must be a PEM string")
+        try:
+            csr = certs.load_csr(csr_pem)
+        except SchemaError as exc:
+            raise from_schema_error(exc) from exc
+        if certs.common_name(csr) != caller.name:
+            raise InvalidArgument(
+                f"the request's common name {clip(certs.common_name(csr))} is not "
+                f"{caller.name!r}: a certificate is renewed only for its own holder"
+            )
+        role = ca.ROLE_CLIENT if caller.kind == "client" else ca.ROLE_USER
+        try:
+            cert = ca.sign_csr(self.ca_key, self.ca_cert, csr_pem, caller.name, role)
+        except SchemaError as exc:
+            raise from_schema_error(exc) from exc
+        cert_pem = certs.cert_to_pem(cert).decode()
+        fingerprint = certs.fingerprint(cert)
+        replaced = self.store.directory.renew_certificate(
+            caller, Certificate(csr_pem, cert_pem, fingerprint), certs.key_fingerprint(csr)
+        )
+        expires = cert.not_valid_after_utc
+        log.info(
+            "%s: certificate renewed: %s replaces %s, valid until %s",
+            caller.actor,
+            fingerprint,
+            replaced,
+            protocol.format_time(expires),
+        )
+        if caller.kind == "client" and self.on_presence_change is not None:
+            # The pusher pins the fingerprint on record: it must not keep the old one.
+            self.on_presence_change(caller.name)
+        return {
+            "name": caller.name,
+            "certificate": cert_pem,
+            "ca": self.ca_pem,
+            "fingerprint": fingerprint,
+            "expires": protocol.format_time(expires),
+        }
 
     # --- admin: jobs ------------------------------------------------------------
 
@@ -383,9 +468,14 @@ class RemoteMethods:
                 f"request_key {clip(request_key)} is not valid: 8 to 64 letters, digits, "
                 "'.', '_', ':' or '-', starting with a letter or digit (a UUID fits)"
             )
-        interpreter = spec.get("interpreter") or self.config.default_interpreter
-        if not isinstance(interpreter, str) or not interpreter.startswith("/"):
+        interpreter = spec.get("interpreter") or ""
+        if not isinstance(interpreter, str) or not (
+            interpreter == "" or interpreter.startswith("/")
+        ):
             raise InvalidArgument("the interpreter must be an absolute path")
+        if not interpreter and not script.startswith("#!"):
+            interpreter = self.config.default_interpreter
+        # Otherwise "": the agent runs the script by its shebang line.
         not_before = _time(spec.get("not_before"), "not_before")
         expires = _time(spec.get("expires"), "expires")
         if not_before and expires and expires <= not_before:
@@ -501,6 +591,36 @@ class RemoteMethods:
                 assignment["output"] = documents.xml_safe(assignment["output"])
         return detail
 
+    def job_output(self, caller: Caller, job_id: Any, host: Any, offset: Any = 0) -> dict[str, Any]:
+        """The output one host has sent for a job, from character ``offset`` on:
+        live while it runs, final once it ended. ``start`` is where ``text``
+        begins: 0 rather than ``offset`` when the stored output is shorter than
+        ``offset`` (a new attempt began again), so a follower starts over."""
+        job_id = _int(job_id, "job id", 1, 2**31 - 1)
+        host = check_name(host, "host")
+        offset = _int(offset, "offset", 0, 2**31 - 1)
+        detail = self.store.jobs.detail(caller, job_id)
+        for assignment in detail["assignments"]:
+            if assignment["client"] == host:
+                break
+        else:
+            raise NotFound(f"job {job_id} has no host {host}", job_id=job_id)
+        output = assignment.get("output") or ""
+        start = offset if offset <= len(output) else 0
+        return {
+            "job_id": job_id,
+            "client": host,
+            "state": assignment["state"],
+            "final": assignment["state"] in FINAL_STATES,
+            "attempt": assignment["attempt"],
+            "exit_code": assignment["exit_code"],
+            "reason": assignment["reason"],
+            "start": start,
+            "length": len(output),
+            "text": documents.xml_safe(output[start:]),
+            "truncated": bool(assignment.get("output_truncated")),
+        }
+
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
         job = _int(job_id, "job id", 1, 2**31 - 1)
         count = self.store.jobs.cancel(caller, job)
@@ -513,6 +633,16 @@ class RemoteMethods:
             except ScireError as exc:  # cancelled all the same; the agents' polls learn it
                 log.warning("job %s cancelled, its agents not woken: %s", job, exc.message)
         return {"job_id": job_id, "cancelled": count}
+
+    def job_retry(self, caller: Caller, job_id: Any, hosts: Any = None) -> dict[str, Any]:
+        """Re-queue a finished job's failed and timed-out hosts (``hosts``: only
+        these) as a new attempt; their agents are told there is work."""
+        if hosts is not None and not isinstance(hosts, list):
+            raise InvalidArgument("hosts must be a list of client names")
+        names = [check_name(h, "client") for h in hosts or []]
+        result = self.store.jobs.retry(caller, _int(job_id, "job id", 1, 2**31 - 1), names)
+        self.work_due.announce(result.retried)
+        return {"job_id": result.job_id, "retried": result.retried, "refused": result.refused}
 
     # --- admin: schedules ---------------------------------------------------------
 

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, help="directory with the CA, the server key and SQLite"
     )
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the state dir)")
+    p.add_argument(
+        "--database-wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long start-up retries a database that does not answer (default 300)",
+    )
     p.add_argument("--listen-host")
     p.add_argument("--listen-port", type=int)
     p.add_argument("--public-url", help="URL agents and admins use to reach this daemon")
@@ -103,6 +109,7 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         args.config,
         state_dir=args.state_dir,
         database_url=args.database_url,
+        database_wait=args.database_wait,
         listen_host=args.listen_host,
         listen_port=args.listen_port,
         public_url=args.public_url,
@@ -123,14 +130,46 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def wait_for_database(config: ServerConfig) -> None:
+    """Return once the database answers; ``Unavailable`` after ``database_wait``
+    seconds of trying (one line per attempt)."""
+    where = store.redacted(config.database_url)
+
+    def on_retry(why: str, pause: float) -> None:
+        log.warning("waiting for the database %s: %s; next try in %.0f s", where, why, pause)
+
+    store.wait_until_reachable(config.database_url, config.database_wait, on_retry)
+
+
 def serve(config: ServerConfig) -> int:
     problem = preflight.state_dir_problem(config)
     if problem is not None:
         log.error("cannot start: %s", problem)
         missing = not config.state_dir.is_dir() or not config.ca_key_file.exists()
         return ExitCode.USAGE if missing else ExitCode.ERROR
+    sqlite_file = store.sqlite_path(config.database_url)
+    if sqlite_file is None:
+        wait_for_database(config)
+        return _serve(config)
+    # Held until this process ends: a second daemon on the file is refused.
+    sqlite_lock = store.SqliteDaemonLock(sqlite_file)
+    try:
+        sqlite_lock.acquire(config.instance_key)
+    except InstanceConflict as exc:
+        log.error("refusing to start: %s", exc.message)
+        return ExitCode.INSTANCE_CONFLICT
+    try:
+        return _serve(config)
+    finally:
+        sqlite_lock.release()
+
+
+def _serve(config: ServerConfig) -> int:
     migrations.upgrade(config.database_url)
-    db = store.Store(store.make_engine(config.database_url), config.instance_key)
+    db = store.Store(
+        store.make_engine(config.database_url, store.daemon_pool_size(config.max_threads)),
+        config.instance_key,
+    )
     metrics = monitoring.ServerMetrics(config.instance_key)
     for which, path in (("ca", config.ca_cert_file), ("server", config.cert_file)):
         metrics.certificate(which, certs.load_cert(path.read_bytes()).not_valid_after_utc)
@@ -145,7 +184,7 @@ def serve(config: ServerConfig) -> int:
     # the sweep, schedule ticks and start-up announce on it; the pusher listens.
     work_due = WorkDue()
     pusher: Pusher | None = None
-    methods = RemoteMethods(config, db, work_due)
+    methods = RemoteMethods(config, db, work_due, observer=metrics)
     if config.push:
         pusher = Pusher.from_config(config, db, methods.last_seen)
         methods.on_presence_change = pusher.forget
@@ -217,12 +256,14 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.address
     log.info(
-        "scire-server %s (instance %s) listening on https://%s:%s/ with %d threads, push %s",
+        "scire-server %s (instance %s) listening on https://%s:%s/ with %d threads, "
+        "database %s, push %s",
         __version__,
         config.instance_key,
         host,
         port,
         config.max_threads,
+        store.redacted(config.database_url),
         f"on ({config.push_workers} workers, {config.push_timeout:g} s)" if pusher else "off",
     )
     if plain is not None:

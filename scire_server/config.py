@@ -47,6 +47,7 @@ PUSH_WORKERS = 8  # pushes in flight at once
 PUSH_TIMEOUT = 2.0  # seconds one push may take, connect to answer
 SCHEDULE_TICK = 1  # seconds between looks for schedules' due runs
 SCHEDULE_MISFIRE_GRACE = 10  # seconds a slot may be late and still run under catch-up skip
+DATABASE_WAIT = 300  # seconds start-up waits for the database to answer
 METRICS_REFRESH = 15  # seconds the counts behind the state gauges of /metrics are kept
 
 
@@ -68,6 +69,7 @@ def _load(
 class ServerConfig:
     state_dir: Path = Path("/var/lib/scire")
     database_url: str = ""  # default: SQLite file scire.db in state_dir
+    database_wait: float = DATABASE_WAIT  # seconds start-up retries an unreachable database
     listen_host: str = LISTEN_HOST
     listen_port: int = LISTEN_PORT
     public_url: str = ""  # how agents and admins reach this daemon
@@ -152,6 +154,10 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.database_wait <= 86400:
+            raise ConfigError(
+                f"database_wait must be 0 to 86400 seconds, not {self.database_wait:g}"
+            )
         if self.max_queued_requests < 0:
             raise ConfigError("max_queued_requests must not be negative")
         if not 0 <= self.listen_port <= 65535:
@@ -207,9 +213,11 @@ class ServerConfig:
 
 @dataclasses.dataclass
 class AdminConfig:
-    """``scire-admin``: which server to call and with which user bundle."""
+    """``scire-admin``: which servers to call, in failover order, and with which user bundle."""
 
-    server: str = f"https://{LISTEN_HOST}:{LISTEN_PORT}/"
+    server: list[str] = dataclasses.field(
+        default_factory=lambda: [f"https://{LISTEN_HOST}:{LISTEN_PORT}/"]
+    )
     bundle: Path | None = None  # a PEM file with the user's key, certificate and the CA
     timeout: float = 60.0
 
@@ -220,10 +228,13 @@ class AdminConfig:
     def check(self) -> None:
         if self.bundle is not None:
             self.bundle = Path(self.bundle).expanduser()
-        if not self.server.startswith("https://"):
-            # xmlrpc.client would quietly talk TLS to an http:// URL anyway.
-            raise ConfigError(
-                f"server {self.server!r}: Scire speaks only HTTPS; use https://HOST:PORT/"
-            )
+        if not self.server:
+            raise ConfigError("server names no URL; use https://HOST:PORT/")
+        for url in self.server:
+            if not url.startswith("https://"):
+                # xmlrpc.client would quietly talk TLS to an http:// URL anyway.
+                raise ConfigError(
+                    f"server {url!r}: Scire speaks only HTTPS; use https://HOST:PORT/"
+                )
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be a positive number of seconds, not {self.timeout}")

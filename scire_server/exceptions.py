@@ -16,7 +16,8 @@ become server errors through ``from_schema_error`` where the server parses.
   + Conflict (8)                 the thing exists already
   + EnrollmentRefused (9)
   + Unavailable (10)             try again later (database busy, shutting down)
-  + InstanceConflict (11)        another live daemon holds this instance key
+    + DatabaseUnreachable        the database does not answer (one log line per outage)
+  + InstanceConflict (11)        another live daemon holds this instance key or SQLite file
   + ConfigError                  bad configuration or command line; never sent as a fault
 
 A caller's input ends up in messages ("client name '...' is not valid") and
@@ -164,8 +165,14 @@ class Unavailable(ScireError):
     code = FaultCode.UNAVAILABLE.value
 
 
+class DatabaseUnreachable(Unavailable):
+    """The database does not answer (down, restarting, failing over, the network).
+    Counted by the store's outage tracker, which logs the outage once: neither
+    the API nor the timed tasks log it per call."""
+
+
 class InstanceConflict(ScireError):
-    """Another live server daemon holds this instance key."""
+    """Another live server daemon holds this instance key (or this SQLite file)."""
 
     code = FaultCode.INSTANCE_CONFLICT.value
 

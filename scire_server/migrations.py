@@ -1,5 +1,9 @@
 """Alembic, driven from code: the migrations live in ``schema/migrations``
-(installed as the ``scire_schema`` package), so no alembic.ini is needed."""
+(installed as the ``scire_schema`` package), so no alembic.ini is needed.
+
+On PostgreSQL an upgrade runs under the store's migration lock (an advisory
+lock held for the upgrade's transaction): of several daemons starting at once
+one migrates, the others wait and then find the schema at head."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from scire_server import models
 from scire_server.exceptions import Unavailable
-from scire_server.store.database import make_engine
+from scire_server.store.database import driver_words, make_engine, migration_lock
 
 
 def alembic_config(url: str) -> Config:
@@ -26,12 +30,10 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def database_failure(exc: SQLAlchemyError) -> Unavailable:
-    """The driver's own words for a failed migration, without SQL or links
-    (and so without the URL and its password)."""
-    orig = getattr(exc, "orig", None)
-    first_line = str(orig or exc.__class__.__name__).strip().splitlines()[0]
-    return Unavailable(f"the database failed: {first_line}")
+def database_failure(exc: SQLAlchemyError, url: str) -> Unavailable:
+    """The driver's own words for a failed migration, without SQL, links or
+    the password."""
+    return Unavailable(f"the database failed: {driver_words(exc, url)}")
 
 
 def upgrade(url: str, revision: str = "head") -> None:
@@ -39,10 +41,11 @@ def upgrade(url: str, revision: str = "head") -> None:
     engine = make_engine(url)
     try:
         with engine.begin() as connection:
+            migration_lock(connection)
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except SQLAlchemyError as exc:
-        raise database_failure(exc) from exc
+        raise database_failure(exc, url) from None
     finally:
         engine.dispose()
 
@@ -56,7 +59,7 @@ def current(url: str) -> tuple[str | None, str | None]:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision(), head
     except SQLAlchemyError as exc:
-        raise database_failure(exc) from exc
+        raise database_failure(exc, url) from None
     finally:
         engine.dispose()
 

@@ -236,6 +236,9 @@ class Assignment(Base):
     priority: Mapped[int] = mapped_column(Integer)
     job_created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``attempt`` when an operator last retried this host (0: never); the
+    #: job's ``max_attempts`` counts the deliveries after it.
+    retry_base: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     delivery_id: Mapped[str | None] = mapped_column(String(32))
     server_id: Mapped[int | None] = mapped_column(ForeignKey("servers.id"))
     ack_deadline: Mapped[dt.datetime | None] = mapped_column(DateTime)

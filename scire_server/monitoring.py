@@ -156,6 +156,30 @@ class ServerMetrics:
             "what start-up recovery (phase start_up) and the sweep (phase sweep) repaired",
             ("phase", "action"),
         )
+        self.rpc_duration = self.registry.histogram(
+            "scire_rpc_duration_seconds",
+            "time from a parsed call to its answer or fault, by method",
+            ("method",),
+        )
+        self.polls = self.registry.counter(
+            "scire_polls_total",
+            "agent polls answered, with jobs (work) or none (empty)",
+            ("result",),
+        )
+        self.jobs_sent = self.registry.counter(
+            "scire_jobs_sent_total", "deliveries of a job to an agent in a poll answer"
+        )
+        self.jobs_acknowledged = self.registry.counter(
+            "scire_jobs_acknowledged_total", "deliveries an agent acknowledged (has on disk)"
+        )
+        self.reports = self.registry.counter(
+            "scire_reports_total",
+            "status reports applied, by the state reported (running or a final state)",
+            ("state",),
+        )
+        self.denials = self.registry.counter(
+            "scire_denials_total", "assignments the ACL denied at dispatch"
+        )
 
     def certificate(self, which: str, ends: dt.datetime) -> None:
         """When the CA's or the server's certificate ends (aware UTC)."""
@@ -174,13 +198,30 @@ class ServerMetrics:
         """The pusher's counters (``PushCounters.snapshot``) as ``scire_push_*_total``."""
         self.register(metrics.SnapshotCollector("scire_push", snapshot))
 
-    def call(self, method: str, fault: int | None, caller: Caller | None) -> None:
-        """One call answered (``fault`` None) or refused."""
+    def call(self, method: str, fault: int | None, caller: Caller | None, seconds: float) -> None:
+        """One call answered (``fault`` None) or refused, after ``seconds``."""
         self.rpc_calls.inc(method=method, fault=fault_label(fault))
+        self.rpc_duration.observe(seconds, method=method)
         if fault is not None and fault != protocol.FaultCode.UNAVAILABLE:
             self.refusals.inc(
                 fault=fault_label(fault), caller=caller.kind if caller else "anonymous"
             )
+
+    # What the agents' calls did (``api.DispatchObserver``).
+
+    def polled(self, sent: int, denied: int) -> None:
+        self.polls.inc(result="work" if sent else "empty")
+        if sent:
+            self.jobs_sent.inc(sent)
+        if denied:
+            self.denials.inc(denied)
+
+    def acknowledged(self, count: int) -> None:
+        if count:
+            self.jobs_acknowledged.inc(count)
+
+    def reported(self, state: str) -> None:
+        self.reports.inc(state=state)
 
     def repaired(self, phase: str, counts: dict[str, int]) -> None:
         for action, count in counts.items():

@@ -151,7 +151,7 @@ def _database(config: ServerConfig) -> Finding:
     try:
         revision, head = migrations.current(config.database_url)
     except ScireError as exc:
-        return Finding("database", False, exc.message)
+        return Finding("database", False, f"{store.redacted(config.database_url)}: {exc.message}")
     if revision == head:
         return Finding("database", True, f"answers; schema at {revision} (the newest)")
     if revision is None:
@@ -174,7 +174,10 @@ def _peers(config: ServerConfig) -> Finding:
     database = sqlite_path(config)
     if database is not None and not database.exists():
         return Finding("peers", True, "none yet")
-    db = store.Store(store.make_engine(config.database_url), config.instance_key)
+    try:
+        db = store.Store(store.make_engine(config.database_url), config.instance_key)
+    except ScireError as exc:
+        return Finding("peers", False, exc.message)
     try:
         rows = db.servers.listing()
     except ScireError as exc:

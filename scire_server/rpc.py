@@ -16,6 +16,7 @@ import datetime as dt
 import inspect
 import logging
 import ssl
+import time
 import xmlrpc.client
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,8 @@ class ScireRPCServer:
     """The remote methods of ``RemoteMethods`` served over the hardened listener.
 
     ``fallback`` answers every other path (``/healthz``, ``/metrics``);
-    ``on_call(method, fault or None, caller)`` hears of every call's outcome.
+    ``on_call(method, fault or None, caller, seconds)`` hears of every call's
+    outcome and how long it took from the parsed call to the answer.
     """
 
     def __init__(
@@ -58,7 +60,7 @@ class ScireRPCServer:
         limits: ListenerLimits,
         *,
         fallback: Callable[[Request], Response] | None = None,
-        on_call: Callable[[str, int | None, Caller | None], None] | None = None,
+        on_call: Callable[[str, int | None, Caller | None, float], None] | None = None,
     ) -> None:
         self.methods = methods
         self.table = methods.table()
@@ -86,6 +88,7 @@ class ScireRPCServer:
         """One parsed call: who may call it, who the caller is, then the method."""
         method = call.method
         caller: Caller | None = None
+        began = time.monotonic()
         try:
             if self.listener.draining:
                 raise Unavailable("server is shutting down; try another server or later")
@@ -105,18 +108,19 @@ class ScireRPCServer:
             answer = to_xmlrpc(function(caller, *call.params))
         except ScireError as exc:
             self.methods.record_refusal(method, caller, call.peer[0], exc)
-            self._tell(method, exc.code, caller or exc.identity)
+            self._tell(method, exc.code, caller or exc.identity, began)
             raise xmlrpc.client.Fault(exc.code, exc.message) from None
         except Exception:
-            self._tell(method, protocol.FaultCode.INTERNAL, caller)
+            self._tell(method, protocol.FaultCode.INTERNAL, caller, began)
             raise
-        self._tell(method, None, caller)
+        self._tell(method, None, caller, began)
         return answer
 
-    def _tell(self, method: str, fault: int | None, caller: Caller | None) -> None:
+    def _tell(self, method: str, fault: int | None, caller: Caller | None, began: float) -> None:
         if self.on_call is not None:
             # Names outside the table are a stranger's choice: one label for all.
-            self.on_call(method if method in self.table else "unknown", fault, caller)
+            name = method if method in self.table else "unknown"
+            self.on_call(name, fault, caller, time.monotonic() - began)
 
 
 def _check_arity(

@@ -2,9 +2,11 @@
 clients, users and server daemons, and the one-word summary of a job.
 
 An assignment is one (job, client) pair. No transition goes backwards into
-the past except the two retries the design names: a lease that runs out
-(``sent -> pending``) and a lost or vanished run the job allows to rerun
-(``lost``/``acknowledged -> pending``).
+the past except the retries the design names: a lease that runs out
+(``sent -> pending``), a lost or vanished run the job allows to rerun
+(``lost``/``acknowledged -> pending``), and an operator's ``job retry`` of a
+host that failed or timed out (``failed``/``timed_out -> pending``).
+
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class State(enum.StrEnum):
 FINAL = frozenset(
     {State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.DENIED, State.EXPIRED, State.CANCELLED}
 )
+#: The final states ``job retry`` re-queues as a new attempt: the run ended
+#: badly on the host (failed, undeliverable, lost and not rerun, timed out).
+#: Not ``cancelled`` (an operator's decision), ``denied`` (the ACL's) or
+#: ``expired`` (the job's own deadline).
+RETRYABLE = frozenset({State.FAILED, State.TIMED_OUT})
 #: Final states an agent may report (the wire's reportable states, less ``running``).
 REPORTED_FINAL = frozenset(State(s) for s in ReportedState if s != ReportedState.RUNNING)
 
@@ -53,6 +60,9 @@ _ALLOWED: dict[State, frozenset[State]] = {
     State.RUNNING: frozenset(
         {State.SUCCEEDED, State.FAILED, State.TIMED_OUT, State.CANCELLED, State.LOST}
     ),
+    # An operator's ``job retry`` of a host whose job ended: a new attempt.
+    State.FAILED: frozenset({State.PENDING}),
+    State.TIMED_OUT: frozenset({State.PENDING}),
     State.LOST: frozenset(
         {State.PENDING, State.FAILED, State.RUNNING, State.SUCCEEDED, State.TIMED_OUT}
         | {State.CANCELLED, State.EXPIRED}

@@ -7,7 +7,9 @@ on several daemons" in docs/ARCHITECTURE.md says why each is safe: the
 repairs and the schedules' runs by conditional updates and skipped row locks
 (a hung daemon must never stall them for the others), retention on one daemon
 at a time under an advisory lock, heartbeat, refusal summary and last-seen
-flush per daemon. A task that fails is logged and runs again at its next tick.
+flush per daemon. A task that fails is logged and runs again at its next tick; while the
+database is unreachable a failed tick is not logged (the store's outage
+tracker logs the outage once).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from scire_server import recovery
 from scire_server.config import ServerConfig
-from scire_server.exceptions import ScireError
+from scire_server.exceptions import DatabaseUnreachable, ScireError
 from scire_server.store import Store
 from scire_server.work_due import WorkDue
 
@@ -31,6 +33,8 @@ def _guarded(name: str, task: Callable[[], Any]) -> Callable[[], None]:
     def run() -> None:
         try:
             task()
+        except DatabaseUnreachable:
+            pass  # counted and logged once per outage by the store
         except ScireError as exc:
             log.warning("timed task %s: %s; retrying at the next tick", name, exc.message)
         except Exception:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,11 +213,14 @@ class Deployment:
     def agent_dir(self, name: str) -> Path:
         return self.root / "agents" / name
 
-    def agent_args(self, name: str, *args: str, token: str | None = None) -> list[str]:
+    def agent_args(
+        self, name: str, *args: str, token: str | None = None, servers: Sequence[str] = ()
+    ) -> list[str]:
+        """``scire-client`` for agent ``name``, given ``servers`` (default this
+        deployment's one URL) in failover order."""
         return [
             _exe("scire-client"),
-            "--server",
-            self.url,
+            *[flag for url in servers or [self.url] for flag in ("--server", url)],
             "--state-dir",
             str(self.agent_dir(name)),
             "--name",
@@ -330,6 +333,7 @@ class PostgresCluster:
                 return args
 
         self.name = f"postgres-{self.port}"
+        self._starter = Starter
         xprocess.ensure(self.name, Starter, restart=True)
         self.xprocess = xprocess
         self._count = 0
@@ -349,6 +353,23 @@ class PostgresCluster:
     def stop(self) -> None:
         self.xprocess.getinfo(self.name).terminate()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def stop_server(self) -> None:
+        """Stop the PostgreSQL server, keeping its data (an outage)."""
+        self.xprocess.getinfo(self.name).terminate()
+
+    def start_server(self) -> None:
+        """Start the server :meth:`stop_server` stopped, on the same port and data."""
+        self.xprocess.ensure(self.name, self._starter, restart=True)
+
+    def sql(self, statement: str, dbname: str = "postgres") -> None:
+        """Run one statement as the superuser."""
+        import psycopg
+
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}", autocommit=True
+        ) as conn:
+            conn.execute(statement)
 
 
 def _pg(tool: str) -> str:

@@ -2,7 +2,8 @@
 
 The store is split by what each part writes (see docs/ARCHITECTURE.md):
 
-* ``database``: engine, transactions, row locks, driver errors mapped;
+* ``database``: engine, transactions, row locks, driver errors mapped, URLs redacted;
+* ``outage``: one log line when the database stops answering, one when it is back;
 * ``records``: the plain values handed in and out (``Caller``, ``JobSpec``...);
 * ``audit``: the audit trail and ``move``, the one way an assignment changes state;
 * ``directory``: users, clients and enrollment, groups, grants, the ACL's facts;
@@ -25,7 +26,16 @@ from sqlalchemy.engine import Engine
 
 from scire_server.store.assignments import Assignments
 from scire_server.store.audit import AuditTrail
-from scire_server.store.database import Database, make_engine, utcnow
+from scire_server.store.database import (
+    Database,
+    SqliteDaemonLock,
+    daemon_pool_size,
+    make_engine,
+    redacted,
+    sqlite_path,
+    utcnow,
+    wait_until_reachable,
+)
 from scire_server.store.directory import Directory
 from scire_server.store.jobs import Jobs
 from scire_server.store.overview import Counts, Overview
@@ -38,6 +48,7 @@ from scire_server.store.records import (
     PollResult,
     PushTarget,
     Repairs,
+    RetryResult,
     ScheduleResult,
     SubmitResult,
     Takeover,
@@ -57,12 +68,18 @@ __all__ = [
     "PollResult",
     "PushTarget",
     "Repairs",
+    "RetryResult",
     "ScheduleResult",
     "Store",
+    "SqliteDaemonLock",
     "SubmitResult",
     "Takeover",
+    "daemon_pool_size",
     "make_engine",
+    "redacted",
+    "sqlite_path",
     "utcnow",
+    "wait_until_reachable",
 ]
 
 

@@ -164,6 +164,7 @@ class Assignments:
                         not_before=job.not_before,
                         expires=job.expires_at,
                         rerun_on_agent_crash=job.rerun_on_agent_crash,
+                        retry_base=assignment.retry_base,
                     )
                 )
         return result
@@ -215,7 +216,10 @@ class Assignments:
             elif state in (State.ACKNOWLEDGED, State.RUNNING) and not claimed:
                 # The agent no longer has the job: its spool was lost or wiped.
                 gone = "agent no longer holds it"
-                if job.rerun_on_agent_crash and assignment.attempt < job.max_attempts:
+                if (
+                    job.rerun_on_agent_crash
+                    and assignment.attempt - assignment.retry_base < job.max_attempts
+                ):
                     if state == State.RUNNING:
                         self._server_move(session, assignment, State.LOST, client, gone, now)
                     self._server_move(
@@ -300,6 +304,12 @@ class Assignments:
                     f"client {client.name} holds no job {report.job_id}", job_id=report.job_id
                 )
             old = State(assignment.state)
+            if old == new == State.RUNNING and report.output is not None:
+                return _live_output(assignment, report)
+            if old == State.CANCELLED and new != State.RUNNING and report.output is not None:
+                # Cancelled here first: the agent's last report still brings what
+                # the job wrote before it was stopped; the state stays cancelled.
+                _live_output(assignment, report)
             if old == new:
                 return DUPLICATE
             if old in (State.CANCELLED, State.EXPIRED, State.DENIED) or (
@@ -344,6 +354,11 @@ class Assignments:
             if new == State.RUNNING:
                 assignment.started_at = report.started or now
                 assignment.acknowledged_at = assignment.acknowledged_at or now
+                # What an earlier attempt left goes: this run's output starts here.
+                assignment.output = None
+                assignment.output_truncated = False
+                if report.output is not None:
+                    _live_output(assignment, report)
             else:
                 assignment.started_at = report.started or assignment.started_at
                 assignment.finished_at = report.finished or now
@@ -352,6 +367,27 @@ class Assignments:
                 assignment.output_truncated = report.truncated
                 assignment.reason = report.reason
             return APPLIED
+
+
+def _live_output(assignment: Assignment, report: documents.StatusReport) -> str:
+    """Keep a running job's output so far when it says more than what is stored.
+
+    A live report carries the whole output from its start (up to the cap), not a
+    delta: a resent or late report holds a prefix of what is stored already and
+    changes nothing, so no text is ever stored twice.
+    """
+    assert report.output is not None
+    if assignment.output is not None and (
+        len(report.output) < len(assignment.output)
+        or (
+            len(report.output) == len(assignment.output)
+            and report.truncated == bool(assignment.output_truncated)
+        )
+    ):
+        return DUPLICATE
+    assignment.output = report.output
+    assignment.output_truncated = report.truncated
+    return APPLIED
 
 
 def _seen(session: Session, client: Caller, now: dt.datetime) -> None:

@@ -9,6 +9,7 @@ client is in). User groups do not nest.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,6 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scire_schema import certs
+from scire_schema.errors import CertificateError
 from scire_schema.protocol import AgentMode
 from scire_server import acl
 from scire_server.exceptions import (
@@ -144,6 +147,46 @@ class Directory:
                 return
             user.status = UserStatus.REVOKED.value
             self.audit.write(session, by, "user_revoke", detail=f"user {name}")
+
+    # --- renewal --------------------------------------------------------------
+
+    def renew_certificate(
+        self, caller: Caller, certificate: Certificate, key_fingerprint: str
+    ) -> str:
+        """Make ``certificate`` the caller's one certificate from now on: the
+        fingerprint on record (what identifies the caller, and what the pusher
+        pins) becomes its, so the certificate the call came with is refused from
+        the next call on. A client's request and certificate are kept too, so an
+        agent that lost the answer fetches it with ``agent.fetch_certificate``.
+        Refused when the caller was revoked since it was identified. Returns the
+        fingerprint replaced."""
+        with self.db.tx() as session:
+            row: Client | User | None
+            if caller.kind == "client":
+                row = session.get(Client, caller.id)
+                usable = row is not None and row.status == ClientStatus.ACCEPTED
+            else:
+                row = session.get(User, caller.id)
+                usable = row is not None and row.status == UserStatus.ACTIVE
+            if row is None or not usable:
+                raise Conflict(
+                    f"{caller.actor} was revoked or deleted while the certificate was "
+                    "signed; nothing was renewed"
+                )
+            old_fingerprint = row.fingerprint or ""
+            row.fingerprint = certificate.fingerprint
+            if isinstance(row, Client):
+                row.csr_pem = certificate.csr_pem
+                row.cert_pem = certificate.cert_pem
+                row.key_fingerprint = key_fingerprint
+            self.audit.write(
+                session,
+                caller.actor,
+                "certificate_renew",
+                client=caller.name if caller.kind == "client" else None,
+                detail=f"certificate {old_fingerprint} replaced by {certificate.fingerprint}",
+            )
+        return old_fingerprint
 
     # --- clients and enrollment -----------------------------------------------
 
@@ -376,7 +419,7 @@ class Directory:
                     "key_fingerprint",
                     *PRESENCE_FIELDS,
                 )
-                | {"active_jobs": counts.get(c.id, 0)}
+                | {"active_jobs": counts.get(c.id, 0), "cert_not_after": cert_not_after(c.cert_pem)}
                 for c in clients
             ]
 
@@ -413,6 +456,7 @@ class Directory:
                 "last_seen_at",
                 *PRESENCE_FIELDS,
             ) | {
+                "cert_not_after": cert_not_after(client.cert_pem),
                 "groups": groups,
                 "recent_jobs": [
                     {"job_id": j, "name": n, "state": s, "updated_at": u} for j, n, s, u in recent
@@ -689,6 +733,21 @@ def reachable_groups(session: Session, start: Iterable[int], up: bool) -> dict[i
                     todo.append(nxt)
         out[group_id] = reached_set
     return out
+
+
+@functools.lru_cache(maxsize=65536)
+def cert_not_after(cert_pem: str | None) -> dt.datetime | None:
+    """When a client's current certificate expires (naive UTC, as the store's
+    times), read from the certificate itself, so a renewal shows at once; None
+    without one. Cached: a listing of the fleet parses each certificate once."""
+    if not cert_pem:
+        return None
+    try:
+        cert = certs.load_cert(cert_pem)
+    except CertificateError:
+        log.warning("a stored client certificate cannot be read; its expiry is not shown")
+        return None
+    return cert.not_valid_after_utc.replace(tzinfo=None)
 
 
 def clients_in_groups(session: Session, names: Iterable[str]) -> set[int]:

@@ -17,14 +17,20 @@ from scire_schema import logformat
 from scire_server import acl
 from scire_server.exceptions import Conflict, Forbidden, InvalidArgument, NotFound
 from scire_server.models import Assignment, Client, Event, Job, Schedule, User
-from scire_server.states import FINAL, ClientStatus, State, job_summary
+from scire_server.states import FINAL, RETRYABLE, ClientStatus, State, job_summary
 from scire_server.store import directory
 from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, log_after_commit, row_dict, utcnow
-from scire_server.store.records import Caller, JobSpec, SubmitResult
+from scire_server.store.records import Caller, JobSpec, RetryResult, SubmitResult
 
 log = logging.getLogger(__name__)
 
+#: The audit action of an operator's ``job retry`` of one host; its detail
+#: keeps the previous attempt's end and output (``PREVIOUS_OUTPUT_LIMIT``).
+RETRY = "retry"
+#: Characters of a retried attempt's output its ``retry`` audit row keeps (the
+#: end of it: where a failing script says why).
+PREVIOUS_OUTPUT_LIMIT = 64 * 1024
 #: The audit action of a host a schedule's run passed over, because the
 #: schedule's previous run is still active there (no overlap allowed).
 RUN_SKIPPED = "run_skipped"
@@ -260,6 +266,105 @@ class Jobs:
                 "skipped": [d for action, d in notes if action == RUN_SKIPPED and d],
             }
 
+    def retry(self, caller: Caller, job_id: int, hosts: Sequence[str] = ()) -> RetryResult:
+        """Re-queue the hosts of a finished job that failed or timed out (only
+        ``hosts`` when given) as a new attempt of the same job.
+
+        Each host goes back to ``pending`` with a ``retry`` audit row by the
+        caller that keeps the previous attempt's state, exit code, reason and
+        output; its attempt budget (``max_attempts``) starts afresh. The ACL is
+        checked at dispatch, as for any job. A host whose client is no longer
+        accepted is refused. Refused as a whole (``Conflict``, nothing written)
+        when the job is not final, was cancelled, has expired, or has no host
+        to retry; a named host the job does not have is ``NotFound``.
+        """
+        now = utcnow()
+        with self.db.tx() as session:
+            job = _visible_job(session, caller, job_id)
+            rows = session.execute(
+                self.db.for_update(
+                    select(Assignment, Client.name, Client.status)
+                    .join(Client, Client.id == Assignment.client_id)
+                    .where(Assignment.job_id == job_id)
+                    .order_by(Client.name)
+                )
+            ).all()
+            active = sorted({a.state for a, _, _ in rows if State(a.state) not in FINAL})
+            if active:
+                raise Conflict(
+                    f"job {job_id} has not finished (hosts still {', '.join(active)}); "
+                    "wait for it (job wait) or cancel it first",
+                    job_id=job_id,
+                )
+            if job.cancelled_at is not None:
+                raise Conflict(
+                    f"job {job_id} was cancelled; submit it again instead", job_id=job_id
+                )
+            if job.expires_at is not None and job.expires_at <= now:
+                raise Conflict(
+                    f"job {job_id} expired at {job.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
+                    "submit it again instead",
+                    job_id=job_id,
+                )
+            by_name = {cname: (a, status) for a, cname, status in rows}
+            for name in hosts:
+                if name not in by_name:
+                    raise NotFound(f"job {job_id} has no host {name}", job_id=job_id)
+            chosen = [n for n in by_name if not hosts or n in hosts]
+            not_retryable = [
+                f"{n} ({by_name[n][0].state})"
+                for n in chosen
+                if State(by_name[n][0].state) not in RETRYABLE
+            ]
+            if hosts and not_retryable:
+                raise Conflict(
+                    f"job {job_id}: only failed or timed-out hosts can be retried, not "
+                    + ", ".join(not_retryable),
+                    job_id=job_id,
+                )
+            candidates = [n for n in chosen if State(by_name[n][0].state) in RETRYABLE]
+            if not candidates:
+                raise Conflict(
+                    f"job {job_id} has no failed or timed-out host to retry "
+                    f"(hosts: {', '.join(not_retryable) or 'none'})",
+                    job_id=job_id,
+                )
+            result = RetryResult(job_id)
+            for name in candidates:
+                assignment, status = by_name[name]
+                if status != ClientStatus.ACCEPTED:
+                    result.refused.append(f"{name} (client is {status})")
+                    continue
+                self.audit.move(
+                    session,
+                    assignment,
+                    State.PENDING,
+                    by=caller.actor,
+                    client=name,
+                    action=RETRY,
+                    why=_previous_attempt(assignment),
+                    now=now,
+                )
+                _reset_for_retry(assignment, now)
+                result.retried.append(name)
+            if not result.retried:
+                raise Conflict(
+                    f"job {job_id}: no host can be retried: " + "; ".join(result.refused),
+                    job_id=job_id,
+                )
+            log_after_commit(
+                session,
+                log,
+                logging.INFO,
+                "job %s retried by %s on %d host(s), %d refused",
+                job_id,
+                caller.name,
+                len(result.retried),
+                len(result.refused),
+                extra=logformat.event(job=job_id, who=caller.actor, what="retried"),
+            )
+            return result
+
     def cancel(self, caller: Caller, job_id: int) -> int:
         """Cancel every unfinished assignment of a job; returns how many."""
         now = utcnow()
@@ -413,6 +518,42 @@ def fan_out(
             detail=why,
             at=now,
         )
+
+
+def _previous_attempt(assignment: Assignment) -> str:
+    """The ``retry`` row's record of the attempt it replaces: its end, and the
+    end of its output."""
+    parts = [f"attempt {assignment.attempt} {assignment.state}"]
+    if assignment.exit_code is not None:
+        parts.append(f"exit code {assignment.exit_code}")
+    if assignment.reason:
+        parts.append(assignment.reason)
+    summary = "; ".join(parts)
+    output = assignment.output
+    if not output:
+        return f"{summary}; no output"
+    if len(output) > PREVIOUS_OUTPUT_LIMIT:
+        kept = output[-PREVIOUS_OUTPUT_LIMIT:]
+        return f"{summary}; the last {len(kept)} of {len(output)} characters of output:\n{kept}"
+    truncated = " (cut at the job's output limit)" if assignment.output_truncated else ""
+    return f"{summary}; output{truncated}:\n{output}"
+
+
+def _reset_for_retry(assignment: Assignment, now: dt.datetime) -> None:
+    """A retried assignment as a fresh one, but for its attempt count: the next
+    delivery is attempt ``attempt + 1``, with the whole budget after it."""
+    assignment.retry_base = assignment.attempt
+    assignment.delivery_id = None
+    assignment.server_id = None
+    assignment.ack_deadline = None
+    assignment.sent_at = None
+    assignment.acknowledged_at = None
+    assignment.started_at = None
+    assignment.finished_at = None
+    assignment.exit_code = None
+    assignment.output = None
+    assignment.output_truncated = False
+    assignment.reason = None
 
 
 def _visible_job(session: Session, caller: Caller, job_id: int) -> Job:

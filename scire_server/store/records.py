@@ -64,6 +64,15 @@ class SubmitResult:
 
 
 @dataclass
+class RetryResult:
+    """The hosts ``job retry`` re-queued, and why each other failed host was not."""
+
+    job_id: int
+    retried: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PollResult:
     """What one poll claimed (job values, rendered by the API after the commit),
     the reconcile answers for the jobs the agent named, and how many were denied."""

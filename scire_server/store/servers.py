@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from scire_server.exceptions import InstanceConflict
 from scire_server.models import Server
 from scire_server.states import ServerState
-from scire_server.store.database import Database, database_errors, row_dict, utcnow
+from scire_server.store.database import Database, row_dict, utcnow
 
 SERVER_FIELDS = ("instance_key", "hostname", "pid", "url", "state", "started_at", "heartbeat_at")
 
@@ -133,7 +133,7 @@ class Servers:
             yield True
             return
         key = advisory_key(task)
-        with database_errors(), self.db.engine.connect() as connection:
+        with self.db.errors(), self.db.engine.connect() as connection:
             held = bool(
                 connection.execute(
                     sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}

@@ -102,11 +102,13 @@ class Sweeps:
             self.db.for_update(query, skip_locked=True)
         ).all():
             deadline_passed = assignment.ack_deadline is not None and assignment.ack_deadline <= now
-            if assignment.attempt >= job.max_attempts and not deadline_passed:
+            # An operator's retry gives a host the job's attempts afresh.
+            spent = assignment.attempt - assignment.retry_base
+            if spent >= job.max_attempts and not deadline_passed:
                 # A last attempt from a daemon's previous life: its agent may
                 # still acknowledge it; the lease decides when it runs out.
                 continue
-            if assignment.attempt >= job.max_attempts:
+            if spent >= job.max_attempts:
                 self.audit.move(
                     session,
                     assignment,
@@ -203,7 +205,10 @@ class Sweeps:
                     now=now,
                 )
                 counts["lost"] += 1
-                if job.rerun_on_agent_crash and assignment.attempt < job.max_attempts:
+                if (
+                    job.rerun_on_agent_crash
+                    and assignment.attempt - assignment.retry_base < job.max_attempts
+                ):
                     self.audit.move(
                         session,
                         assignment,

@@ -62,11 +62,29 @@ MATRIX: dict[str, tuple[str, tuple[str, ...]]] = {
     "agent.poll": ("agent", AGENT),
     "agent.acknowledge": ("agent", AGENT),
     "agent.report": ("agent", _with(AGENT, "another accepted agent", "ok, fault 6")),
+    # The request names another client: every allowed caller gets InvalidArgument.
+    "agent.renew_certificate": (
+        "agent",
+        _with(
+            _with(AGENT, "accepted agent", "ok, fault 4"), "another accepted agent", "ok, fault 4"
+        ),
+    ),
     "admin.whoami": ("user", USER),
+    # The request names another user: every allowed caller gets InvalidArgument.
+    "admin.renew_certificate": (
+        "user",
+        _with(_with(USER, "user, not admin", "ok, fault 4"), "root admin", "ok, fault 4"),
+    ),
     "admin.job_submit": ("user", USER),
     "admin.job_list": ("user", USER),
     "admin.job_show": ("user", USER),
     "admin.job_cancel": ("user", USER),
+    # The matrix's job has not finished: job_retry refuses it (8, Conflict).
+    "admin.job_retry": (
+        "user",
+        _with(_with(USER, "user, not admin", "ok, fault 8"), "root admin", "ok, fault 8"),
+    ),
+    "admin.job_output": ("user", USER),
     "admin.client_list": ("user", USER),
     "admin.client_show": ("admin", ADMIN),
     "admin.client_accept": ("admin", ADMIN),

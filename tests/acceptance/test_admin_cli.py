@@ -28,7 +28,7 @@ from conftest import Deployment, _exe, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from scire_schema import certs, tls
+from scire_schema import certs, protocol, tls
 from scire_schema.exitcodes import ExitCode
 from scire_server import admin_cli, ca
 
@@ -115,6 +115,33 @@ def test_every_listing_as_a_table_and_as_json(fleet: Deployment) -> None:
     assert len(dep.admin("client", "token", "--uses", "2")["token"]) == 48
     cancel = dep.admin("job", "cancel", str(job_id))
     assert cancel == {"job_id": job_id, "cancelled": 0}
+
+
+def test_client_list_and_show_give_the_certificate_expiry(fleet: Deployment) -> None:
+    dep = fleet
+    cert = certs.load_cert((dep.agent_dir("host1") / "cert.pem").read_bytes())
+    ends = cert.not_valid_after_utc
+    listed = {c["name"]: c for c in dep.admin("client", "list")}
+    assert protocol.parse_time(listed["host1"]["cert_not_after"]) == ends.replace(tzinfo=None)
+    assert (
+        dep.admin("client", "show", "host1")["cert_not_after"] == listed["host1"]["cert_not_after"]
+    )
+    text = admin_text(dep, "client", "list")
+    assert "CERT_EXPIRES" in header(text)
+    row = next(line for line in text.stdout.splitlines() if line.startswith("host1 "))
+    assert f"{ends:%Y-%m-%d}" in row
+    assert "expires in" not in row  # a fresh certificate is years away
+    assert f"cert_expires: {ends:%Y-%m-%d}" in admin_text(dep, "client", "show", "host1").stdout
+
+
+def test_a_certificate_near_its_end_is_flagged() -> None:
+    now = dt.datetime(2026, 11, 23, 12, 0, 0)
+    assert admin_cli.cert_expiry(None, now) is None
+    assert admin_cli.cert_expiry("2027-06-01T00:00:00Z", now) == "2027-06-01"
+    assert admin_cli.cert_expiry("2026-12-20T00:00:00Z", now) == (
+        "2026-12-20 (expires in < 30 days)"
+    )
+    assert admin_cli.cert_expiry("2026-11-01T00:00:00Z", now) == "2026-11-01 (EXPIRED)"
 
 
 def test_job_list_pages_past_the_newest(fleet: Deployment) -> None:

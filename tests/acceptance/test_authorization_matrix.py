@@ -186,6 +186,8 @@ def _arguments(w: World) -> dict[str, Callable[[], tuple[Any, ...]]]:
         "agent.poll": lambda: ([w.job_id], [], 0),
         "agent.acknowledge": lambda: ([{"job_id": w.job_id, "delivery_id": w.delivery_id}],),
         "agent.report": lambda: (documents.render_status(status),),
+        "agent.renew_certificate": lambda: (w.new_csr,),
+        "admin.renew_certificate": lambda: (w.new_csr,),
         "admin.whoami": lambda: (),
         "admin.job_submit": lambda: (
             {"script": "echo matrix", "hosts": [AGENT], "name": "matrix"},
@@ -193,6 +195,8 @@ def _arguments(w: World) -> dict[str, Callable[[], tuple[Any, ...]]]:
         "admin.job_list": lambda: (50, ""),
         "admin.job_show": lambda: (w.user_job_id,),
         "admin.job_cancel": lambda: (w.user_job_id,),
+        "admin.job_retry": lambda: (w.user_job_id, []),
+        "admin.job_output": lambda: (w.user_job_id, AGENT),
         "admin.client_list": lambda: (),
         "admin.client_show": lambda: (AGENT,),
         "admin.client_accept": lambda: ("victim-accept",),

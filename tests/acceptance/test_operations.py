@@ -159,6 +159,21 @@ def test_counters_move_after_a_known_workload(deployment: Deployment) -> None:
     assert sample(after, "scire_listener_requests_total") > sample(
         before, "scire_listener_requests_total"
     )
+    # What the agent's calls did: two deliveries, one report of each final state.
+    assert sample(after, "scire_jobs_sent_total") == 2
+    assert sample(after, "scire_jobs_acknowledged_total") >= 2
+    assert sample(after, "scire_reports_total", state="succeeded") == 1
+    assert sample(after, "scire_reports_total", state="failed") == 1
+    assert sample(after, "scire_polls_total", result="work") >= 1
+    assert sample(after, "scire_denials_total") == 0
+    # The latency histogram has seen every poll, each within the +Inf bucket.
+    duration = "scire_rpc_duration_seconds"
+    polls = sample(after, calls, method="agent.poll", fault="none")
+    assert sample(after, f"{duration}_count", method="agent.poll") == polls
+    assert sample(after, f"{duration}_bucket", method="agent.poll", le="+Inf") == polls
+    assert sample(after, f"{duration}_bucket", method="agent.poll", le="10") == polls
+    assert sample(after, f"{duration}_sum", method="agent.poll") > 0
+    assert "# TYPE scire_rpc_duration_seconds histogram" in after
 
 
 def test_healthz_says_503_while_postgresql_refuses_connections(

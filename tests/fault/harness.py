@@ -6,12 +6,21 @@ runs: the script's working directory is the job's ``work/`` in its tree under
 the agent's default ``work_root`` (``state_dir/work/<job_id>/work/``), so
 ``../../../ran.log`` is ``agents/<host>/ran.log``. At the end
 ``FaultRig.check`` compares those files with the ``assignments`` and
-``events`` tables of the SQLite database.
+``events`` tables of the database: the SQLite file, or the PostgreSQL
+database of ``Deployment.database_url`` (read with psycopg; the queries are
+written with ``?`` placeholders for both).
 
-Faults are injected with plain signals (``kill -9`` of the server or of an
-agent, SIGTERM of the server), with an agent impersonated over XML-RPC
+A rig runs one server daemon or several (``start_server(name=..., port=...)``,
+each with its own port and instance key, all on the deployment's state
+directory and database); agents are given every daemon's URL in start order.
+Agents run ``scire-client run`` once per call (normal mode), or as
+``scire-client daemon`` processes (the hosts in ``daemon_hosts``: a short
+poll interval and a poll_now listener, so pushes reach them).
+
+Faults are injected with plain signals (``kill -9`` of a server or of an
+agent, SIGTERM of a server), with an agent impersonated over XML-RPC
 (``ManualAgent``: it polls with the agent's own certificate and never
-acknowledges), or by editing the database with ``sqlite3``.
+acknowledges), or by editing the database.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import xmlrpc.client
 from collections.abc import Iterable, Sequence
@@ -32,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import Deployment, wait_for
+from conftest import Deployment, free_port, wait_for
 
 from scire_schema import tls
 
@@ -49,6 +59,9 @@ FAST_AGENT = {
     "connect_timeout": "3",
     "kill_grace": "1",
 }
+#: What daemon-mode agents get on top: a quick poll (the lowest allowed) and a
+#: listener, so that a submission pushes them.
+FAST_DAEMON = {"poll_interval": "1", "poll_jitter": "0.3", "max_parallel": "10"}
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.S)
 
 
@@ -67,6 +80,41 @@ def process_gone(pid: int) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def libpq_conninfo(url: str) -> str:
+    """The libpq connection string of a SQLAlchemy PostgreSQL URL, the
+    multi-host form (``?host=H1:P1&host=H2:P2``) included."""
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    query = dict(parsed.query)
+    raw_hosts = query.pop("host", ())
+    hosts = [raw_hosts] if isinstance(raw_hosts, str) else list(raw_hosts)
+    if hosts:
+        pairs = [h.rpartition(":") if ":" in h else (h, "", "5432") for h in hosts]
+        host, port = ",".join(p[0] for p in pairs), ",".join(p[2] for p in pairs)
+    else:
+        host, port = parsed.host or "127.0.0.1", str(parsed.port or 5432)
+    words = {"host": host, "port": port, "dbname": parsed.database or "", "connect_timeout": "5"}
+    words["user"] = parsed.username or "postgres"
+    if parsed.password:
+        words["password"] = parsed.password
+    words.update({k: v if isinstance(v, str) else v[-1] for k, v in query.items()})
+    return " ".join(f"{k}={v}" for k, v in words.items())
+
+
+@dataclass
+class Daemon:
+    """A server daemon of the rig: how to start it again."""
+
+    port: int
+    instance_key: str
+    extra: tuple[str, ...]
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/"
 
 
 def _proxy(url: str, context: Any, timeout: float = 30) -> Any:
@@ -129,21 +177,54 @@ class FaultRig:
     """A deployment with ``hosts`` enrolled agents, and the means to hurt it."""
 
     def __init__(
-        self, dep: Deployment, hosts: Sequence[str], agent_settings: dict[str, str] | None = None
+        self,
+        dep: Deployment,
+        hosts: Sequence[str],
+        agent_settings: dict[str, str] | None = None,
+        *,
+        daemon_hosts: Sequence[str] = (),
+        daemon_settings: dict[str, str] | None = None,
     ) -> None:
         self.dep = dep
         self.hosts = list(hosts)
         self.settings = {**FAST_AGENT, **(agent_settings or {})}
+        self.daemon_hosts = list(daemon_hosts)  #: agents run as ``scire-client daemon``
+        self.daemon_settings = {**FAST_DAEMON, **(daemon_settings or {})}
         self.kills = 0  #: SIGKILLs dealt, to servers and agents
-        self.extra: tuple[str, ...] = ()  #: the server's extra options, for restarts
+        self.daemons: dict[str, Daemon] = {}  #: server daemons by name, in start order
+        self.agent_daemons: dict[str, subprocess.Popen[str]] = {}
         self._admin: Any = None
+        self._admin_url = ""
+        self._loops: list[threading.Thread] = []
+        self._stop_loops = threading.Event()
+
+    @property
+    def extra(self) -> tuple[str, ...]:
+        """The first server's extra options."""
+        return next(iter(self.daemons.values())).extra if self.daemons else ()
+
+    @property
+    def urls(self) -> list[str]:
+        """Every daemon's URL in start order: the agents' failover list."""
+        return [d.url for d in self.daemons.values()] or [self.dep.url]
+
+    @property
+    def postgres(self) -> bool:
+        return self.dep.database_url.startswith("postgresql")
 
     # --- set-up -------------------------------------------------------------
 
-    def start_server(self, *extra: str, name: str = "server") -> int:
-        """Start the server under xprocess with ``extra`` options; its pid."""
-        self.extra = extra
-        return self.dep.start_server(name, *extra)
+    def start_server(self, *extra: str, name: str = "server", port: int | None = None) -> int:
+        """Start a server daemon under xprocess with ``extra`` options; its pid.
+        The first one listens on the deployment's port; another gets a port
+        of its own (or ``port``) and an instance key of its own."""
+        if name in self.daemons:
+            raise AssertionError(f"daemon {name} started already: restart_server() it")
+        first = not self.daemons
+        port = port or (self.dep.port if first else free_port())
+        key = f"test-{self.dep.port}" if first else f"test-{name}-{port}"
+        self.daemons[name] = Daemon(port, key, tuple(extra))
+        return self.dep.start_server(name, *extra, port=port, instance_key=key)
 
     def enroll_all(self) -> None:
         token = self.dep.admin("client", "token", "--uses", str(len(self.hosts)))["token"]
@@ -157,7 +238,10 @@ class FaultRig:
         path = self.dep.agent_dir(host) / "client.ini"
         if not path.exists():
             parser = configparser.ConfigParser()
-            parser["client"] = self.settings
+            parser["client"] = dict(self.settings)
+            if host in self.daemon_hosts:
+                parser["client"].update(self.daemon_settings)
+                parser["client"]["listen"] = f"127.0.0.1:{free_port()}"
             with open(path, "w", encoding="utf-8") as fh:
                 parser.write(fh)
         return path
@@ -165,17 +249,23 @@ class FaultRig:
     # --- the admin API, in-process (a scire-admin process costs ~1 s) -------
 
     def admin(self) -> Any:
+        """The admin API of the first daemon that runs."""
         if self._admin is None:
             text = self.dep.bundle.read_text(encoding="utf-8")
             certs = [m.group(0) for m in _PEM_BLOCK.finditer(text) if m.group(1) == "CERTIFICATE"]
             context = tls.client_context(None, self.dep.bundle, self.dep.bundle, ca_data=certs[-1])
-            self._admin = _proxy(self.dep.url, context)
+            live = [d.url for n, d in self.daemons.items() if self.server_running(n)]
+            self._admin_url = (live or self.urls)[0]
+            self._admin = _proxy(self._admin_url, context)
         return self._admin
 
     def reset_admin(self) -> None:
         """Forget the admin connection (after a server restart)."""
         if self._admin is not None:
-            self._admin("close")()
+            try:
+                self._admin("close")()
+            except OSError:
+                pass
         self._admin = None
 
     def submit(self, hosts: Sequence[str], script: str = MARK, **spec: Any) -> int:
@@ -194,8 +284,68 @@ class FaultRig:
 
     # --- agents ------------------------------------------------------------
 
-    def agent_cmd(self, host: str) -> list[str]:
-        return self.dep.agent_args(host, "-c", str(self.config_file(host)), "run")
+    def agent_cmd(self, host: str, command: str = "run") -> list[str]:
+        config = str(self.config_file(host))
+        return self.dep.agent_args(host, "-c", config, command, servers=self.urls)
+
+    def start_agent_daemons(self, hosts: Sequence[str] | None = None) -> None:
+        """``scire-client daemon`` for each of ``hosts`` (default every one of
+        ``daemon_hosts``), logging to agent.log; they run until ``stop_agents``."""
+        marks: dict[str, int] = {}
+        for host in hosts or self.daemon_hosts:
+            assert host in self.daemon_hosts, f"{host} is not a daemon-mode agent"
+            log_path = self.dep.agent_dir(host) / "agent.log"
+            marks[host] = log_path.stat().st_size if log_path.exists() else 0
+            cmd = self.agent_cmd(host, "daemon")
+            with open(log_path, "a", encoding="utf-8") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+            self.agent_daemons[host] = proc
+
+        def started() -> bool:
+            for host, mark in marks.items():
+                with open(self.dep.agent_dir(host) / "agent.log", "rb") as fh:
+                    fh.seek(mark)
+                    if b"daemon started" not in fh.read():
+                        return False
+            return True
+
+        wait_for(started, 60, f"the daemons of {', '.join(marks)} to start")
+
+    def start_agents(self, pause: float = 0.5) -> None:
+        """Every agent at work until ``stop_agents``: the daemon-mode ones as
+        daemons, each normal-mode one as ``scire-client run`` again and again
+        (``pause`` seconds apart), the way cron runs it."""
+        self._stop_loops.clear()
+
+        def loop(host: str) -> None:
+            while not self._stop_loops.is_set():
+                self.run_agent(host, timeout=120)
+                self._stop_loops.wait(pause)
+
+        for host in self.hosts:
+            if host not in self.daemon_hosts:
+                thread = threading.Thread(target=loop, args=(host,), name=f"agent-{host}")
+                thread.start()
+                self._loops.append(thread)
+        self.start_agent_daemons()
+
+    def stop_agents(self) -> None:
+        """Stop the normal-mode loops (each finishes its run) and the daemons (SIGTERM)."""
+        self._stop_loops.set()
+        for proc in self.agent_daemons.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for thread in self._loops:
+            thread.join(180)
+        self._loops.clear()
+        for host, proc in self.agent_daemons.items():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"the daemon of {host} did not stop on SIGTERM") from None
+        self.agent_daemons.clear()
 
     def spawn_agent(self, host: str) -> subprocess.Popen[str]:
         """Start ``scire-client run`` for ``host``; its output goes to agent.log."""
@@ -240,6 +390,12 @@ class FaultRig:
 
     # --- the server --------------------------------------------------------
 
+    def server_running(self, name: str = "server") -> bool:
+        try:
+            return self.server_popen(name).poll() is None
+        except (AssertionError, KeyError):
+            return False
+
     def server_popen(self, name: str = "server") -> subprocess.Popen[bytes]:
         """The Popen of the running server (xprocess keeps it), for its exit status."""
         pid = self.dep.servers[name][0]
@@ -262,7 +418,8 @@ class FaultRig:
         return Path(str(self.dep.servers[name][1])).read_text(errors="replace")
 
     def close(self) -> None:
-        """Stop every server still running, reaping it through its Popen."""
+        """Stop the agents, then every server still running, reaping it through its Popen."""
+        self.stop_agents()
         self.reset_admin()
         for name in list(self.dep.servers):
             try:
@@ -280,7 +437,10 @@ class FaultRig:
     def restart_server(self, name: str = "server") -> float:
         """Start the server again with the same options; seconds it took."""
         start = time.monotonic()
-        self.dep.start_server(name, *self.extra)
+        daemon = self.daemons[name]
+        self.dep.start_server(
+            name, *daemon.extra, port=daemon.port, instance_key=daemon.instance_key
+        )
         self.reset_admin()
         return time.monotonic() - start
 
@@ -299,15 +459,29 @@ class FaultRig:
         """Wait until the hosts' ``ran.log`` files hold ``count`` lines in all."""
         wait_for(lambda: self.total_lines() >= count, timeout, f"{count:.0f} jobs to run")
 
-    def db(self) -> sqlite3.Connection:
+    def forget_runs(self) -> None:
+        """Empty the hosts' run logs (between tests sharing one rig, after a check)."""
+        for host in self.hosts:
+            (self.dep.agent_dir(host) / RAN_LOG).unlink(missing_ok=True)
+
+    def db(self) -> Any:
+        """A connection to the deployment's database, rows by column name."""
+        if self.postgres:
+            import psycopg
+            from psycopg.rows import dict_row
+
+            return psycopg.connect(libpq_conninfo(self.dep.database_url), row_factory=dict_row)
         conn = sqlite3.connect(self.dep.state_dir / "scire.db", timeout=30)
         conn.row_factory = sqlite3.Row
         return conn
 
-    def query(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def query(self, sql: str, *params: Any) -> list[Any]:
         conn = self.db()
         try:
-            return conn.execute(sql, params).fetchall()
+            return list(conn.execute(self._sql(sql), params).fetchall())
         finally:
             conn.close()
 
@@ -315,11 +489,11 @@ class FaultRig:
         conn = self.db()
         try:
             with conn:
-                return conn.execute(sql, params).rowcount
+                return int(conn.execute(self._sql(sql), params).rowcount)
         finally:
             conn.close()
 
-    def assignment(self, job_id: int, host: str) -> sqlite3.Row:
+    def assignment(self, job_id: int, host: str) -> Any:
         (row,) = self.query(
             "SELECT a.* FROM assignments a JOIN clients c ON c.id = a.client_id "
             "WHERE a.job_id = ? AND c.name = ?",
@@ -328,7 +502,7 @@ class FaultRig:
         )
         return row
 
-    def events(self, job_id: int, action: str | None = None) -> list[sqlite3.Row]:
+    def events(self, job_id: int, action: str | None = None) -> list[Any]:
         sql = "SELECT * FROM events WHERE job_id = ?"
         args: list[Any] = [job_id]
         if action:

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from scire_schema import certs, files
+from scire_schema import certs, documents, files
 from scire_server import ca, migrations, recovery
 from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
-from scire_server.exceptions import InvalidArgument, NotFound
+from scire_server.exceptions import Conflict, InvalidArgument, NotFound
 from scire_server.store import AgentPresence, Caller, Certificate, Store, make_engine, utcnow
 from scire_server.work_due import WorkDue
 
@@ -275,3 +275,36 @@ def test_the_sweep_announces_returned_leases(api: Api) -> None:
     counts = recovery.sweep(api.store, api.methods.config, api.methods.work_due)
     assert counts["returned"] == 1
     assert api.heard == [frozenset({"web-1"})]
+
+
+def test_a_retry_announces_its_hosts_and_gives_them_the_attempts_afresh(api: Api) -> None:
+    web = api.client("web-1")
+    job_id = api.methods.job_submit(api.admin, _spec(hosts=["web-1"], max_attempts=2))["job_id"]
+    (sent,) = (documents.parse_job(x) for x in api.methods.poll(web, [], [], 10)["jobs"])
+    assert (sent.attempt, sent.retry_base) == (1, 0)
+    failed = documents.StatusReport(
+        job_id, sent.delivery_id, "failed", exit_code=3, output="first try\n"
+    )
+    api.methods.report(web, documents.render_status(failed))
+    api.heard.clear()
+    assert api.methods.job_retry(api.admin, job_id, []) == {
+        "job_id": job_id,
+        "retried": ["web-1"],
+        "refused": [],
+    }
+    assert api.heard == [frozenset({"web-1"})]
+    with pytest.raises(Conflict, match="has not finished"):
+        api.methods.job_retry(api.admin, job_id, [])
+    (again,) = (documents.parse_job(x) for x in api.methods.poll(web, [], [], 10)["jobs"])
+    assert (again.attempt, again.retry_base) == (2, 1)
+    # Its lease runs out: the second delivery since the retry is still in the
+    # budget of 2, though the assignment has had two deliveries in all.
+    later = utcnow() + dt.timedelta(seconds=api.methods.config.ack_timeout + 1)
+    assert api.store.sweeps.return_leases(now=later) == {"returned": 1, "undeliverable": 0}
+    (retry,) = [e for e in api.methods.audit(api.admin, job_id) if e["action"] == "retry"]
+    assert (retry["actor"], retry["old_state"], retry["new_state"]) == (
+        "user:admin",
+        "failed",
+        "pending",
+    )
+    assert retry["detail"] == "attempt 1 failed; exit code 3; output:\nfirst try\n"

@@ -306,6 +306,27 @@ def test_report_transitions_and_duplicates(world: World) -> None:
     assert world.store.jobs.detail(world.admin, job)["state"] == "succeeded"
 
 
+def test_live_output_keeps_the_longest_and_a_resent_chunk_changes_nothing(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    started = dt.datetime(2026, 1, 1, 12, 0, 0)
+    assert report(world, doc, "running", started=started, output="a\n") == "applied"
+    assert report(world, doc, "running", started=started, output="a\nb\n") == "applied"
+    # Resent, or late and shorter: the stored text stays, nothing is doubled.
+    assert report(world, doc, "running", started=started, output="a\nb\n") == "duplicate"
+    assert report(world, doc, "running", started=started, output="a\n") == "duplicate"
+    row = assignment(world, job)
+    assert (row["state"], row["output"], row["output_truncated"]) == ("running", "a\nb\n", False)
+    # The cap reached: same text, now marked truncated.
+    assert report(world, doc, "running", output="a\nb\n", truncated=True) == "applied"
+    assert assignment(world, job)["output_truncated"] is True
+    # Cancelled on the server first: the agent's last report still brings the output.
+    world.store.jobs.cancel(world.admin, job)
+    assert report(world, doc, "cancelled", output="a\nb\nc\n") == "duplicate"
+    row = assignment(world, job)
+    assert (row["state"], row["output"]) == ("cancelled", "a\nb\nc\n")
+
+
 def test_report_without_acknowledgement_implies_it(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)

@@ -27,7 +27,7 @@ from scire_client import __version__, cli, enroll
 from scire_client.config import ClientConfig
 from scire_client.exceptions import ConfigError, EnrollmentPending
 from scire_client.spool import Spool
-from scire_schema import certs, documents, tls
+from scire_schema import certs, documents, protocol, tls
 from scire_schema.documents import JobDocument, StatusReport
 from scire_server import ca
 
@@ -52,6 +52,7 @@ class FakeServer:
         self.reconcile: list[dict[str, Any]] = []
         self.cancel_running: set[int] = set()
         self.report_fault: int | None = None
+        self.report_fault_text = "not now"
         self.reports: list[StatusReport] = []
         self.acks: list[dict[str, Any]] = []
         self.polls: list[tuple[list[int], list[int], int]] = []
@@ -117,7 +118,7 @@ class FakeServer:
 
     def report(self, status_xml: str) -> dict[str, Any]:
         if self.report_fault is not None:
-            raise xmlrpc.client.Fault(self.report_fault, "not now")
+            raise xmlrpc.client.Fault(self.report_fault, self.report_fault_text)
         report = documents.parse_status(status_xml)
         self.reports.append(report)
         return {"job_id": report.job_id, "state": report.state, "result": "applied"}
@@ -292,6 +293,21 @@ def test_undelivered_reports_wait_on_disk(tmp_path: Path, server: FakeServer) ->
     assert run_cli(config) == cli.EXIT_OK
     assert server.final_reports() == [(8, "succeeded")]
     assert trace.read_text() == "ran\n"
+
+
+def test_a_run_told_to_pause_long_exits_0_and_keeps_its_report(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    server.jobs = [documents.render_job(make_job(8, "echo ran\n"))]
+    server.report_fault = 10  # unavailable, and it says for how long: a pause, not an error
+    server.report_fault_text = "database unavailable: x; " + protocol.retry_after_text(600)
+    config = write_config(tmp_path, server, report_retry_for=5)
+    assert run_cli(config) == cli.EXIT_OK
+    spool = Spool(tmp_path / "state" / "spool")
+    assert [job_id for job_id, _ in spool.pending_reports()] == [8]
+    server.report_fault = None
+    assert run_cli(config) == cli.EXIT_OK
+    assert server.final_reports() == [(8, "succeeded")]
 
 
 def test_a_permanent_fault_drops_the_report(tmp_path: Path, server: FakeServer) -> None:

@@ -203,6 +203,17 @@ def run_with(tmp_path: Path, doc: JobDocument, on_started: object) -> StatusRepo
     )
 
 
+def test_live_output_holds_back_a_cut_utf8_sequence(tmp_path: Path) -> None:
+    path = tmp_path / "output"
+    path.write_bytes(b"ok \xc3")  # the first byte of "é": the rest is not written yet
+    assert runner.read_live_output(path, 100) == ("ok ", False)
+    path.write_bytes("ok é".encode())
+    assert runner.read_live_output(path, 100) == ("ok é", False)
+    # Over the limit: the cap holds, marked truncated, and a cut sequence shows as U+FFFD.
+    assert runner.read_live_output(path, 4) == ("ok \ufffd", True)
+    assert runner.read_live_output(tmp_path / "none", 10) == ("", False)
+
+
 def test_read_output_of_a_missing_file(tmp_path: Path) -> None:
     assert runner.read_output(tmp_path / "none", 10) == ("", False)
     assert os.path.exists(tmp_path)
@@ -243,3 +254,42 @@ def test_kill_leftover_spares_a_reused_pid(orphan: subprocess.Popen[bytes]) -> N
     assert not mark.still_ours()
     runner.kill_leftover(mark, kill_grace=1, what="job 1")
     assert orphan.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("script", "command"),
+    [
+        ("#!/usr/bin/env python3\nprint(1)\n", ["/usr/bin/env", "python3"]),
+        ("#!/bin/sh\r\necho crlf\r\n", ["/bin/sh"]),
+        ("#! /bin/bash -eu -o pipefail\n", ["/bin/bash", "-eu -o pipefail"]),
+        ("#!/bin/sh\t-e  \n", ["/bin/sh", "-e"]),
+    ],
+)
+def test_without_an_interpreter_the_shebang_line_says_what_runs(
+    script: str, command: list[str]
+) -> None:
+    assert runner.job_command(make_job(script, interpreter="")) == command
+
+
+@pytest.mark.parametrize(
+    ("script", "why"),
+    [
+        ("echo no shebang\n", "has no #! line"),
+        ("#!\necho\n", "names no interpreter"),
+        ("#!python3\n", "'python3', not an absolute path"),
+    ],
+)
+def test_a_shebang_line_that_cannot_run_fails_the_job_with_the_reason(
+    tmp_path: Path, script: str, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        runner.job_command(make_job(script, interpreter=""))
+    report = run(tmp_path, make_job(script, interpreter=""))
+    assert report.state == "failed"
+    assert report.reason is not None and why in report.reason
+
+
+def test_an_interpreter_given_wins_over_the_shebang_line() -> None:
+    assert runner.job_command(make_job("#!/usr/bin/python3\n", interpreter="/bin/sh")) == [
+        "/bin/sh"
+    ]

@@ -110,6 +110,25 @@ def test_a_new_delivery_of_a_reported_job_requeues_its_result(spool: Spool) -> N
     assert spool.runnable() == []
 
 
+def test_an_operators_retry_of_an_ended_run_spools_it_afresh(spool: Spool) -> None:
+    doc = make_job(8)
+    add(spool, doc)
+    spool.mark_finished(8, finished_xml(doc, "failed"))
+    spool.mark_reported(8)
+    retried = make_job(8, attempt=2, retry_base=1)
+    assert add(spool, retried)
+    assert spool.pending_reports() == []
+    assert [e.job_id for e in spool.runnable()] == [8]
+    # A lease re-sent within the retried run is a repeat again, as before.
+    assert not add(spool, make_job(8, attempt=3, retry_base=1))
+    # A retry of a run that has not ended here adopts the delivery: never two runs.
+    running = make_job(9)
+    add(spool, running)
+    spool.mark_started(9, dead_pid())
+    assert not add(spool, make_job(9, attempt=2, retry_base=1))
+    assert spool.running_ids() == [9]
+
+
 def test_runnable_order_is_priority_then_age_then_id(spool: Spool) -> None:
     later = CREATED + dt.timedelta(minutes=5)
     add(spool, make_job(5, priority=0, created=CREATED))

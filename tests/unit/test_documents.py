@@ -72,6 +72,24 @@ def test_job_round_trip_with_every_optional_field() -> None:
     assert documents.parse_job(documents.render_job(doc)) == doc
 
 
+def test_a_job_without_an_interpreter_leaves_the_element_out() -> None:
+    """The agent then runs the script by its shebang line; an older agent's
+    schema requires the element, so it refuses the document instead of
+    running the script under /bin/sh."""
+    doc = make_job(interpreter="", script="#!/usr/bin/env python3\nprint(1)\n")
+    text = documents.render_job(doc)
+    assert "interpreter" not in text
+    assert documents.parse_job(text) == doc
+
+
+def test_a_retried_delivery_carries_its_retry_base() -> None:
+    assert "retryBase" not in documents.render_job(make_job())
+    doc = make_job(attempt=3, retry_base=2)
+    text = documents.render_job(doc)
+    assert 'retryBase="2"' in text
+    assert documents.parse_job(text) == doc
+
+
 def test_job_document_is_namespaced_with_declaration() -> None:
     xml = documents.render_job(make_job())
     assert xml.startswith("<?xml version='1.0' encoding='UTF-8'?>")

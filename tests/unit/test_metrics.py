@@ -106,3 +106,31 @@ def test_a_name_exposed_twice_is_an_error() -> None:
     registry.gauge("demo_same", "two")
     with pytest.raises(ValueError, match="exposed twice"):
         registry.exposition()
+
+
+def test_a_histogram_renders_cumulative_buckets_sum_and_count() -> None:
+    registry = metrics.Registry()
+    latency = registry.histogram("rpc_seconds", "call time", ("method",), buckets=(0.01, 0.1, 1))
+    for value in (0.005, 0.01, 0.05, 3.0):
+        latency.observe(value, method="poll")
+    assert latency.count(method="poll") == 4
+    assert latency.count(method="report") == 0
+    assert registry.exposition().decode() == (
+        "# HELP rpc_seconds call time\n"
+        "# TYPE rpc_seconds histogram\n"
+        'rpc_seconds_bucket{method="poll",le="0.01"} 2\n'
+        'rpc_seconds_bucket{method="poll",le="0.1"} 3\n'
+        'rpc_seconds_bucket{method="poll",le="1"} 3\n'
+        'rpc_seconds_bucket{method="poll",le="+Inf"} 4\n'
+        'rpc_seconds_sum{method="poll"} 3.065\n'
+        'rpc_seconds_count{method="poll"} 4\n'
+    )
+
+
+def test_a_histogram_refuses_its_own_suffixes_and_label() -> None:
+    with pytest.raises(ValueError, match="suffix"):
+        metrics.Histogram("rpc_seconds_count", "x")
+    with pytest.raises(ValueError, match="'le'"):
+        metrics.Histogram("rpc_seconds", "x", ("le",))
+    with pytest.raises(ValueError, match="bucket"):
+        metrics.Histogram("rpc_seconds", "x", buckets=())

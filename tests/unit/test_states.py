@@ -6,14 +6,34 @@ import itertools
 
 import pytest
 
-from scire_server.states import FINAL, FINAL_SUMMARIES, REPORTED_FINAL, State, allowed, job_summary
+from scire_server.states import (
+    FINAL,
+    FINAL_SUMMARIES,
+    REPORTED_FINAL,
+    RETRYABLE,
+    State,
+    allowed,
+    job_summary,
+)
 
 
 @pytest.mark.parametrize(
-    ("old", "new"), list(itertools.product(sorted(FINAL), list(State))), ids=str
+    ("old", "new"),
+    [
+        (old, new)
+        for old, new in itertools.product(sorted(FINAL), list(State))
+        if not (old in RETRYABLE and new == State.PENDING)
+    ],
+    ids=str,
 )
-def test_nothing_leaves_a_final_state(old: State, new: State) -> None:
+def test_nothing_leaves_a_final_state_but_a_retry(old: State, new: State) -> None:
     assert not allowed(old, new)
+
+
+def test_retry_requeues_failed_and_timed_out_only() -> None:
+    assert RETRYABLE == {State.FAILED, State.TIMED_OUT}
+    for state in FINAL:
+        assert allowed(state, State.PENDING) == (state in RETRYABLE)
 
 
 def test_final_states() -> None:

@@ -1130,7 +1130,7 @@ def cmd_server(args: argparse.Namespace, proxy: Any) -> ExitCode:
     show(
         args,
         call(proxy, "admin.server_list"),
-        ["instance_key", "hostname", "pid", "state", "heartbeat_at", "url"],
+        ["instance_key", "hostname", "pid", "state", "heartbeat_at", "heartbeat_age", "url"],
     )
     return ExitCode.OK
 

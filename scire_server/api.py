@@ -622,7 +622,16 @@ class RemoteMethods:
         }
 
     def job_cancel(self, caller: Caller, job_id: Any) -> dict[str, Any]:
-        count = self.store.jobs.cancel(caller, _int(job_id, "job id", 1, 2**31 - 1))
+        job = _int(job_id, "job id", 1, 2**31 - 1)
+        count = self.store.jobs.cancel(caller, job)
+        if count:
+            # Work changed for its clients: the push wakes their agents to learn
+            # the cancel at once (their poll's reconcile), the relay tells the
+            # other daemons (their caches of who may have work).
+            try:
+                self.work_due.announce(self.store.jobs.clients_of(job))
+            except ScireError as exc:  # cancelled all the same; the agents' polls learn it
+                log.warning("job %s cancelled, its agents not woken: %s", job, exc.message)
         return {"job_id": job_id, "cancelled": count}
 
     def job_retry(self, caller: Caller, job_id: Any, hosts: Any = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from scire_server.api import RemoteMethods
 from scire_server.config import ServerConfig
 from scire_server.exceptions import InstanceConflict, ScireError
 from scire_server.push import Pusher
+from scire_server.relay import Relay
 from scire_server.rpc import ScireRPCServer, listener_limits
 from scire_server.work_due import WorkDue
 
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ack-timeout", type=int, help="seconds a sent job waits for its ack")
     p.add_argument("--lost-after", type=int, help="seconds of agent silence before running is lost")
     p.add_argument("--sweep-interval", type=int)
+    p.add_argument("--heartbeat-interval", type=int, help="seconds between heartbeats (default 5)")
+    p.add_argument(
+        "--instance-stale-after",
+        type=int,
+        help="seconds without a heartbeat before another daemon takes this one over (default 30)",
+    )
     p.add_argument(
         "--push",
         choices=["on", "off"],
@@ -111,6 +118,8 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         ack_timeout=args.ack_timeout,
         lost_after=args.lost_after,
         sweep_interval=args.sweep_interval,
+        heartbeat_interval=args.heartbeat_interval,
+        instance_stale_after=args.instance_stale_after,
         push=args.push,
         push_workers=args.push_workers,
         push_timeout=args.push_timeout,
@@ -179,7 +188,14 @@ def _serve(config: ServerConfig) -> int:
     if config.push:
         pusher = Pusher.from_config(config, db, methods.last_seen)
         methods.on_presence_change = pusher.forget
-        work_due.subscribe(pusher)
+        # Only this daemon's own announcements: the daemon where work changed pushes.
+        work_due.subscribe(pusher, relayed=False)
+    relay: Relay | None = None
+    if db.signals.available:
+        # Announcements cross to the other daemons on the database, and theirs to us.
+        relay = Relay(db, work_due, config.instance_key)
+        if not relay.start():
+            log.warning("relay: not listening yet; it keeps trying")
     health = monitoring.HealthCheck(db)
     app = monitoring.MonitoringApp(health, metrics, methods.identify)
     server = ScireRPCServer(
@@ -210,6 +226,8 @@ def _serve(config: ServerConfig) -> int:
         )
         if pusher is not None:
             pusher.close()
+        if relay is not None:
+            relay.close()
         server.drain(0)
         db.servers.stop()
         db.close()
@@ -261,6 +279,8 @@ def _serve(config: ServerConfig) -> int:
         if pusher is not None:
             work_due.unsubscribe(pusher)
             pusher.close()  # queued pushes dropped; those in flight end within push_timeout
+        if relay is not None:
+            relay.close()
         methods.summarize_refusals()  # the last interval's, before the store closes
         try:
             methods.flush_last_seen()

@@ -4,7 +4,9 @@ Start-up runs, in order and before the listener opens: refuse a live
 duplicate of this instance key; return expired leases and the leases this
 instance held in its previous life; expire jobs past their expiry; record one
 ``recovery`` audit event with the counts. ``sweep`` runs the same repairs
-(without the instance check) every few seconds while the daemon runs. Work
+(without the instance check) every few seconds while the daemon runs, and
+first takes over the other daemons whose heartbeat went stale (marks them
+``dead``, returns their leases, one ``takeover`` audit row each). Work
 that a repair makes due again (a lease returned, a lost run requeued), and at
 start-up every client's pending work, is announced on the work-due signal.
 """
@@ -74,6 +76,7 @@ def announce_due_work(store: Store, work_due: WorkDue) -> int:
 
 def sweep(store: Store, config: ServerConfig, work_due: WorkDue | None = None) -> dict[str, int]:
     """One pass of continuous recovery; safe to run on several daemons at once."""
+    take_over(store, config, work_due)
     leases = store.sweeps.return_leases()
     expired = store.sweeps.expire()
     lost = store.sweeps.mark_lost(config.lost_after)
@@ -83,6 +86,39 @@ def sweep(store: Store, config: ServerConfig, work_due: WorkDue | None = None) -
     if any(counts.values()):
         log.info("sweep: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
     return counts
+
+
+def take_over(store: Store, config: ServerConfig, work_due: WorkDue | None = None) -> int:
+    """Mark the other daemons whose heartbeat is older than
+    ``instance_stale_after`` dead and return their leases; safe on several
+    daemons at once (only one wins each). Returns how many were taken over."""
+    takeovers = store.sweeps.take_over(config.instance_stale_after)
+    for takeover in takeovers:
+        log.warning("takeover: %s", takeover.detail)
+        if work_due is not None:
+            work_due.announce(takeover.leases.due)
+    return len(takeovers)
+
+
+def heartbeat(store: Store, config: ServerConfig, work_due: WorkDue | None = None) -> bool:
+    """Heartbeat this daemon's row. When the row no longer says this process
+    runs (it hung past ``instance_stale_after`` and another daemon took over
+    its leases), say so loudly and register again: the leases it handed out
+    are pending again (or re-sent), and an agent's late acknowledgement of one
+    is accepted only while its delivery is still the current one."""
+    if store.servers.heartbeat():
+        return True
+    state = store.servers.state()
+    log.error(
+        "this daemon's row says %r: another daemon took over after %s s without a heartbeat "
+        "(was this process stopped or hung?); registering again",
+        state,
+        config.instance_stale_after,
+    )
+    start_up(store, config)
+    if work_due is not None:
+        announce_due_work(store, work_due)
+    return False
 
 
 def retention(store: Store, config: ServerConfig) -> dict[str, int]:

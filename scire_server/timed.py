@@ -2,8 +2,12 @@
 the summary of anonymous refusals, the batched write of the agents'
 last-seen times, and the runs of schedules coming due.
 
-Each task is safe to run on several daemons at once (conditional updates),
-and a task that fails is logged and runs again at its next tick; while the
+Several daemons on one database each run all of them; the table "Timed work
+on several daemons" in docs/ARCHITECTURE.md says why each is safe: the
+repairs and the schedules' runs by conditional updates and skipped row locks
+(a hung daemon must never stall them for the others), retention on one daemon
+at a time under an advisory lock, heartbeat, refusal summary and last-seen
+flush per daemon. A task that fails is logged and runs again at its next tick; while the
 database is unreachable a failed tick is not logged (the store's outage
 tracker logs the outage once).
 """
@@ -47,6 +51,17 @@ def make_due_runs(store: Store, config: ServerConfig, work_due: WorkDue) -> set[
     return clients
 
 
+def one_daemon_at_a_time(store: Store, task: str, run: Callable[[], Any]) -> bool:
+    """Run ``run`` unless another daemon runs ``task`` now (PostgreSQL advisory
+    lock); whether it ran."""
+    with store.servers.exclusive(task) as mine:
+        if not mine:
+            log.debug("timed task %s runs on another daemon now; skipping this tick", task)
+            return False
+        run()
+        return True
+
+
 def start(
     store: Store,
     config: ServerConfig,
@@ -63,6 +78,9 @@ def start(
     repaired (the metrics)."""
     due = work_due or WorkDue()
 
+    def retention() -> None:
+        recovery.retention(store, config)
+
     def sweep() -> None:
         counts = recovery.sweep(store, config, due)
         if on_sweep is not None:
@@ -72,7 +90,7 @@ def start(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1}
     )
     scheduler.add_job(
-        _guarded("heartbeat", store.servers.heartbeat),
+        _guarded("heartbeat", lambda: recovery.heartbeat(store, config, due)),
         "interval",
         seconds=config.heartbeat_interval,
         id="heartbeat",
@@ -84,7 +102,7 @@ def start(
         id="sweep",
     )
     scheduler.add_job(
-        _guarded("retention", lambda: recovery.retention(store, config)),
+        _guarded("retention", lambda: one_daemon_at_a_time(store, "retention", retention)),
         "interval",
         seconds=config.retention_interval,
         id="retention",

@@ -11,7 +11,8 @@ The store is split by what each part writes (see docs/ARCHITECTURE.md):
 * ``schedules``: schedules (at, every, cron) and the runs they make when due;
 * ``assignments``: the agent's poll, acknowledgement and report;
 * ``sweeps``: leases, expiry, lost runs, retention;
-* ``servers``: the daemons' rows and heartbeats;
+* ``servers``: the daemons' rows and heartbeats, the advisory locks of timed work;
+* ``signals``: NOTIFY and LISTEN between daemons (PostgreSQL);
 * ``overview``: the database's pulse and the counts behind the metrics (reads only).
 
 Each public method of a part is one transaction, and a state change and its
@@ -50,9 +51,11 @@ from scire_server.store.records import (
     RetryResult,
     ScheduleResult,
     SubmitResult,
+    Takeover,
 )
 from scire_server.store.schedules import Schedules
 from scire_server.store.servers import Servers
+from scire_server.store.signals import Signals
 from scire_server.store.sweeps import Sweeps
 
 __all__ = [
@@ -70,6 +73,7 @@ __all__ = [
     "Store",
     "SqliteDaemonLock",
     "SubmitResult",
+    "Takeover",
     "daemon_pool_size",
     "make_engine",
     "redacted",
@@ -92,6 +96,7 @@ class Store:
         self.assignments = Assignments(self.database, self.audit)
         self.sweeps = Sweeps(self.database, self.audit)
         self.servers = Servers(self.database)
+        self.signals = Signals(self.database)
         self.overview = Overview(self.database)
 
     def close(self) -> None:

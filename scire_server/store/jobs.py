@@ -392,6 +392,17 @@ class Jobs:
                 assignment.reason = f"cancelled by {caller.name}"
             return len(rows)
 
+    def clients_of(self, job_id: int) -> set[str]:
+        """The names of the clients a job was for (whom a change to it concerns)."""
+        with self.db.tx(write=False) as session:
+            return set(
+                session.scalars(
+                    select(Client.name)
+                    .join(Assignment, Assignment.client_id == Client.id)
+                    .where(Assignment.job_id == job_id)
+                )
+            )
+
 
 def resolve_targets(
     session: Session,

@@ -118,6 +118,17 @@ class Repairs(dict[str, int]):
 
 
 @dataclass(frozen=True)
+class Takeover:
+    """One daemon this one found dead and took over: its instance key, how
+    long its heartbeat had been silent, the leases returned, the audit text."""
+
+    instance_key: str
+    silent_for: int  # seconds since its last heartbeat
+    leases: Repairs
+    detail: str
+
+
+@dataclass(frozen=True)
 class Certificate:
     """A certificate the API signed for a client's request, ready to be stored."""
 

@@ -1,6 +1,7 @@
-"""What the sweeper writes: leases that ran out, expired jobs, lost runs, and
-retention. Each sweep is safe on several daemons at once: rows another daemon
-holds locked are skipped (it is handling them)."""
+"""What the sweeper writes: leases that ran out, the takeover of daemons
+whose heartbeat went stale, expired jobs, lost runs, and retention. Each
+sweep is safe on several daemons at once: rows another daemon holds locked
+are skipped (it is handling them), and a takeover is a conditional update."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from scire_server.models import Assignment, Client, Event, Job
-from scire_server.states import FINAL, ClientStatus, State
+from scire_server.models import Assignment, Client, Event, Job, Server
+from scire_server.states import FINAL, ClientStatus, ServerState, State
 from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, utcnow
-from scire_server.store.records import SERVER, Repairs
+from scire_server.store.records import SERVER, Repairs, Takeover
 
 
 class Sweeps:
@@ -36,61 +38,104 @@ class Sweeps:
         attempt.
         """
         now = now or utcnow()
-        counts = {"returned": 0, "undeliverable": 0}
-        due: set[str] = set()
         with self.db.tx() as session:
             lease_over = Assignment.ack_deadline <= now
-            query = (
-                select(Assignment, Job, Client.name)
-                .join(Job, Job.id == Assignment.job_id)
-                .join(Client, Client.id == Assignment.client_id)
-                .where(
-                    Assignment.state == State.SENT.value,
-                    sa.or_(lease_over, Assignment.server_id == self.db.server_id)
-                    if own_previous_life
-                    else lease_over,
-                )
+            which = (
+                sa.or_(lease_over, Assignment.server_id == self.db.server_id)
+                if own_previous_life
+                else lease_over
             )
-            for assignment, job, cname in session.execute(
-                self.db.for_update(query, skip_locked=True)
-            ).all():
-                deadline_passed = (
-                    assignment.ack_deadline is not None and assignment.ack_deadline <= now
+            return self._return_leases(session, which, now)
+
+    def take_over(self, stale_after: int, now: dt.datetime | None = None) -> list[Takeover]:
+        """Mark every *other* daemon whose row says ``running`` but whose heartbeat
+        is older than ``stale_after`` seconds ``dead``, and return its leases
+        (the rules of a restart's own leases: a last attempt waits for its
+        deadline). Each takeover is one transaction with its ``takeover`` audit
+        row; the conditional update lets only one of several survivors take
+        over a given daemon."""
+        now = now or utcnow()
+        bound = now - dt.timedelta(seconds=stale_after)
+        stale = (
+            Server.state == ServerState.RUNNING.value,
+            Server.heartbeat_at < bound,
+            Server.id != self.db.server_id,
+        )
+        with self.db.tx(write=False) as session:
+            candidates = session.execute(
+                select(Server.id, Server.instance_key, Server.heartbeat_at).where(*stale)
+            ).all()
+        done: list[Takeover] = []
+        for server_id, instance_key, heartbeat_at in candidates:
+            with self.db.tx() as session:
+                won: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                    update(Server)
+                    .where(Server.id == server_id, *stale)
+                    .values(state=ServerState.DEAD.value)
                 )
-                # An operator's retry gives a host the job's attempts afresh.
-                spent = assignment.attempt - assignment.retry_base
-                if spent >= job.max_attempts and not deadline_passed:
-                    # A last attempt from our previous life: its agent may still
-                    # acknowledge it; the lease decides when it runs out.
-                    continue
-                if spent >= job.max_attempts:
-                    self.audit.move(
-                        session,
-                        assignment,
-                        State.FAILED,
-                        by=SERVER,
-                        client=cname,
-                        action="lease_expired",
-                        why=f"undeliverable after {assignment.attempt} attempt(s)",
-                        now=now,
-                    )
-                    assignment.reason = "undeliverable"
-                    assignment.finished_at = now
-                    counts["undeliverable"] += 1
-                else:
-                    self.audit.move(
-                        session,
-                        assignment,
-                        State.PENDING,
-                        by=SERVER,
-                        client=cname,
-                        action="lease_expired",
-                        why=f"no acknowledgement for attempt {assignment.attempt}",
-                        now=now,
-                    )
-                    counts["returned"] += 1
-                    due.add(cname)
-                assignment.ack_deadline = None
+                if won.rowcount != 1:
+                    continue  # another survivor took it over, or it woke up
+                repairs = self._return_leases(session, Assignment.server_id == server_id, now)
+                silent = int((now - heartbeat_at).total_seconds())
+                detail = (
+                    f"{self.db.server_name} took over {instance_key} (no heartbeat for "
+                    f"{silent} s): leases returned={repairs['returned']}, "
+                    f"undeliverable={repairs['undeliverable']}"
+                )
+                self.audit.write(session, SERVER, "takeover", detail=detail, at=now)
+                done.append(Takeover(instance_key, silent, repairs, detail))
+        return done
+
+    def _return_leases(self, session: Session, which: Any, now: dt.datetime) -> Repairs:
+        """Return the ``sent`` assignments ``which`` selects to pending, or fail
+        them as undeliverable after the job's attempts; a last attempt whose
+        deadline has not passed is left for its agent to acknowledge."""
+        counts = {"returned": 0, "undeliverable": 0}
+        due: set[str] = set()
+        query = (
+            select(Assignment, Job, Client.name)
+            .join(Job, Job.id == Assignment.job_id)
+            .join(Client, Client.id == Assignment.client_id)
+            .where(Assignment.state == State.SENT.value, which)
+        )
+        for assignment, job, cname in session.execute(
+            self.db.for_update(query, skip_locked=True)
+        ).all():
+            deadline_passed = assignment.ack_deadline is not None and assignment.ack_deadline <= now
+            # An operator's retry gives a host the job's attempts afresh.
+            spent = assignment.attempt - assignment.retry_base
+            if spent >= job.max_attempts and not deadline_passed:
+                # A last attempt from a daemon's previous life: its agent may
+                # still acknowledge it; the lease decides when it runs out.
+                continue
+            if spent >= job.max_attempts:
+                self.audit.move(
+                    session,
+                    assignment,
+                    State.FAILED,
+                    by=SERVER,
+                    client=cname,
+                    action="lease_expired",
+                    why=f"undeliverable after {assignment.attempt} attempt(s)",
+                    now=now,
+                )
+                assignment.reason = "undeliverable"
+                assignment.finished_at = now
+                counts["undeliverable"] += 1
+            else:
+                self.audit.move(
+                    session,
+                    assignment,
+                    State.PENDING,
+                    by=SERVER,
+                    client=cname,
+                    action="lease_expired",
+                    why=f"no acknowledgement for attempt {assignment.attempt}",
+                    now=now,
+                )
+                counts["returned"] += 1
+                due.add(cname)
+            assignment.ack_deadline = None
         return Repairs(counts, frozenset(due))
 
     def expire(self, now: dt.datetime | None = None) -> int:

@@ -88,7 +88,15 @@ def test_every_listing_as_a_table_and_as_json(fleet: Deployment) -> None:
         ("grant", "list"): ["ID", "SUBJECT", "PRIVILEGE", "TARGET", "CREATED_BY"],
         ("job", "list"): ["ID", "NAME", "OWNER", "PRIORITY", "STATE", "STATES", "CREATED_AT"],
         ("audit", "--job", str(job_id)): ["AT", "ACTOR", "ACTION", "JOB_ID", "CLIENT"],
-        ("server", "list"): ["INSTANCE_KEY", "HOSTNAME", "PID", "STATE", "HEARTBEAT_AT", "URL"],
+        ("server", "list"): [
+            "INSTANCE_KEY",
+            "HOSTNAME",
+            "PID",
+            "STATE",
+            "HEARTBEAT_AT",
+            "HEARTBEAT_AGE",
+            "URL",
+        ],
     }
     for args, columns in tables.items():
         assert header(admin_text(dep, *args))[: len(columns)] == columns, args

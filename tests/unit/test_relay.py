@@ -1,0 +1,44 @@
+"""The relay's payloads: under PostgreSQL's limit, and nothing else accepted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scire_server.relay import decode, encode
+from scire_server.store.signals import MAX_PAYLOAD
+
+
+def test_a_large_set_is_split_under_the_payload_limit_and_nothing_is_lost() -> None:
+    names = {f"web-{i:05d}.example.org" for i in range(3000)}
+    payloads = encode("a/1", names)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= MAX_PAYLOAD for p in payloads)
+    heard: set[str] = set()
+    for payload in payloads:
+        sender, clients = decode(payload)
+        assert sender == "a/1"
+        assert not heard & clients
+        heard |= clients
+    assert heard == names
+
+
+def test_a_small_set_is_one_payload() -> None:
+    assert [decode(p) for p in encode("a/1", ["x", "y"])] == [("a/1", frozenset({"x", "y"}))]
+    assert encode("a/1", []) == []
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "not json",
+        json.dumps(["a"]),
+        json.dumps({"from": "a"}),
+        json.dumps({"from": 1, "clients": []}),
+        json.dumps({"from": "a", "clients": [1]}),
+    ],
+)
+def test_a_malformed_payload_is_refused(payload: str) -> None:
+    with pytest.raises(ValueError):
+        decode(payload)

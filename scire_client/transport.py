@@ -388,7 +388,7 @@ class ServerTransport:
         except xmlrpc.client.Fault as exc:
             seconds = failover.retry_after(exc)
             if seconds is not None:
-                raise _Pause(seconds) from exc
+                raise _Pause(seconds, str(exc.faultString)) from exc
             raise ServerFault(int(exc.faultCode), str(exc.faultString)) from exc
         except ssl.SSLError as exc:
             raise TransportError(tls_errors.explain_for_agent(exc, url)) from exc
@@ -423,8 +423,9 @@ class ServerTransport:
 class _Pause(Exception):
     """One server asked for a pause of ``seconds``; ``_call`` tries the others."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(retry_after_text(seconds))
+    def __init__(self, seconds: float, words: str = "") -> None:
+        # The server's own words say why ("database unavailable: ...; retry after 5 s").
+        super().__init__(words or f"busy, {retry_after_text(seconds)}")
         self.seconds = seconds
 
 

@@ -63,8 +63,6 @@ FINAL_STATES = frozenset(state.value for state in FINAL)
 SCHEDULE_ONLY_KEYS = ("timezone", "catch_up", "allow_overlap")
 
 
-#: What ``job_list`` may filter on: a job's one-word state (an assignment
-#: state its hosts share or the furthest along, "mixed" or "empty").
 def check_name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise InvalidArgument(
@@ -72,6 +70,16 @@ def check_name(value: Any, what: str = "name") -> str:
             "use letters, digits, '.', '_' and '-' (at most 255)"
         )
     return value
+
+
+def _csr(value: Any) -> x509.CertificateSigningRequest:
+    """A certificate request sent as PEM text (enrollment and renewal)."""
+    if not isinstance(value, str):
+        raise InvalidArgument("csr_pem must be a PEM string")
+    try:
+        return certs.load_csr(value)
+    except SchemaError as exc:
+        raise from_schema_error(exc) from exc
 
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
@@ -292,12 +300,7 @@ class RemoteMethods:
         self, _caller: None, name: Any, csr_pem: Any, facts: Any = None, token: Any = ""
     ) -> dict[str, Any]:
         name = check_name(name, "client name")
-        if not isinstance(csr_pem, str):
-            raise InvalidArgument("csr_pem must be a PEM string")
-        try:
-            csr = certs.load_csr(csr_pem)
-        except SchemaError as exc:
-            raise from_schema_error(exc) from exc
+        csr = _csr(csr_pem)
         if certs.common_name(csr) != name:
             raise InvalidArgument(
                 f"the request's common name {clip(certs.common_name(csr))} is not {name!r}"
@@ -402,12 +405,7 @@ class RemoteMethods:
     def renew_certificate(self, caller: Caller, csr_pem: Any) -> dict[str, Any]:
         """A new certificate for the caller's own name and the request's key,
         replacing the one the call came with (docs/SECURITY.md, "Renewal")."""
-        if not isinstance(csr_pem, str):
-            raise InvalidArgument("csr_pem must be a PEM string")
-        try:
-            csr = certs.load_csr(csr_pem)
-        except SchemaError as exc:
-            raise from_schema_error(exc) from exc
+        csr = _csr(csr_pem)
         if certs.common_name(csr) != caller.name:
             raise InvalidArgument(
                 f"the request's common name {clip(certs.common_name(csr))} is not "

@@ -179,6 +179,11 @@ class Deployment:
                 return args
 
         key = f"{name}-{self.port}"
+        if name not in self.servers:
+            # xprocess keeps a log per key across runs, and a port (part of the
+            # key) comes round again: this deployment's log starts empty.
+            stale = Path(str(self.xprocess.getinfo(key).logpath))
+            stale.unlink(missing_ok=True)
         pid, log = self.xprocess.ensure(key, Starter, restart=True)
         self.servers[name] = (pid, log)
         return int(pid)

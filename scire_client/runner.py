@@ -321,26 +321,25 @@ def kill_leftover(mark: ProcessMark, kill_grace: float, what: str) -> None:
     _signal_group(mark.pgid, signal.SIGKILL)
 
 
-def read_output(path: Path, limit: int) -> tuple[str, bool]:
-    """The first ``limit`` bytes of ``path`` as text, and whether there was more."""
+def _read_head(path: Path, limit: int) -> tuple[bytes, bool]:
+    """The first ``limit`` bytes of ``path`` (none when it is missing), and whether there was more."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(limit)
-            truncated = bool(fh.read(1))
+            return fh.read(limit), bool(fh.read(1))
     except FileNotFoundError:
-        return "", False
+        return b"", False
+
+
+def read_output(path: Path, limit: int) -> tuple[str, bool]:
+    """The first ``limit`` bytes of ``path`` as text, and whether there was more."""
+    data, truncated = _read_head(path, limit)
     return data.decode("utf-8", errors="replace"), truncated
 
 
 def read_live_output(path: Path, limit: int) -> tuple[str, bool]:
     """``read_output`` for a job still writing: a UTF-8 sequence cut at the end
     is held back (it is whole in the next read), not turned into U+FFFD."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit)
-            truncated = bool(fh.read(1))
-    except FileNotFoundError:
-        return "", False
+    data, truncated = _read_head(path, limit)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     return decoder.decode(data, final=truncated), truncated
 

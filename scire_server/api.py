@@ -597,12 +597,7 @@ class RemoteMethods:
         job_id = _int(job_id, "job id", 1, 2**31 - 1)
         host = check_name(host, "host")
         offset = _int(offset, "offset", 0, 2**31 - 1)
-        detail = self.store.jobs.detail(caller, job_id)
-        for assignment in detail["assignments"]:
-            if assignment["client"] == host:
-                break
-        else:
-            raise NotFound(f"job {job_id} has no host {host}", job_id=job_id)
+        assignment = self.store.jobs.host_result(caller, job_id, host)
         output = assignment.get("output") or ""
         start = offset if offset <= len(output) else 0
         return {

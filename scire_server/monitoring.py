@@ -118,6 +118,22 @@ class StoreCounts:
             f"accepted clients heard from within {self.online_within} s",
             counts.clients_online,
         )
+        yield metrics.Family(
+            "scire_client_certificates_ending",
+            "gauge",
+            "accepted clients whose certificate ends within the window (days)",
+            tuple(
+                metrics.Sample((("within_days", str(days)),), n)
+                for days, n in sorted(counts.client_certs_ending.items())
+            ),
+        )
+        if counts.client_cert_earliest_end is not None:
+            earliest = counts.client_cert_earliest_end.replace(tzinfo=dt.UTC)
+            yield _family(
+                "scire_client_certificate_earliest_expiry_time_seconds",
+                "Unix time at which the first accepted client's certificate ends",
+                earliest.timestamp(),
+            )
 
 
 def _family(name: str, help: str, value: float) -> metrics.Family:

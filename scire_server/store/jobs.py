@@ -266,6 +266,20 @@ class Jobs:
                 "skipped": [d for action, d in notes if action == RUN_SKIPPED and d],
             }
 
+    def host_result(self, caller: Caller, job_id: int, host: str) -> dict[str, Any]:
+        """One host's assignment of a job the caller may see, with its output:
+        what ``job output`` follows, without reading every other host's."""
+        with self.db.tx(write=False) as session:
+            _visible_job(session, caller, job_id)
+            row = session.execute(
+                select(Assignment)
+                .join(Client, Client.id == Assignment.client_id)
+                .where(Assignment.job_id == job_id, Client.name == host)
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"job {job_id} has no host {host}", job_id=job_id)
+            return {"client": host} | row_dict(row, *ASSIGNMENT_FIELDS)
+
     def retry(self, caller: Caller, job_id: int, hosts: Sequence[str] = ()) -> RetryResult:
         """Re-queue the hosts of a finished job that failed or timed out (only
         ``hosts`` when given) as a new attempt of the same job.

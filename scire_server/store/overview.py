@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from scire_server.models import Assignment, Client, Server
 from scire_server.states import ClientStatus
 from scire_server.store.database import Database, utcnow
+from scire_server.store.directory import cert_not_after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,14 @@ class Counts:
     assignments: dict[str, int]
     clients: dict[str, int]
     clients_online: int
+    #: When the first accepted client's certificate ends (None: no certificate).
+    client_cert_earliest_end: dt.datetime | None = None
+    #: Accepted clients whose certificate ends within each window (days -> count).
+    client_certs_ending: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+#: The windows (days) of ``scire_client_certificates_ending``.
+CERT_END_WINDOWS = (7, 30)
 
 
 class Overview:
@@ -41,7 +50,8 @@ class Overview:
     def counts(self, online_within: int) -> Counts:
         """The counts; a client is online when accepted and heard from within
         ``online_within`` seconds."""
-        since = utcnow() - dt.timedelta(seconds=online_within)
+        now = utcnow()
+        since = now - dt.timedelta(seconds=online_within)
         with self.db.tx(write=False) as session:
             assignments = session.execute(
                 select(Assignment.state, func.count()).group_by(Assignment.state)
@@ -54,8 +64,20 @@ class Overview:
                 .select_from(Client)
                 .where(Client.status == ClientStatus.ACCEPTED.value, Client.last_seen_at >= since)
             )
+            ends = [
+                end
+                for pem in session.scalars(
+                    select(Client.cert_pem).where(Client.status == ClientStatus.ACCEPTED.value)
+                )
+                if (end := cert_not_after(pem)) is not None
+            ]
         return Counts(
             assignments={str(state): int(n) for state, n in assignments},
             clients={str(status): int(n) for status, n in clients},
             clients_online=int(online or 0),
+            client_cert_earliest_end=min(ends, default=None),
+            client_certs_ending={
+                days: sum(1 for end in ends if end <= now + dt.timedelta(days=days))
+                for days in CERT_END_WINDOWS
+            },
         )

@@ -4,14 +4,15 @@ database that does not answer is a reason in words."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from scire_schema import metrics
-from scire_server import migrations, monitoring
-from scire_server.store import Store, make_engine
+from scire_schema import certs, metrics
+from scire_server import ca, migrations, monitoring
+from scire_server.store import Certificate, Store, make_engine
 
 
 class Clock:
@@ -53,6 +54,36 @@ def test_scrapes_share_one_query_per_refresh_interval(
     clock.now += 15
     registry.exposition()
     assert queries == [300, 300]
+
+
+def _accepted_client(store: Store, name: str, days: int) -> dt.datetime:
+    """An accepted client whose certificate, signed by a test CA, ends in ``days``."""
+    ca_key, ca_cert = ca.create_ca()
+    key = certs.generate_key()
+    csr_pem = certs.make_csr(key, name).decode()
+    cert = ca.issue_certificate(ca_key, ca_cert, key.public_key(), name, ca.ROLE_CLIENT, days=days)
+    status = store.directory.register_client(
+        name, csr_pem, {}, None, key_fingerprint=certs.key_fingerprint(cert)
+    )
+    assert status == "pending"
+    certificate = Certificate(csr_pem, certs.cert_to_pem(cert).decode(), certs.fingerprint(cert))
+    store.directory.accept_client(name, certificate, "user:admin")
+    return cert.not_valid_after_utc
+
+
+def test_client_certificate_ends_are_counted_by_window(store: Store) -> None:
+    soonest = _accepted_client(store, "web-1", days=3)
+    _accepted_client(store, "web-2", days=20)
+    _accepted_client(store, "web-3", days=365)
+    text = metrics.render(monitoring.StoreCounts(store, 15, 300).collect()).decode()
+    assert 'scire_client_certificates_ending{within_days="7"} 1' in text
+    assert 'scire_client_certificates_ending{within_days="30"} 2' in text
+    line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("scire_client_certificate_earliest_expiry_time_seconds ")
+    )
+    assert abs(float(line.split()[1]) - soonest.timestamp()) < 1
 
 
 def test_health_probes_within_a_second_share_one_answer(

@@ -97,6 +97,12 @@ class AgentMode(enum.StrEnum):
     DAEMON = "daemon"  #: ``scire-client daemon``: polls on its own, may listen for poll_now
 
 
+#: ``presence`` key of a poll the agent makes because the server's ``poll_now``
+#: woke it: the server then reads the database, whatever it knows in memory
+#: (another daemon may have made the work due a moment before it heard of it).
+WOKEN = "woken"
+
+
 class ScheduleKind(enum.StrEnum):
     """How ``admin.job_submit`` makes a schedule instead of a job (its ``at``,
     ``every`` or ``cron`` key), and the ``kind`` of a schedule."""

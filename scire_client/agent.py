@@ -45,7 +45,7 @@ from scire_client.spool import RECEIVED, STARTED, Entry, Spool
 from scire_client.transport import PollAnswer, Reconcile, ServerTransport
 from scire_schema import documents, failover, logformat
 from scire_schema.documents import JobDocument, StatusReport
-from scire_schema.protocol import AgentMode, ReconcileAction, ReportedState, utc_now
+from scire_schema.protocol import WOKEN, AgentMode, ReconcileAction, ReportedState, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,11 @@ class Agent:
         #: Per running job: how much output the server has, and when it was last sent.
         self._live_sent: dict[int, tuple[int, bool, float]] = {}
         #: What the agent says of itself with each poll (``presence`` in docs/PROTOCOL.md).
-        self.presence = {"version": __version__, "mode": AgentMode.ONCE.value, "callback": ""}
+        self.presence: dict[str, str | bool] = {
+            "version": __version__,
+            "mode": AgentMode.ONCE.value,
+            "callback": "",
+        }
 
     def recover(self) -> list[runner.JobRun]:
         """Put the spool in order after a crash; the runs of jobs an earlier agent
@@ -271,9 +275,11 @@ class Agent:
 
     # Talking to the server.
 
-    def _poll(self, limit: int) -> PollAnswer:
+    def _poll(self, limit: int, woken: bool = False) -> PollAnswer:
+        """``woken``: the server's ``poll_now`` asked for this poll."""
+        presence = self.presence | {WOKEN: True} if woken else self.presence
         answer = self.transport.poll(
-            self.spool.held_ids(), self.spool.running_ids(), limit, self.presence
+            self.spool.held_ids(), self.spool.running_ids(), limit, presence
         )
         self._last_contact = self._clock()
         return answer

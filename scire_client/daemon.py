@@ -222,7 +222,7 @@ class Daemon(Agent):
     def _poll_once(self, why: str) -> None:
         self.polls += 1
         try:
-            answer = self._poll(self.config.poll_batch)
+            answer = self._poll(self.config.poll_batch, woken=why == "poll_now")
             added = self._handle(answer)
         except (TransportError, ServerFault) as exc:
             # Contact failed too: a heartbeat is not due again before the next try.

@@ -22,7 +22,7 @@ import logging
 import ssl
 import time
 import xmlrpc.client
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -166,7 +166,7 @@ class ServerTransport:
         held: list[int],
         running: list[int],
         limit: int,
-        presence: dict[str, str] | None = None,
+        presence: Mapping[str, str | bool] | None = None,
     ) -> PollAnswer:
         """``agent.poll``; ``presence`` goes along unless the server is one that
         refused it before (an older server takes three arguments)."""
@@ -195,7 +195,11 @@ class ServerTransport:
         )
 
     def _poll(
-        self, held: list[int], running: list[int], limit: int, presence: dict[str, str] | None
+        self,
+        held: list[int],
+        running: list[int],
+        limit: int,
+        presence: Mapping[str, str | bool] | None,
     ) -> Any:
         if presence is None or self.current_server in self._without_presence:
             return self._call("agent.poll", held, running, limit)

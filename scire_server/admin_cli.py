@@ -30,7 +30,7 @@ from scire_schema.errors import SchemaError
 from scire_schema.exitcodes import ExitCode, epilog
 from scire_schema.protocol import CatchUp, ScheduleKind
 from scire_schema.tls_errors import explain
-from scire_server import __version__, ca, job_watch, migrations, recurrence, store
+from scire_server import __version__, ca
 from scire_server.config import AdminConfig, ServerConfig
 from scire_server.exceptions import (
     FAULT_NAMES,
@@ -394,6 +394,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def cmd_init(args: argparse.Namespace) -> ExitCode:
+    # The database layer and the CA only here and in the other offline commands:
+    # the commands that talk to the server start without them.
+    from scire_server import migrations, store
+
     config = server_config(args)
     bundle = args.bundle.expanduser()
     if config.ca_key_file.exists():
@@ -497,6 +501,8 @@ def check_bundle_target(path: Path) -> None:
 
 
 def cmd_db(args: argparse.Namespace) -> ExitCode:
+    from scire_server import migrations, store
+
     config = server_config(args)
     database = store.redacted(config.database_url)
     try:
@@ -806,6 +812,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
     elif sub == "output":
         return job_output(args, proxy)
     elif sub == "watch":
+        from scire_server import job_watch  # rich, only for the live view
+
         return job_watch.watch(
             args.id,
             lambda: call(proxy, "admin.job_show", args.id),
@@ -938,6 +946,8 @@ def schedule_keys(args: argparse.Namespace) -> dict[str, Any]:
             "--not-before and --expires are for a single job; a schedule's runs have neither",
             ExitCode.USAGE,
         )
+    from scire_server import recurrence  # APScheduler's triggers: only for a schedule
+
     timezone = args.timezone or recurrence.DEFAULT_TIMEZONE
     value = getattr(args, kind.value)
     try:

@@ -40,6 +40,7 @@ from scire_server.exceptions import (
     clip,
     from_schema_error,
 )
+from scire_server.poll_cache import IdleClients
 from scire_server.presence import LastSeen, is_online, parse_presence
 from scire_server.refusals import AnonymousRefusals
 from scire_server.states import FINAL, JOB_SUMMARIES, ClientStatus
@@ -172,6 +173,11 @@ class RemoteMethods:
         self.on_presence_change = on_presence_change
         self.observer: DispatchObserver = observer or _Unobserved()
         self.last_seen = LastSeen()
+        #: Clients whose empty poll is answered from memory (``poll_cache``); it
+        #: hears every announcement, this daemon's and, relayed, the others'.
+        self.idle_clients = IdleClients(utcnow)
+        if config.poll_cache_check > 0:
+            self.work_due.subscribe(self.idle_clients)
         self.ca_cert = certs.load_cert(config.ca_cert_file.read_bytes())
         self.ca_key = certs.load_key(config.ca_key_file.read_bytes())
         self.ca_pem = certs.cert_to_pem(self.ca_cert).decode()
@@ -281,6 +287,11 @@ class RemoteMethods:
         except ScireError as exc:
             log.warning("could not record the anonymous refusals: %s", exc.message)
 
+    def check_idle_clients(self) -> int:
+        """The poll cache's safety check: forget the clients the database says
+        have due work; returns how many had missed their signal."""
+        return self.idle_clients.check(self.store.sweeps.clients_with_due_work())
+
     def flush_last_seen(self) -> int:
         """Write the last-seen times noted since the last flush (one transaction);
         kept for the next flush when the database is unavailable."""
@@ -351,9 +362,25 @@ class RemoteMethods:
         said = parse_presence(presence)
         # In memory only: written in batches by the timed flush, not by each poll.
         self.last_seen.note(caller.name, utcnow())
+        # A poll that poll_now asked for reads the database: the push may come
+        # from another daemon before the relay has told this one.
+        woken = isinstance(presence, dict) and presence.get(protocol.WOKEN) is True
+        cached = self.config.poll_cache_check > 0 and not held_ids and not running_ids and not woken
+        if cached and self.idle_clients.is_idle(caller.name, said):
+            self.observer.polled(0, 0)
+            return {"jobs": [], "reconcile": [], "poll_interval": self.config.poll_interval}
+        generation = self.idle_clients.generation()
         result = self.store.assignments.poll(
             caller, held_ids, running_ids, limit, self.config.ack_timeout, said
         )
+        if (
+            cached
+            and limit > 0
+            and not (result.deliveries or result.reconcile or result.requeued or result.denied)
+        ):
+            self.idle_clients.mark_idle(
+                caller.name, generation, self.store.assignments.next_start(caller), said
+            )
         if result.presence_changed:
             log.info(
                 "client %s: agent %s in %s mode, callback %s",
@@ -507,9 +534,12 @@ class RemoteMethods:
                 raise InvalidArgument(f"{key} is for schedules: give it with at, every or cron")
         result = self.store.jobs.submit(caller, job, hosts, groups, request_key)
         # After the commit; a job that may not start yet is announced by nobody:
-        # the agents' polls find it when it is due.
+        # the agents' polls find it when it is due. This daemon's poll cache
+        # learns its start now; the others' from their safety check once it is due.
         if not result.repeated and (not_before is None or not_before <= utcnow()):
             self.work_due.announce(result.accepted)
+        elif not result.repeated:
+            self.idle_clients.forget(result.accepted)
         return {
             "job_id": result.job_id,
             "accepted": result.accepted,

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ack-timeout", type=int, help="seconds a sent job waits for its ack")
     p.add_argument("--lost-after", type=int, help="seconds of agent silence before running is lost")
     p.add_argument("--sweep-interval", type=int)
+    p.add_argument(
+        "--poll-cache-check",
+        type=int,
+        metavar="SECONDS",
+        help="seconds between the empty-poll cache's safety checks (default 30; 0: no cache)",
+    )
     p.add_argument("--heartbeat-interval", type=int, help="seconds between heartbeats (default 5)")
     p.add_argument(
         "--instance-stale-after",
@@ -118,6 +124,7 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         ack_timeout=args.ack_timeout,
         lost_after=args.lost_after,
         sweep_interval=args.sweep_interval,
+        poll_cache_check=args.poll_cache_check,
         heartbeat_interval=args.heartbeat_interval,
         instance_stale_after=args.instance_stale_after,
         push=args.push,
@@ -209,6 +216,8 @@ def _serve(config: ServerConfig) -> int:
     health.draining = lambda: server.listener.draining
     metrics.register(monitoring.StoreCounts(db, config.metrics_refresh, config.lost_after))
     metrics.add_listener(server.stats)
+    if config.poll_cache_check > 0:
+        metrics.add_poll_cache(methods.idle_clients.snapshot)
     if pusher is not None:
         metrics.add_pusher(pusher.counters.snapshot)
     plain: monitoring.PlainHTTPEndpoint | None = None
@@ -239,6 +248,7 @@ def _serve(config: ServerConfig) -> int:
         methods.flush_last_seen,
         work_due,
         on_sweep=lambda counts: metrics.repaired("sweep", counts),
+        check_idle_clients=methods.check_idle_clients,
     )
     try:
         recovery.announce_due_work(db, work_due)

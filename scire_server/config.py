@@ -25,6 +25,9 @@ LOST_AFTER = 300  # seconds a running job may go without a poll from its agent
 HEARTBEAT_INTERVAL = 5  # seconds between server heartbeats
 INSTANCE_STALE_AFTER = 30  # seconds after which a silent daemon counts as dead
 SWEEP_INTERVAL = 5  # seconds between lease/expiry/lost sweeps
+# Seconds between the poll cache's safety checks (a missed signal costs at most
+# this); 0 turns the cache off, so every poll reads the database.
+POLL_CACHE_CHECK = 30
 RETENTION_DAYS = 30
 RETENTION_INTERVAL = 3600  # seconds between retention purges
 SHUTDOWN_GRACE = 10  # seconds in-flight calls get on SIGTERM
@@ -83,6 +86,7 @@ class ServerConfig:
     heartbeat_interval: int = HEARTBEAT_INTERVAL
     instance_stale_after: int = INSTANCE_STALE_AFTER
     sweep_interval: int = SWEEP_INTERVAL
+    poll_cache_check: int = POLL_CACHE_CHECK
     retention_days: int = RETENTION_DAYS
     retention_interval: int = RETENTION_INTERVAL
     shutdown_grace: int = SHUTDOWN_GRACE
@@ -154,6 +158,10 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.poll_cache_check <= 86400:
+            raise ConfigError(
+                f"poll_cache_check must be 0 (off) to 86400 seconds, not {self.poll_cache_check}"
+            )
         if not 0 <= self.database_wait <= 86400:
             raise ConfigError(
                 f"database_wait must be 0 to 86400 seconds, not {self.database_wait:g}"

@@ -214,6 +214,22 @@ class ServerMetrics:
         """The pusher's counters (``PushCounters.snapshot``) as ``scire_push_*_total``."""
         self.register(metrics.SnapshotCollector("scire_push", snapshot))
 
+    def add_poll_cache(self, snapshot: Callable[[], object]) -> None:
+        """The poll cache's counts (``IdleClients.snapshot``) as ``scire_poll_cache_*``."""
+        self.register(
+            metrics.SnapshotCollector(
+                "scire_poll_cache",
+                snapshot,
+                gauges=("idle_clients",),
+                help={
+                    "answered_from_memory": "empty polls answered without the database",
+                    "went_to_database": "polls of clients not known to be idle (or cache off)",
+                    "missed_signals": "idle clients the safety check found work for",
+                    "idle_clients": "clients whose next empty poll needs no database",
+                },
+            )
+        )
+
     def call(self, method: str, fault: int | None, caller: Caller | None, seconds: float) -> None:
         """One call answered (``fault`` None) or refused, after ``seconds``."""
         self.rpc_calls.inc(method=method, fault=fault_label(fault))

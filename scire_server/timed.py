@@ -69,13 +69,15 @@ def start(
     flush_last_seen: Callable[[], object] | None = None,
     work_due: WorkDue | None = None,
     on_sweep: Callable[[dict[str, int]], None] | None = None,
+    check_idle_clients: Callable[[], object] | None = None,
 ) -> BackgroundScheduler:
     """Start the daemon's timed work; ``summarize_refusals`` is the API's
     (``RemoteMethods.summarize_refusals``), run every ``refusal_summary_interval``;
     ``flush_last_seen`` (``RemoteMethods.flush_last_seen``) every
     ``last_seen_flush_interval``; the sweep and each schedule tick announce on
     ``work_due`` the clients they gave work; ``on_sweep`` hears what each sweep
-    repaired (the metrics)."""
+    repaired (the metrics); ``check_idle_clients`` (``RemoteMethods.check_idle_clients``)
+    every ``poll_cache_check`` seconds when the poll cache is on."""
     due = work_due or WorkDue()
 
     def retention() -> None:
@@ -119,6 +121,13 @@ def start(
             "interval",
             seconds=config.last_seen_flush_interval,
             id="last_seen_flush",
+        )
+    if check_idle_clients is not None and config.poll_cache_check > 0:
+        scheduler.add_job(
+            _guarded("poll cache check", check_idle_clients),
+            "interval",
+            seconds=config.poll_cache_check,
+            id="poll_cache_check",
         )
     scheduler.add_job(
         _guarded("schedules", lambda: make_due_runs(store, config, due)),

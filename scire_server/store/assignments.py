@@ -178,21 +178,36 @@ class Assignments:
         now: dt.datetime,
         result: PollResult,
     ) -> None:
-        rows = session.execute(
-            self.db.for_update(
-                select(Assignment, Job)
-                .join(Job, Job.id == Assignment.job_id)
-                .where(
-                    Assignment.client_id == client.id,
-                    sa.or_(
-                        Assignment.job_id.in_(held | running),
+        # Two queries, not one with OR: each is served by an index ((client_id,
+        # state) and (job_id, client_id)), so neither walks the host's history.
+        base = select(Assignment, Job).join(Job, Job.id == Assignment.job_id)
+        rows: list[tuple[Assignment, Job]] = [
+            (assignment, job)
+            for assignment, job in session.execute(
+                self.db.for_update(
+                    base.where(
+                        Assignment.client_id == client.id,
                         Assignment.state.in_(
                             [State.ACKNOWLEDGED.value, State.RUNNING.value, State.LOST.value]
                         ),
-                    ),
+                    )
                 )
             )
-        ).all()
+        ]
+        if held or running:
+            seen = {assignment.id for assignment, _ in rows}
+            rows += [
+                (assignment, job)
+                for assignment, job in session.execute(
+                    self.db.for_update(
+                        base.where(
+                            Assignment.job_id.in_(held | running),
+                            Assignment.client_id == client.id,
+                        )
+                    )
+                )
+                if assignment.id not in seen
+            ]
         known = set()
         for assignment, job in rows:
             known.add(assignment.job_id)
@@ -367,6 +382,18 @@ class Assignments:
                 assignment.output_truncated = report.truncated
                 assignment.reason = report.reason
             return APPLIED
+
+    def next_start(self, client: Caller) -> dt.datetime | None:
+        """When the client's first pending job that may not start yet comes due
+        (None: it has none); read once a poll found nothing (the poll cache)."""
+        with self.db.tx(write=False) as session:
+            first: dt.datetime | None = session.scalar(
+                select(sa.func.min(Job.not_before))
+                .select_from(Assignment)
+                .join(Job, Job.id == Assignment.job_id)
+                .where(Assignment.client_id == client.id, Assignment.state == State.PENDING.value)
+            )
+            return first
 
 
 def _live_output(assignment: Assignment, report: documents.StatusReport) -> str:

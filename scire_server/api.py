@@ -40,6 +40,7 @@ from scire_server.exceptions import (
     clip,
     from_schema_error,
 )
+from scire_server.identities import KnownCallers
 from scire_server.poll_cache import IdleClients
 from scire_server.presence import LastSeen, is_online, parse_presence
 from scire_server.refusals import AnonymousRefusals
@@ -173,6 +174,11 @@ class RemoteMethods:
         self.on_presence_change = on_presence_change
         self.observer: DispatchObserver = observer or _Unobserved()
         self.last_seen = LastSeen()
+        #: Callers that may call, by fingerprint; forgotten on every change of standing.
+        self.known_callers = KnownCallers()
+        #: Told after this daemon changed a certificate's standing (the relay
+        #: tells the other daemons to forget theirs).
+        self.on_identities_changed: Callable[[], None] | None = None
         #: Clients whose empty poll is answered from memory (``poll_cache``); it
         #: hears every announcement, this daemon's and, relayed, the others'.
         self.idle_clients = IdleClients(utcnow)
@@ -228,13 +234,26 @@ class RemoteMethods:
                 "this method needs a client certificate; without one only agent.register, "
                 "agent.fetch_certificate and agent.ca_certificate are open"
             )
+        known = self.known_callers.get(fingerprint)
+        if known is not None:
+            return known
+        generation = self.known_callers.generation()
         caller, why = self.store.directory.caller_by_fingerprint(fingerprint)
+        if caller is not None and not why:
+            self.known_callers.remember(fingerprint, caller, generation)
         if why:
             # Named in the error, so the refusal is logged and audited as itself.
             raise Forbidden(f"certificate refused: {why}", identity=caller)
         if caller is None:
             raise AuthenticationRequired("certificate not known to this server")
         return caller
+
+    def identities_changed(self) -> None:
+        """A certificate's standing changed (committed): forget what this daemon
+        knows of callers, and have the others forget theirs."""
+        self.known_callers.forget_all()
+        if self.on_identities_changed is not None:
+            self.on_identities_changed()
 
     def record_refusal(
         self, method: str, caller: Caller | None, peer: str, exc: ScireError
@@ -326,6 +345,8 @@ class RemoteMethods:
         status = self.store.directory.register_client(
             name, csr_pem, facts, digest, certificate, key_fingerprint=key
         )
+        if certificate is not None:
+            self.identities_changed()  # a re-enrollment may replace a certificate
         log.info("client %s: enrollment request for key %s, status %s", name, key, status)
         return {"name": name, "status": status}
 
@@ -448,6 +469,7 @@ class RemoteMethods:
         replaced = self.store.directory.renew_certificate(
             caller, Certificate(csr_pem, cert_pem, fingerprint), certs.key_fingerprint(csr)
         )
+        self.identities_changed()  # the old certificate is refused from now on
         expires = cert.not_valid_after_utc
         log.info(
             "%s: certificate renewed: %s replaces %s, valid until %s",
@@ -751,14 +773,17 @@ class RemoteMethods:
 
     def client_reject(self, caller: Caller, name: Any) -> dict[str, Any]:
         self.store.directory.reject_client(check_name(name), caller.actor)
+        self.identities_changed()
         return {"name": name, "status": "rejected"}
 
     def client_revoke(self, caller: Caller, name: Any) -> dict[str, Any]:
         self.store.directory.revoke_client(check_name(name), caller.actor)
+        self.identities_changed()
         return {"name": name, "status": "revoked"}
 
     def client_delete(self, caller: Caller, name: Any) -> dict[str, Any]:
         self.store.directory.delete_client(check_name(name), caller.actor)
+        self.identities_changed()
         return {"name": name, "status": "deleted"}
 
     def client_token(self, caller: Caller, uses: Any = 1, ttl: Any = 0) -> dict[str, Any]:
@@ -839,6 +864,7 @@ class RemoteMethods:
         if name == caller.name:
             raise InvalidArgument("you cannot revoke yourself")
         self.store.directory.revoke_user(name, caller.actor)
+        self.identities_changed()
         return {"name": name, "status": "revoked"}
 
     def grant_add(

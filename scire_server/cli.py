@@ -200,7 +200,15 @@ def _serve(config: ServerConfig) -> int:
     relay: Relay | None = None
     if db.signals.available:
         # Announcements cross to the other daemons on the database, and theirs to us.
-        relay = Relay(db, work_due, config.instance_key)
+        relay = Relay(
+            db,
+            work_due,
+            config.instance_key,
+            on_identities_changed=methods.known_callers.forget_all,
+        )
+        # Callers are remembered only while no other daemon's change can be missed.
+        methods.known_callers.usable = lambda: relay is not None and relay.listening
+        methods.on_identities_changed = relay.identities_changed
         if not relay.start():
             log.warning("relay: not listening yet; it keeps trying")
     health = monitoring.HealthCheck(db)

@@ -16,6 +16,13 @@ and a per-process nonce). When the connection fails it logs one line, tries
 again with backoff, logs one line when it is back, and then announces every
 client with due work: a notification sent meanwhile was lost.
 
+Certificates: a change of a certificate's standing made here (a revocation,
+a renewal...) goes out as ``{"from": <sender>, "clients": [], "identities":
+true}``, and one heard from another daemon makes this one forget the callers
+it knows (``identities.KnownCallers``). The relay says whether it listens
+(:attr:`Relay.listening`): while it does not, that cache is not used, and when
+it listens again the cache is emptied, since a change may have been missed.
+
 Who pushes: the daemon where the change happened. It has every agent's
 callback address from the shared database, and an agent's listener accepts
 any daemon's certificate; the pusher hears local announcements only, so an
@@ -29,7 +36,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from scire_server.exceptions import ScireError
 from scire_server.store import Store
@@ -59,6 +66,19 @@ def encode(sender: str, names: Iterable[str], limit: int = MAX_PAYLOAD) -> list[
     return payloads
 
 
+IDENTITIES = "identities"  # the payload key: a certificate's standing changed
+
+
+def encode_identities_changed(sender: str) -> str:
+    return json.dumps({"from": sender, "clients": [], IDENTITIES: True})
+
+
+def identities_changed(payload: str) -> bool:
+    """Whether a (decodable) payload says a certificate's standing changed."""
+    message = json.loads(payload)
+    return isinstance(message, dict) and message.get(IDENTITIES) is True
+
+
 def decode(payload: str) -> tuple[str, frozenset[str]]:
     """The sender and client names of one payload; ``ValueError`` for anything else."""
     try:
@@ -79,11 +99,22 @@ class Relay:
     """Carries this daemon's announcements to the other daemons and theirs to
     this one; see the module docstring."""
 
-    def __init__(self, store: Store, work_due: WorkDue, instance_key: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        work_due: WorkDue,
+        instance_key: str,
+        on_identities_changed: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_identities_changed``: another daemon changed a certificate's
+        standing, or a change may have been missed (this daemon forgets its callers)."""
         self.store = store
         self.work_due = work_due
+        self.on_identities_changed = on_identities_changed
         self.sender = f"{instance_key}/{uuid.uuid4().hex[:12]}"
-        self._outgoing: queue.SimpleQueue[frozenset[str] | None] = queue.SimpleQueue()
+        #: True while the listener listens: then no change of another daemon is missed.
+        self.listening = False
+        self._outgoing: queue.SimpleQueue[frozenset[str] | str | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._listening: Listening | None = None
         self._ready = threading.Event()
@@ -104,6 +135,10 @@ class Relay:
         """A local announcement: queue it for the sender thread."""
         self._outgoing.put(names)
 
+    def identities_changed(self) -> None:
+        """This daemon changed a certificate's standing (committed): tell the others."""
+        self._outgoing.put(IDENTITIES)
+
     def close(self) -> None:
         """Stop listening and sending; what is still queued is sent first."""
         self.work_due.unsubscribe(self)
@@ -117,22 +152,24 @@ class Relay:
     def _send_loop(self) -> None:
         failing = False
         while True:
-            first = self._outgoing.get()
-            names = set(first or ())
-            stopping = first is None
+            queued = [self._outgoing.get()]
             # Everything queued meanwhile goes in the same transaction.
             while True:
                 try:
-                    more = self._outgoing.get_nowait()
+                    queued.append(self._outgoing.get_nowait())
                 except queue.Empty:
                     break
-                if more is None:
-                    stopping = True
-                else:
-                    names |= more
-            if names:
+            stopping = None in queued
+            names: set[str] = set()
+            for item in queued:
+                if isinstance(item, frozenset):
+                    names |= item
+            payloads = encode(self.sender, names)
+            if IDENTITIES in queued:
+                payloads.append(encode_identities_changed(self.sender))
+            if payloads:
                 try:
-                    self.store.signals.notify(WORK_CHANGED, encode(self.sender, names))
+                    self.store.signals.notify(WORK_CHANGED, payloads)
                     if failing:
                         log.info("relay: notifying the other daemons again")
                     failing = False
@@ -168,6 +205,9 @@ class Relay:
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_FIRST
+            self.listening = True
+            if not first and self.on_identities_changed is not None:
+                self.on_identities_changed()  # a change may have come while deaf
             self._ready.set()
             if outage is not None or not first:
                 log.info("relay: listening for the other daemons again")
@@ -181,6 +221,7 @@ class Relay:
                 outage = exc.message
                 log.warning("relay: lost the connection it listens on: %s; retrying", exc.message)
             finally:
+                self.listening = False
                 self._listening.close()
                 self._listening = None
 
@@ -195,6 +236,8 @@ class Relay:
                     continue
                 if sender != self.sender:
                     names |= clients
+                    if identities_changed(payload) and self.on_identities_changed is not None:
+                        self.on_identities_changed()
             self.work_due.announce(names, relayed=True)
 
     def _catch_up(self) -> None:

@@ -185,3 +185,17 @@ def test_a_schedule_on_two_daemons_makes_each_run_once(pair: Pair) -> None:
     due = [r["due_at"] for r in runs]
     assert len(due) == len(set(due)) >= 8
     assert len({r["job_id"] for r in runs}) == len(runs)
+
+
+def test_a_client_revoked_through_a_is_refused_by_b_at_once(pair: Pair) -> None:
+    """B remembers the agent's certificate from its first call; the revocation
+    made on A reaches B through the relay before the agent's next call."""
+    pair.dep.enroll(HOST)
+    args = pair.dep.agent_args(HOST, "run", servers=[pair.url_b])
+    for _ in range(2):  # the second call is answered from what b remembers
+        first = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+    pair.dep.admin("client", "revoke", HOST)
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "revoked" in refused.stderr

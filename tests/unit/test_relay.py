@@ -42,3 +42,12 @@ def test_a_small_set_is_one_payload() -> None:
 def test_a_malformed_payload_is_refused(payload: str) -> None:
     with pytest.raises(ValueError):
         decode(payload)
+
+
+def test_a_change_of_standing_travels_in_the_same_payload_format() -> None:
+    from scire_server.relay import encode_identities_changed, identities_changed
+
+    payload = encode_identities_changed("a/1")
+    assert decode(payload) == ("a/1", frozenset())  # an older daemon reads it as no names
+    assert identities_changed(payload)
+    assert not any(identities_changed(p) for p in encode("a/1", ["x"]))

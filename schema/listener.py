@@ -113,6 +113,9 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+#: Answers a request on the event loop's own thread, or None to hand it to the
+#: worker pool; it must never block (no database, no file, no network).
+QuickHandler = Callable[[Request], "Response | None"]
 
 
 @dataclass(frozen=True)
@@ -364,8 +367,12 @@ class Listener:
         *,
         server_name: str = "Scire",
         name: str = "listener",
+        quick: QuickHandler | None = None,
     ) -> None:
+        """``quick`` may answer a request from memory before it queues for a
+        worker (``XMLRPCApp.quick``): a thread hop costs more than such an answer."""
         self.host = host
+        self.quick = quick
         self.port = port
         self.context = context
         self.handler = handler
@@ -745,6 +752,14 @@ class Listener:
         return True
 
     async def _run_handler(self, request: Request) -> Response:
+        if self.quick is not None:
+            try:
+                answer = self.quick(request)
+            except Exception:
+                log.exception("%s: quick handler failed; the worker pool answers", self.name)
+                answer = None
+            if answer is not None:
+                return answer
         limits = self.limits
         if self._in_pool >= limits.max_threads + limits.max_queued:
             self._counters.busy_refusals += 1

@@ -472,6 +472,8 @@ class Call:
 
 
 Dispatcher = Callable[[Call], Any]
+#: Answers a call from memory: (True, result), or (False, None) for "not here".
+QuickDispatcher = Callable[[Call], tuple[bool, Any]]
 _XML_HEADERS = (("Content-Type", "text/xml; charset=utf-8"),)
 
 
@@ -493,8 +495,16 @@ class XMLRPCApp:
         limits: WireLimits | None = None,
         fallback: Callable[[Request], Response] | None = None,
         paths: tuple[str, ...] = ("/", "/RPC2"),
+        quick_dispatch: QuickDispatcher | None = None,
+        quick_methods: tuple[str, ...] = (),
     ) -> None:
+        """``quick_dispatch`` may answer calls of ``quick_methods`` on the
+        listener's event loop (:meth:`quick`); it must never block."""
         self.dispatch = dispatch
+        self.quick_dispatch = quick_dispatch
+        self._quick_markers = tuple(
+            f"<methodName>{name}</methodName>".encode() for name in quick_methods
+        )
         self.limits = limits or WireLimits()
         self.fallback = fallback
         self.paths = paths
@@ -547,6 +557,26 @@ class XMLRPCApp:
             log.error("%s from %s:%d: %s", call.method, host, port, exc)
             return _fault_response(INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE)
         return Response(200, _XML_HEADERS, body)
+
+    def quick(self, request: Request) -> Response | None:
+        """The answer ``quick_dispatch`` gives from memory, or None: then the
+        worker pool handles the request as any other (and logs what is wrong
+        with it, if anything is)."""
+        if (
+            self.quick_dispatch is None
+            or request.method != "POST"
+            or request.path not in self.paths
+            or not any(marker in request.body for marker in self._quick_markers)
+        ):
+            return None
+        try:
+            call = parse_call(request.body, self.limits)
+            handled, result = self.quick_dispatch(Call(call.method, call.params, request))
+            if not handled:
+                return None
+            return Response(200, _XML_HEADERS, marshal_result(result))
+        except (MalformedRequest, AnswerError, xmlrpc.client.Fault):
+            return None
 
 
 def _fault_response(code: int, message: str) -> Response:

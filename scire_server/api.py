@@ -377,19 +377,17 @@ class RemoteMethods:
         limit: Any = 10,
         presence: Any = None,
     ) -> dict[str, Any]:
+        answer = self.poll_from_memory(caller, held, running, limit, presence)
+        if answer is not None:
+            return answer
         held_ids = _ids(held or [], "held")
         running_ids = _ids(running or [], "running")
         limit = _int(limit, "limit", 0, self.config.poll_batch_max)
         said = parse_presence(presence)
         # In memory only: written in batches by the timed flush, not by each poll.
         self.last_seen.note(caller.name, utcnow())
-        # A poll that poll_now asked for reads the database: the push may come
-        # from another daemon before the relay has told this one.
-        woken = isinstance(presence, dict) and presence.get(protocol.WOKEN) is True
-        cached = self.config.poll_cache_check > 0 and not held_ids and not running_ids and not woken
-        if cached and self.idle_clients.is_idle(caller.name, said):
-            self.observer.polled(0, 0)
-            return {"jobs": [], "reconcile": [], "poll_interval": self.config.poll_interval}
+        cached = self._may_cache(held, running, presence)
+        self.idle_clients.went_to_database()
         generation = self.idle_clients.generation()
         result = self.store.assignments.poll(
             caller, held_ids, running_ids, limit, self.config.ack_timeout, said
@@ -421,6 +419,39 @@ class RemoteMethods:
             "reconcile": result.reconcile,
             "poll_interval": self.config.poll_interval,
         }
+
+    def _may_cache(self, held: Any, running: Any, presence: Any) -> bool:
+        """Whether this poll may be answered from, and mark a client in, the
+        poll cache: it is on, the agent holds and runs nothing, and poll_now
+        did not ask for it (the push may come from another daemon before the
+        relay has told this one: that poll reads the database)."""
+        woken = isinstance(presence, dict) and presence.get(protocol.WOKEN) is True
+        return self.config.poll_cache_check > 0 and not held and not running and not woken
+
+    def poll_from_memory(
+        self,
+        caller: Caller,
+        held: Any = None,
+        running: Any = None,
+        limit: Any = 10,
+        presence: Any = None,
+    ) -> dict[str, Any] | None:
+        """The answer to the empty poll of an idle client, from memory, or None
+        when the poll needs the database (or its arguments need a closer look,
+        which :meth:`poll` gives them). Never blocks: ``rpc`` calls it on the
+        listener's event loop."""
+        if not self._may_cache(held, running, presence):
+            return None
+        try:
+            _int(limit, "limit", 0, self.config.poll_batch_max)
+            said = parse_presence(presence)
+        except ScireError:
+            return None
+        if not self.idle_clients.is_idle(caller.name, said):
+            return None
+        self.last_seen.note(caller.name, utcnow())
+        self.observer.polled(0, 0)
+        return {"jobs": [], "reconcile": [], "poll_interval": self.config.poll_interval}
 
     def acknowledge(self, caller: Caller, deliveries: Any) -> dict[str, Any]:
         if not isinstance(deliveries, list):

@@ -71,10 +71,14 @@ class IdleClients:
                 del self._idle[name]
                 entry = None
             if entry is None or not _same(presence, entry.presence):
-                self.counts.went_to_database += 1
                 return False
             self.counts.answered_from_memory += 1
             return True
+
+    def went_to_database(self) -> None:
+        """Count a poll the cache could not answer."""
+        with self._lock:
+            self.counts.went_to_database += 1
 
     def mark_idle(
         self, name: str, generation: int, until: dt.datetime | None, presence: AgentPresence

@@ -579,3 +579,21 @@ def test_app_routes_other_requests() -> None:
     routed = XMLRPCApp(lambda call: None, fallback=lambda req: health)
     assert routed(request(b"", method="GET", path="/healthz")) is health
     assert routed(request(b"", method="GET", path="/RPC2")) is health
+
+
+def test_a_quick_answer_is_given_only_for_its_methods_and_only_when_handled() -> None:
+    asked: list[str] = []
+
+    def quick(call: rpcwire.Call) -> tuple[bool, Any]:
+        asked.append(call.method)
+        return (call.params == (1,), {"jobs": []})
+
+    app = XMLRPCApp(lambda call: None, quick_dispatch=quick, quick_methods=("agent.poll",))
+    answered = app.quick(request(xmlrpc.client.dumps((1,), "agent.poll").encode()))
+    assert answered is not None and answered.status == 200
+    assert xmlrpc.client.loads(answered.body)[0] == ({"jobs": []},)
+    # Not handled: None, and the worker pool answers as for any call.
+    assert app.quick(request(xmlrpc.client.dumps((2,), "agent.poll").encode())) is None
+    assert app.quick(request(xmlrpc.client.dumps((1,), "agent.report").encode())) is None
+    assert app.quick(request(b"<methodCall><methodName>agent.poll</methodName><oops")) is None
+    assert asked == ["agent.poll", "agent.poll"]

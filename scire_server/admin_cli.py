@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import http.client
 import json
 import os
@@ -792,6 +793,8 @@ def cmd_job(args: argparse.Namespace, proxy: Any) -> ExitCode:
     sub = args.job_command
     if sub == "submit":
         return job_submit(args, proxy)
+    if sub == "submit-many":
+        return job_submit_many(args, proxy)
     if sub == "list":
         return job_list(args, proxy)
     elif sub == "show":
@@ -1004,6 +1007,85 @@ def job_submit(args: argparse.Namespace, proxy: Any) -> ExitCode:
     for why in answer["refused"]:
         print(f"refused: {why}", file=sys.stderr if args.json else sys.stdout)
     return ExitCode.TARGETS_REFUSED if answer["refused"] else ExitCode.OK
+
+
+#: The keys a line of ``job submit-many`` may have ("command" is the script's text).
+BULK_KEYS = frozenset(
+    "command script hosts groups name priority timeout privilege interpreter not_before "
+    "expires max_attempts output_limit rerun_on_agent_crash request_key".split()
+)
+
+
+def read_job_lines(text: bytes) -> list[tuple[int, dict[str, Any]]]:
+    """The job specs of a ``submit-many`` file, each checked, with its line
+    number; a ``CLIError`` (usage) naming the first bad line, before any is sent."""
+    digest = hashlib.sha256(text).hexdigest()[:24]
+    specs = []
+    for number, line in enumerate(text.decode("utf-8", "replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"line {number}: not JSON: {exc.msg}", ExitCode.USAGE) from None
+        if not isinstance(item, dict):
+            raise CLIError(f"line {number}: not a JSON object", ExitCode.USAGE)
+        unknown = sorted(set(item) - BULK_KEYS)
+        if unknown:
+            raise CLIError(
+                f"line {number}: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(BULK_KEYS))}",
+                ExitCode.USAGE,
+            )
+        if ("command" in item) == ("script" in item):
+            raise CLIError(
+                f'line {number}: give "command" or "script", one of them', ExitCode.USAGE
+            )
+        script = item.pop("command", None) or item.pop("script", None)
+        if not isinstance(script, str) or not script.strip():
+            raise CLIError(f"line {number}: the script must be non-empty text", ExitCode.USAGE)
+        for key in ("hosts", "groups"):
+            targets = item.get(key, [])
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise CLIError(f'line {number}: "{key}" must be a list of names', ExitCode.USAGE)
+        item["groups"] = [g.removeprefix("@") for g in item.get("groups", [])]
+        if not item.get("hosts") and not item["groups"]:
+            raise CLIError(f"line {number}: no hosts or groups", ExitCode.USAGE)
+        item["script"] = xmlrpc.client.Binary(script.encode("utf-8"))
+        item.setdefault("request_key", f"bulk-{digest}-{number}")
+        specs.append((number, item))
+    if not specs:
+        raise CLIError("no job in the file", ExitCode.USAGE)
+    return specs
+
+
+def job_submit_many(args: argparse.Namespace, proxy: Any) -> ExitCode:
+    path = str(args.file)
+    try:
+        text = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror or exc}", ExitCode.USAGE) from None
+    worst = ExitCode.OK
+    for number, spec in read_job_lines(text):
+        try:
+            answer = submit(proxy, spec)
+        except ConnectionFailure:
+            raise  # no server: the lines after this one were not sent either
+        except CLIError as exc:
+            print(f"scire-admin: line {number}: {exc}", file=sys.stderr)
+            worst = ExitCode.ERROR
+            continue
+        if args.json:
+            show_line({"line": number} | answer)
+        else:
+            again = " (submitted before with this request key)" if answer.get("repeated") else ""
+            accepted = ", ".join(answer["accepted"]) or "no host"
+            print(f"line {number}: job {answer['job_id']} submitted for {accepted}{again}")
+            for why in answer["refused"]:
+                print(f"line {number}: refused: {why}")
+        if answer["refused"] and worst == ExitCode.OK:
+            worst = ExitCode.TARGETS_REFUSED
+    return worst
 
 
 def submit(proxy: Any, spec: dict[str, Any]) -> Any:
@@ -1706,6 +1788,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="idempotency key (8-64 characters, e.g. a UUID; default: a new UUID): "
         "submitting again with the same key returns the first job",
     )
+    many = _command(
+        job,
+        "submit-many",
+        "submit many jobs from a file of JSON lines, over one connection",
+        (
+            "one job per line",
+            "scire-admin job submit-many jobs.jsonl",
+        ),
+        (
+            "from a script's output",
+            'for h in web-1 web-2; do echo \'{"hosts": ["\'$h\'"], "command": "uptime"}\'; '
+            "done | scire-admin job submit-many -",
+        ),
+        more="Each line is a JSON object with the keys of 'job submit': \"command\" (or\n"
+        '"script", the text), "hosts", "groups", "name", "priority", "timeout",\n'
+        '"privilege", "interpreter", "not_before", "expires", "max_attempts",\n'
+        '"output_limit", "rerun_on_agent_crash", "request_key". Every line is checked\n'
+        "before anything is sent. A line without a request_key gets one made from the\n"
+        "file's content and the line number, so running the same file again submits\n"
+        "nothing twice. Prints one line per job; exits 6 when some targets were\n"
+        "refused, 1 when a job was refused (the others are submitted all the same).",
+    )
+    many.add_argument("file", metavar="FILE", help="the JSON lines ('-' for standard input)")
     jl = _command(
         job,
         "list",

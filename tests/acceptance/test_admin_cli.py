@@ -155,6 +155,58 @@ def test_job_list_pages_past_the_newest(fleet: Deployment) -> None:
     assert [j["id"] for j in dep.admin("job", "list", "--all")] == jobs
 
 
+def test_submit_many_checks_every_line_first_and_submits_once(fleet: Deployment) -> None:
+    dep = fleet
+    jobs = dep.root / "jobs.jsonl"
+    bad = [
+        json.dumps({"hosts": ["host1"], "command": "true"}),
+        json.dumps({"hosts": ["host1"], "comand": "true"}),
+    ]
+    jobs.write_text("\n".join(bad) + "\n")
+    refused = admin_text(dep, "job", "submit-many", str(jobs))
+    assert refused.returncode == ExitCode.USAGE
+    assert "line 2: unknown key(s) comand" in refused.stderr
+    assert dep.admin("job", "list") == []  # nothing was sent
+
+    good = [
+        json.dumps({"hosts": ["host1"], "command": "echo one", "name": "one"}),
+        "",
+        json.dumps({"groups": ["@web"], "script": "#!/bin/sh\necho two\n"}),
+        json.dumps({"hosts": ["host1", "nosuch"], "command": "true"}),
+    ]
+    jobs.write_text("\n".join(good) + "\n")
+    first = admin_text(dep, "job", "submit-many", str(jobs))
+    # Line 4 is refused as a whole (no such client); the others are submitted.
+    assert first.returncode == ExitCode.ERROR, first.stderr
+    assert "line 4: no client nosuch" in first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("line 1: job ") and lines[0].endswith("submitted for host1")
+    assert lines[1].startswith("line 3: job ") and lines[1].endswith("for host1, host2")
+    # The same file again: the same request keys, so the same jobs and no new ones.
+    again = dep.admin_run("job", "submit-many", str(jobs))
+    answers = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 3]
+    assert all(a["repeated"] for a in answers)
+    assert len(dep.admin("job", "list")) == 2
+
+
+def test_the_commands_that_call_the_server_load_no_database_layer() -> None:
+    probe = (
+        "import sys; from scire_server import admin_cli; "
+        "admin_cli.build_parser().parse_args(['job', 'list']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'alembic') "
+        "or m.startswith('scire_server.store') or m == 'scire_server.models'))"
+    )
+    proc = subprocess.run(
+        [str(Path(_exe("scire-admin")).parent / "python"), "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_a_user_sees_their_own_grants(fleet: Deployment) -> None:
     dep = fleet
     alice = dep.root / "alice.pem"

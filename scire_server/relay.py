@@ -136,8 +136,15 @@ class Relay:
         self._outgoing.put(names)
 
     def identities_changed(self) -> None:
-        """This daemon changed a certificate's standing (committed): tell the others."""
-        self._outgoing.put(IDENTITIES)
+        """This daemon changed a certificate's standing (committed): tell the
+        others now, before the call that made the change is answered, so an
+        operator's ``client revoke`` has reached every daemon when it returns
+        (queued for the sender thread only when the database does not answer)."""
+        try:
+            self.store.signals.notify(WORK_CHANGED, [encode_identities_changed(self.sender)])
+        except ScireError as exc:
+            log.warning("relay: the other daemons not told of a revocation yet: %s", exc.message)
+            self._outgoing.put(IDENTITIES)
 
     def close(self) -> None:
         """Stop listening and sending; what is still queued is sent first."""

@@ -25,7 +25,10 @@ from collections.abc import Callable
 
 from scire_server.store.records import Caller
 
-TTL = 60.0  # seconds an entry is trusted without a fresh read
+# Seconds an entry is trusted without a fresh read: a net behind the exact
+# forgetting, longer than any poll interval (a shorter one would make every
+# poll of a fleet at 60 s read the database again).
+TTL = 900.0
 MAX_ENTRIES = 100_000  # then the cache starts over (a fleet's agents and users fit)
 
 

@@ -25,15 +25,17 @@ class Listening:
         self._connection = connection
         self.channel = channel
 
-    def wait(self, timeout: float, at_most: int = 1000) -> list[str]:
-        """The payloads that arrive within ``timeout`` seconds (returns at the
-        first batch); ``Unavailable`` when the connection is gone."""
+    def wait(self, timeout: float) -> list[str]:
+        """The payloads of the first batch to arrive within ``timeout`` seconds
+        (none when none came); ``Unavailable`` when the connection is gone.
+        Returns as soon as one packet of notifications is in: psycopg's
+        ``stop_after`` counts notifications, and yields a whole packet."""
         import psycopg
 
         try:
             return [
                 n.payload
-                for n in self._connection.notifies(timeout=timeout, stop_after=at_most)
+                for n in self._connection.notifies(timeout=timeout, stop_after=1)
                 if n.channel == self.channel
             ]
         except psycopg.Error as exc:

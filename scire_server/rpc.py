@@ -5,8 +5,11 @@ Sockets, TLS, deadlines and caps belong to ``scire_schema.listener`` and the
 parsing of hostile request bodies to ``scire_schema.rpcwire``: a worker thread
 here only ever sees a complete, parsed call. The caller's identity is the
 SHA-256 fingerprint of the certificate it presented in the TLS handshake; the
-API layer (``RemoteMethods.identify``) looks it up on every call and records
-each refusal. Arguments never name the caller. This module talks to the API
+API layer (``RemoteMethods.identify``) checks it on every call (against the
+callers it remembers, ``identities.KnownCallers``, else the database) and
+records each refusal. An idle client's empty poll is answered on the
+listener's event loop (:meth:`ScireRPCServer.from_memory`), every other call
+in a worker thread. Arguments never name the caller. This module talks to the API
 layer only, never to the store.
 """
 

@@ -102,6 +102,10 @@ class AgentMode(enum.StrEnum):
 #: (another daemon may have made the work due a moment before it heard of it).
 WOKEN = "woken"
 
+#: Status reports ``agent.report_many`` takes in one call; an agent sends its
+#: pending reports in chunks of at most this many.
+REPORTS_PER_CALL_MAX = 100
+
 
 class ScheduleKind(enum.StrEnum):
     """How ``admin.job_submit`` makes a schedule instead of a job (its ``at``,

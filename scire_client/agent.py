@@ -12,13 +12,15 @@ One pass of the loop:
 
 1. deliver every pending report (they survive crashes in the spool);
 2. poll, naming the jobs held and running; spool each job, then acknowledge
-   the batch -- duplicates too, so the server's lease is satisfied;
+   the batch -- duplicates too, so the server's lease is satisfied; the job it
+   starts right after is acknowledged as started (no separate running report);
 3. apply the poll's reconcile list (cancelled, expired, unknown);
 4. run the runnable jobs one by one, in spool order, with heartbeats
    (``poll`` with limit 0) every ``heartbeat_interval`` while each runs.
 
 The run ends with 0 once a poll brings nothing new, nothing is runnable and
-every report is delivered; with 1 when reports stay undelivered after
+every report is delivered (several per ``agent.report_many`` call); with 1
+when reports stay undelivered after
 ``report_retry_for`` seconds (they wait on disk for the next run).
 """
 
@@ -42,10 +44,17 @@ from scire_client.exceptions import (
     TransportError,
 )
 from scire_client.spool import RECEIVED, STARTED, Entry, Spool
-from scire_client.transport import PollAnswer, Reconcile, ServerTransport
+from scire_client.transport import PollAnswer, Reconcile, ReportAnswer, ServerTransport
 from scire_schema import documents, failover, logformat
 from scire_schema.documents import JobDocument, StatusReport
-from scire_schema.protocol import WOKEN, AgentMode, ReconcileAction, ReportedState, utc_now
+from scire_schema.protocol import (
+    REPORTS_PER_CALL_MAX,
+    WOKEN,
+    AgentMode,
+    ReconcileAction,
+    ReportedState,
+    utc_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,9 @@ REPORT_BACKOFF_MAX = 10.0  # seconds; the delay doubles up to this
 #: A normal-mode run waits out a server's "retry after" up to this long; a longer
 #: pause ends the run with exit 0 (nothing is wrong), the next run tries again.
 SHORT_PAUSE = 10.0
+#: XML per ``agent.report_many`` call: well under the listener's body cap (32 MiB)
+#: even with a few reports carrying outputs of the largest limit.
+REPORT_CALL_BYTES = 8 * 1024 * 1024
 EXPIRED_REASON = "expired before it started"
 UNKNOWN_REASON = "unknown to the server"
 REASON_AGENT_RESTARTED = runner.AGENT_RESTARTED_REASON
@@ -236,6 +248,8 @@ class Agent:
         self._last_contact = float("-inf")
         #: Per running job: how much output the server has, and when it was last sent.
         self._live_sent: dict[int, tuple[int, bool, float]] = {}
+        #: Jobs whose acknowledgement told the server they run, not yet started here.
+        self._announced: set[int] = set()
         #: What the agent says of itself with each poll (``presence`` in docs/PROTOCOL.md).
         self.presence: dict[str, str | bool] = {
             "version": __version__,
@@ -304,6 +318,7 @@ class Agent:
         """Spool and acknowledge the delivered jobs, apply the reconcile list.
         Returns how many jobs were new to the spool."""
         deliveries: list[tuple[int, str]] = []
+        new_ids: list[int] = []
         added = 0
         for job in answer.jobs:
             doc = job.doc
@@ -316,6 +331,7 @@ class Agent:
                 continue
             if new:
                 added += 1
+                new_ids.append(doc.job_id)
                 self._transition(
                     doc.job_id, doc.name, "sent", RECEIVED, f"delivery {doc.delivery_id}"
                 )
@@ -328,16 +344,29 @@ class Agent:
                     doc.delivery_id,
                 )
             deliveries.append((doc.job_id, doc.delivery_id))
+        # Before the acknowledgement: a job cancelled now is not said to start.
+        for item in answer.reconcile:
+            self._reconcile(item)
         if deliveries:
-            acknowledged = set(self.transport.acknowledge(deliveries))
+            now = utc_now()
+            starting = {job_id: now for job_id in self._starting_now(new_ids)}
+            ack = self.transport.acknowledge(deliveries, starting)
+            # Their acknowledgement said running: _start sends no running report.
+            self._announced.update(ack.started)
+            acknowledged = set(ack.acknowledged)
             for job_id, delivery in deliveries:
                 if job_id not in acknowledged:
                     log.warning(
                         "job %s: the server did not acknowledge delivery %s", job_id, delivery
                     )
-        for item in answer.reconcile:
-            self._reconcile(item)
         return added
+
+    def _starting_now(self, new_ids: list[int]) -> list[int]:
+        """Of the jobs a poll just brought, the ones the agent starts right
+        after (their acknowledgement says they run, which saves a call): in
+        normal mode the first runnable job, when it is one of them."""
+        runnable = self.spool.runnable()
+        return [runnable[0].job_id] if runnable and runnable[0].job_id in new_ids else []
 
     def _reconcile(self, item: Reconcile) -> None:
         entry = self.spool.get(item.job_id)
@@ -402,35 +431,61 @@ class Agent:
             self._sleep(delay)
 
     def _send_reports(self, pending: list[tuple[int, str]]) -> bool:
-        """One attempt at each report; False when the server could not take them,
-        ``RetryLater`` when it asked for a pause."""
-        for job_id, status_xml in pending:
-            entry = self.spool.get(job_id)
-            name = entry.name if entry is not None else ""
+        """One attempt at each report, several per call; False when the server
+        could not take them, ``RetryLater`` when it asked for a pause."""
+        for chunk in report_chunks(pending):
             try:
-                answer = self.transport.report(status_xml)
+                outcomes = self.transport.report_many([status_xml for _, status_xml in chunk])
             except RetryLater:
                 raise  # the caller waits as asked
             except TransportError as exc:
-                log.warning("job %s (%s): report not delivered: %s", job_id, name, exc)
+                log.warning("%d report(s) not delivered: %s", len(chunk), exc)
                 return False  # no server answers: the others would fail the same way
             except ServerFault as exc:
-                if not exc.permanent:
-                    log.warning("job %s (%s): report not taken now: %s", job_id, name, exc)
+                if not exc.permanent or len(chunk) == 1:
+                    outcomes = [exc]
+                else:
+                    # Refused as a whole: each report alone, so one bad report
+                    # cannot cost the others.
+                    outcomes = self._report_one_by_one(chunk)
+            for (job_id, _), outcome in zip(chunk, outcomes, strict=True):
+                if not self._reported(job_id, outcome):
                     return False
-                # Retrying cannot help; keeping it would block every later run.
-                log.error("job %s (%s): report refused, dropping it: %s", job_id, name, exc)
-                self.spool.mark_reported(job_id)
-                continue
+        return True
+
+    def _report_one_by_one(self, chunk: list[tuple[int, str]]) -> list[ReportAnswer | ServerFault]:
+        outcomes: list[ReportAnswer | ServerFault] = []
+        for _, status_xml in chunk:
+            try:
+                outcomes.append(self.transport.report(status_xml))
+            except ServerFault as exc:
+                if not exc.permanent:
+                    raise
+                outcomes.append(exc)
+        return outcomes
+
+    def _reported(self, job_id: int, outcome: ReportAnswer | ServerFault) -> bool:
+        """Mark one report delivered (or dropped, when refused for good); False
+        when the server could not take it now."""
+        entry = self.spool.get(job_id)
+        name = entry.name if entry is not None else ""
+        if isinstance(outcome, ServerFault):
+            if not outcome.permanent:
+                log.warning("job %s (%s): report not taken now: %s", job_id, name, outcome)
+                return False
+            # Retrying cannot help; keeping it would block every later run.
+            log.error("job %s (%s): report refused, dropping it: %s", job_id, name, outcome)
             self.spool.mark_reported(job_id)
-            log.info(
-                "job %s (%s) on %s: %s reported (%s)",
-                job_id,
-                name,
-                self.config.name,
-                answer.state,
-                answer.result,
-            )
+            return True
+        self.spool.mark_reported(job_id)
+        log.info(
+            "job %s (%s) on %s: %s reported (%s)",
+            job_id,
+            name,
+            self.config.name,
+            outcome.state,
+            outcome.result,
+        )
         return True
 
     # Running.
@@ -481,6 +536,8 @@ class Agent:
     def _start(self, entry: Entry) -> runner.JobRun | None:
         """Start one spooled job: its run, or None when it did not start (it is no
         longer runnable, or its final report is in the spool already)."""
+        announced = entry.job_id in self._announced
+        self._announced.discard(entry.job_id)
         if not self._still_runnable(entry.job_id):
             return None
         try:
@@ -489,8 +546,9 @@ class Agent:
             log.error("job %s (%s): %s", entry.job_id, entry.name, exc)
             self._fail_unrunnable(entry, str(exc))
             return None
-        if not self._send_running(doc, entry) and not self._still_runnable(entry.job_id):
-            return None
+        if not announced and not self._send_running(doc, entry):
+            if not self._still_runnable(entry.job_id):
+                return None
         self._transition(doc.job_id, doc.name, RECEIVED, "running")
         run = runner.start_job(
             doc,
@@ -600,6 +658,24 @@ class Agent:
                 server=self.transport.current_server,
             ),
         )
+
+
+def report_chunks(pending: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
+    """Pending reports in calls of at most ``REPORTS_PER_CALL_MAX`` reports and
+    ``REPORT_CALL_BYTES`` of XML (a larger report goes alone)."""
+    chunks: list[list[tuple[int, str]]] = []
+    size = 0
+    for item in pending:
+        if (
+            not chunks
+            or len(chunks[-1]) >= REPORTS_PER_CALL_MAX
+            or size + len(item[1]) > REPORT_CALL_BYTES
+        ):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += len(item[1])
+    return chunks
 
 
 def _summary(report: StatusReport) -> str:

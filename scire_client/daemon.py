@@ -279,6 +279,14 @@ class Daemon(Agent):
             elif not self._stopping:
                 self._send_live_output(run)
 
+    def _starting_now(self, new_ids: list[int]) -> list[int]:
+        """Of the jobs a poll just brought, those ``_start_runnable`` starts in
+        this step: the first runnable ones, as many as there are free slots."""
+        if self._stopping:
+            return []
+        free = max(0, self.config.max_parallel - len(self._running))
+        return [e.job_id for e in self.spool.runnable()[:free] if e.job_id in new_ids]
+
     def _start_runnable(self) -> None:
         if self._stopping:
             return

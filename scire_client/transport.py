@@ -16,6 +16,7 @@ answer carries each job's ``JobDocument`` with the XML text the spool keeps.
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 import logging
@@ -39,7 +40,13 @@ from scire_client.exceptions import (
 from scire_schema import certs, documents, failover, files, tls, tls_errors
 from scire_schema.documents import JobDocument
 from scire_schema.errors import CertificateError, DocumentError
-from scire_schema.protocol import EnrollmentStatus, FaultCode, ReconcileAction, retry_after_text
+from scire_schema.protocol import (
+    EnrollmentStatus,
+    FaultCode,
+    ReconcileAction,
+    format_time,
+    retry_after_text,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -92,6 +99,14 @@ class ReportAnswer:
     result: str
 
 
+@dataclass(frozen=True)
+class Acknowledgement:
+    #: The job ids the server accepted (the agent keeps them).
+    acknowledged: list[int]
+    #: Of those, the ones it marked running because the agent said it started them.
+    started: list[int]
+
+
 class ServerTransport:
     """Calls the agent API of the first server that answers.
 
@@ -127,6 +142,7 @@ class ServerTransport:
         self._remembered: tuple[str, float] | None = None  # what the state file says
         self._proxies: dict[str, tuple[failover.SingleTryTransport, xmlrpc.client.ServerProxy]] = {}
         self._without_presence: set[str] = set()  # servers that refused agent.poll's 4th argument
+        self._without_report_many: set[str] = set()  # servers without agent.report_many
         self._recall()
 
     @property
@@ -216,24 +232,69 @@ class ServerTransport:
         self._without_presence.add(self.current_server)
         return self._call("agent.poll", held, running, limit)
 
-    def acknowledge(self, deliveries: list[tuple[int, str]]) -> list[int]:
-        """Confirm the spooled deliveries; returns the job ids the server accepted."""
-        payload = [{"job_id": job_id, "delivery_id": delivery} for job_id, delivery in deliveries]
-        answer = _expect(self._call("agent.acknowledge", payload), dict, "agent.acknowledge")
-        acknowledged = _field(answer, "acknowledged", list, "agent.acknowledge")
-        if not all(isinstance(job_id, int) for job_id in acknowledged):
-            raise TransportError(
-                f"agent.acknowledge answered ids that are not integers: {answer!r}"
-            )
-        return acknowledged
+    def acknowledge(
+        self,
+        deliveries: list[tuple[int, str]],
+        started: Mapping[int, dt.datetime] | None = None,
+    ) -> Acknowledgement:
+        """Confirm the spooled deliveries; those in ``started`` (job id: start
+        time) the agent starts at once, and the acknowledgement says so instead
+        of a ``running`` report after it."""
+        started = started or {}
+        payload = []
+        for job_id, delivery in deliveries:
+            item = {"job_id": job_id, "delivery_id": delivery}
+            if job_id in started:
+                item["started"] = format_time(started[job_id])
+            payload.append(item)
+        method = "agent.acknowledge"
+        answer = _expect(self._call(method, payload), dict, method)
+        acknowledged = _field(answer, "acknowledged", list, method)
+        # An older server starts nothing: it says no "started", and the agent reports running.
+        running = answer.get("started", [])
+        if not isinstance(running, list) or not all(
+            isinstance(job_id, int) for job_id in acknowledged + running
+        ):
+            raise TransportError(f"{method} answered ids that are not integers: {answer!r}")
+        return Acknowledgement(acknowledged=acknowledged, started=running)
 
     def report(self, status_xml: str) -> ReportAnswer:
         answer = _expect(self._call("agent.report", status_xml), dict, "agent.report")
-        return ReportAnswer(
-            job_id=_field(answer, "job_id", int, "agent.report"),
-            state=_field(answer, "state", str, "agent.report"),
-            result=_field(answer, "result", str, "agent.report"),
-        )
+        return _report_answer(answer, "agent.report")
+
+    def report_many(self, status_xmls: list[str]) -> list[ReportAnswer | ServerFault]:
+        """Several status reports in one call (at most ``REPORTS_PER_CALL_MAX``):
+        per report, the server's answer or the fault that refused it alone. A
+        server without ``agent.report_many`` gets them one by one."""
+        method = "agent.report_many"
+        if self.current_server not in self._without_report_many:
+            try:
+                answer = _expect(self._call(method, status_xmls), dict, method)
+            except ServerFault as exc:
+                if exc.code != FaultCode.FORBIDDEN or f"no method {method}" not in exc.message:
+                    raise
+                log.info(
+                    "server %s: an older server, without %s; reporting one by one",
+                    self.current_server,
+                    method,
+                )
+                self._without_report_many.add(self.current_server)
+            else:
+                results = _field(answer, "results", list, method)
+                if len(results) != len(status_xmls):
+                    raise TransportError(
+                        f"{method} answered {len(results)} results for {len(status_xmls)} reports"
+                    )
+                return [_report_outcome(result, method) for result in results]
+        outcomes: list[ReportAnswer | ServerFault] = []
+        for status_xml in status_xmls:
+            try:
+                outcomes.append(self.report(status_xml))
+            except RetryLater:
+                raise
+            except ServerFault as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def renew_certificate(self, csr_pem: str) -> str:
         """A certificate for the request's key, replacing ours (the PEM text)."""
@@ -473,3 +534,20 @@ def _field(answer: dict[str, Any], key: str, kind: type[_T], method: str) -> _T:
     if key not in answer:
         raise TransportError(f"{method} answered without {key!r}")
     return _expect(answer[key], kind, f"{method}[{key!r}]")
+
+
+def _report_answer(answer: dict[str, Any], method: str) -> ReportAnswer:
+    return ReportAnswer(
+        job_id=_field(answer, "job_id", int, method),
+        state=_field(answer, "state", str, method),
+        result=_field(answer, "result", str, method),
+    )
+
+
+def _report_outcome(result: Any, method: str) -> ReportAnswer | ServerFault:
+    """One entry of ``agent.report_many``'s answer: a report's answer, or its fault."""
+    result = _expect(result, dict, method)
+    if "fault" in result:
+        code = _field(result, "fault", int, method)
+        return ServerFault(code, str(result.get("message", "")))
+    return _report_answer(result, method)

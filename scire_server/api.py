@@ -118,6 +118,15 @@ def _time(value: Any, what: str) -> dt.datetime | None:
         raise InvalidArgument(f"{what}: {clip(value)} is not an ISO 8601 time") from exc
 
 
+def _status(value: Any) -> documents.StatusReport:
+    if not isinstance(value, str):
+        raise InvalidDocument("the status report must be an XML string")
+    try:
+        return documents.parse_status(value)
+    except SchemaError as exc:
+        raise from_schema_error(exc) from exc
+
+
 def _ids(value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
@@ -199,6 +208,7 @@ class RemoteMethods:
             "agent.poll": ("agent", self.poll),
             "agent.acknowledge": ("agent", self.acknowledge),
             "agent.report": ("agent", self.report),
+            "agent.report_many": ("agent", self.report_many),
             "agent.renew_certificate": ("agent", self.renew_certificate),
             "admin.whoami": ("user", self.whoami),
             "admin.renew_certificate": ("user", self.renew_certificate),
@@ -456,28 +466,64 @@ class RemoteMethods:
     def acknowledge(self, caller: Caller, deliveries: Any) -> dict[str, Any]:
         if not isinstance(deliveries, list):
             raise InvalidArgument("deliveries must be a list of {job_id, delivery_id}")
+        if len(deliveries) > self.config.poll_batch_max:
+            raise InvalidArgument(
+                f"at most {self.config.poll_batch_max} deliveries per acknowledgement"
+            )
         pairs = []
+        started: dict[int, dt.datetime] = {}
         for item in deliveries:
             if not isinstance(item, dict) or not isinstance(item.get("delivery_id"), str):
                 raise InvalidArgument("each delivery needs job_id and delivery_id")
-            pairs.append((_int(item.get("job_id"), "job_id", 1, 2**31 - 1), item["delivery_id"]))
-        acknowledged = self.store.assignments.acknowledge(caller, pairs)
+            job_id = _int(item.get("job_id"), "job_id", 1, 2**31 - 1)
+            pairs.append((job_id, item["delivery_id"]))
+            when = _time(item.get("started"), "started")
+            if when is not None:
+                started[job_id] = when
+        done = self.store.assignments.acknowledge(caller, pairs, started)
         # Kept ids include repeats of an acknowledgement already counted; close enough
         # for a rate, and the assignment counts (scire_assignments) are exact.
-        self.observer.acknowledged(len(acknowledged))
-        return {"acknowledged": acknowledged}
+        self.observer.acknowledged(len(done.kept))
+        for _ in done.started:
+            self.observer.reported(protocol.ReportedState.RUNNING.value)
+        return {"acknowledged": done.kept, "started": done.started}
 
     def report(self, caller: Caller, status_xml: Any) -> dict[str, Any]:
-        if not isinstance(status_xml, str):
-            raise InvalidDocument("the status report must be an XML string")
-        try:
-            report = documents.parse_status(status_xml)
-        except SchemaError as exc:
-            raise from_schema_error(exc) from exc
+        report = _status(status_xml)
         result = self.store.assignments.report(caller, report)
         if result == APPLIED:
             self.observer.reported(report.state)
         return {"job_id": report.job_id, "state": report.state, "result": result}
+
+    def report_many(self, caller: Caller, status_xmls: Any) -> dict[str, Any]:
+        """Several status reports in one call and one transaction; each answered
+        as ``agent.report`` would, or with the fault that refused it alone."""
+        if not isinstance(status_xmls, list) or not status_xmls:
+            raise InvalidArgument("reports must be a non-empty list of status XML strings")
+        if len(status_xmls) > protocol.REPORTS_PER_CALL_MAX:
+            raise InvalidArgument(f"at most {protocol.REPORTS_PER_CALL_MAX} reports per call")
+        answers: list[dict[str, Any] | None] = [None] * len(status_xmls)
+        parsed: list[tuple[int, documents.StatusReport]] = []
+        for index, text in enumerate(status_xmls):
+            try:
+                parsed.append((index, _status(text)))
+            except ScireError as exc:
+                self.record_refusal("agent.report_many", caller, "", exc)
+                answers[index] = {"fault": exc.code, "message": exc.message}
+        outcomes = self.store.assignments.report_many(caller, [report for _, report in parsed])
+        for (index, report), outcome in zip(parsed, outcomes, strict=True):
+            if isinstance(outcome, ScireError):
+                self.record_refusal("agent.report_many", caller, "", outcome)
+                answers[index] = {
+                    "job_id": report.job_id,
+                    "fault": outcome.code,
+                    "message": outcome.message,
+                }
+                continue
+            if outcome == APPLIED:
+                self.observer.reported(report.state)
+            answers[index] = {"job_id": report.job_id, "state": report.state, "result": outcome}
+        return {"results": answers}
 
     # --- agent and user: renewal ------------------------------------------------
 

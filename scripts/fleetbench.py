@@ -68,7 +68,7 @@ import sqlalchemy as sa
 
 from scire_client.config import ClientConfig
 from scire_client.exceptions import RetryLater, TransportError
-from scire_client.transport import ServerTransport
+from scire_client.transport import ReportAnswer, ServerTransport
 from scire_schema import certs, documents, files, protocol, tls
 from scire_server import ca
 from scire_server.models import Assignment, Client, Job, User
@@ -567,8 +567,9 @@ def submit_bulk(deployment: Deployment, hosts: list[str], jobs: int) -> float:
 
 
 def _job_agent(url: str, ca_path: str, key: str, cert: str, out: list[Any], lock: Any) -> None:
-    """A thread agent: poll, acknowledge, report running, report final, until
-    a poll brings nothing."""
+    """A thread agent as the real one talks: poll, acknowledge the batch as
+    started (no running reports), report the finals in one call, until a poll
+    brings nothing."""
     scratch = Path(tempfile.mkdtemp(prefix="scire-bench-agent-"))
     transport = _transport(url, ca_path, cert, key, scratch)
     done: list[float] = []
@@ -577,27 +578,28 @@ def _job_agent(url: str, ca_path: str, key: str, cert: str, out: list[Any], lock
         if not answer.jobs:
             break
         docs = [job.doc for job in answer.jobs]
-        transport.acknowledge([(doc.job_id, doc.delivery_id) for doc in docs])
+        started = protocol.utc_now()
+        transport.acknowledge(
+            [(doc.job_id, doc.delivery_id) for doc in docs], {doc.job_id: started for doc in docs}
+        )
+        finals = [
+            documents.render_status(
+                documents.StatusReport(
+                    doc.job_id,
+                    doc.delivery_id,
+                    "succeeded",
+                    0,
+                    started,
+                    protocol.utc_now(),
+                    output="",
+                )
+            )
+            for doc in docs
+        ]
+        for outcome in transport.report_many(finals):
+            if not isinstance(outcome, ReportAnswer):
+                raise SystemExit(f"bench: a report was refused: {outcome}")
         for doc in docs:
-            started = protocol.utc_now()
-            transport.report(
-                documents.render_status(
-                    documents.StatusReport(doc.job_id, doc.delivery_id, "running", started=started)
-                )
-            )
-            transport.report(
-                documents.render_status(
-                    documents.StatusReport(
-                        doc.job_id,
-                        doc.delivery_id,
-                        "succeeded",
-                        0,
-                        started,
-                        protocol.utc_now(),
-                        output="",
-                    )
-                )
-            )
             created = doc.created if doc.created.tzinfo else doc.created.replace(tzinfo=dt.UTC)
             done.append((protocol.utc_now() - created).total_seconds())
     transport.close()
@@ -667,41 +669,54 @@ class DaemonFleet:
             shutil.copy(deployment.ca_path, state / "ca.pem")
 
     def start(self) -> None:
-        for name in self.names:
-            state = self.deployment.root / "daemons" / name
-            log = open(state / "agent.log", "ab")  # noqa: SIM115 - the process owns it
-            self.processes.append(
-                subprocess.Popen(
-                    [
-                        BIN / "scire-client",
-                        "--server",
-                        self.deployment.url,
-                        "--state-dir",
-                        state,
-                        "--name",
-                        name,
-                        "--poll-interval",
-                        "60",
-                        "--listen",
-                        f"127.0.0.1:{free_port()}",
-                        "daemon",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                    start_new_session=True,
-                )
-            )
-        deadline = time.monotonic() + 120
+        self.processes = [self._spawn(name) for name in self.names]
+        deadline = time.monotonic() + 180
+        ready: list[str] = []
         while time.monotonic() < deadline:
+            # A daemon that exited (its poll_now port was taken between free_port
+            # and its bind, say) is started again on another port.
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    print(f"  bench: daemon {self.names[index]} exited; starting it again")
+                    self.processes[index] = self._spawn(self.names[index])
             ready = [
-                c
+                c["name"]
                 for c in self.deployment.admin.admin.client_list()
                 if c["name"] in self.names and c.get("callback_address") and c["online"]
             ]
             if len(ready) == len(self.names):
                 return
             time.sleep(0.3)
-        raise SystemExit(f"bench: only {len(ready)} of {len(self.names)} daemons came up")
+        missing = sorted(set(self.names) - set(ready))
+        log = self.deployment.root / "daemons" / missing[0] / "agent.log"
+        tail = log.read_text(errors="replace").splitlines()[-10:] if log.exists() else []
+        raise SystemExit(
+            f"bench: only {len(ready)} of {len(self.names)} daemons came up; "
+            f"{missing[0]}'s log ends:\n" + "\n".join(tail)
+        )
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        state = self.deployment.root / "daemons" / name
+        with open(state / "agent.log", "ab") as log:
+            return subprocess.Popen(
+                [
+                    BIN / "scire-client",
+                    "--server",
+                    self.deployment.url,
+                    "--state-dir",
+                    state,
+                    "--name",
+                    name,
+                    "--poll-interval",
+                    "60",
+                    "--listen",
+                    f"127.0.0.1:{free_port()}",
+                    "daemon",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
 
     def stop(self) -> None:
         for process in self.processes:

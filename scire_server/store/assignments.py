@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,13 +20,13 @@ from sqlalchemy.orm import Session
 
 from scire_schema import documents
 from scire_server import acl
-from scire_server.exceptions import IllegalTransition, NotHeld
+from scire_server.exceptions import IllegalTransition, NotHeld, ScireError
 from scire_server.models import Assignment, Client, Job, User
 from scire_server.states import FINAL, State, allowed
 from scire_server.store import directory
 from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, log_after_commit, utcnow
-from scire_server.store.records import SERVER, AgentPresence, Caller, PollResult
+from scire_server.store.records import SERVER, Acknowledged, AgentPresence, Caller, PollResult
 
 log = logging.getLogger(__name__)
 
@@ -268,120 +268,174 @@ class Assignments:
             now=now,
         )
 
-    def acknowledge(self, client: Caller, deliveries: Sequence[tuple[int, str]]) -> list[int]:
-        """Mark delivered jobs ``acknowledged``; returns the job ids the agent may keep."""
+    def acknowledge(
+        self,
+        client: Caller,
+        deliveries: Sequence[tuple[int, str]],
+        started: Mapping[int, dt.datetime] | None = None,
+    ) -> Acknowledged:
+        """Mark delivered jobs ``acknowledged``, or ``running`` for those in
+        ``started`` (job id: when the agent started it): the agent that starts a
+        job at once says so with its acknowledgement instead of a report after it."""
         now = utcnow()
-        acked: list[int] = []
+        started = started or {}
+        result = Acknowledged()
         with self.db.tx() as session:
             _seen(session, client, now)
+            held = self._held(session, client, [job_id for job_id, _ in deliveries])
             for job_id, delivery_id in deliveries:
-                assignment = session.scalars(
-                    self.db.for_update(
-                        select(Assignment).where(
-                            Assignment.job_id == job_id, Assignment.client_id == client.id
-                        )
-                    )
-                ).first()
+                assignment = held.get(job_id)
                 if assignment is None or assignment.delivery_id != delivery_id:
                     continue
                 state = State(assignment.state)
                 if state in (State.SENT, State.PENDING):
-                    self.audit.move(
-                        session,
-                        assignment,
-                        State.ACKNOWLEDGED,
-                        by=client.actor,
-                        client=client.name,
-                        action="acknowledge",
-                        now=now,
-                    )
+                    if job_id in started:
+                        self.audit.move(
+                            session,
+                            assignment,
+                            State.RUNNING,
+                            by=client.actor,
+                            client=client.name,
+                            action="acknowledge",
+                            why="started at once",
+                            now=now,
+                        )
+                        _clear_for_run(assignment, started[job_id])
+                        result.started.append(job_id)
+                    else:
+                        self.audit.move(
+                            session,
+                            assignment,
+                            State.ACKNOWLEDGED,
+                            by=client.actor,
+                            client=client.name,
+                            action="acknowledge",
+                            now=now,
+                        )
                     assignment.acknowledged_at = now
-                    acked.append(job_id)
+                    result.kept.append(job_id)
                 elif state in (State.ACKNOWLEDGED, State.RUNNING, State.LOST) or state in FINAL:
-                    acked.append(job_id)  # a repeated acknowledgement changes nothing
-        return acked
+                    result.kept.append(job_id)  # a repeated acknowledgement changes nothing
+        return result
 
     def report(self, client: Caller, report: documents.StatusReport) -> str:
         """Apply a status report; returns ``applied``, ``duplicate`` or ``ignored``."""
+        outcome = self.report_many(client, [report])[0]
+        if isinstance(outcome, ScireError):
+            raise outcome
+        return outcome
+
+    def report_many(
+        self, client: Caller, reports: Sequence[documents.StatusReport]
+    ) -> list[str | ScireError]:
+        """Apply several status reports in one transaction, in order: for each,
+        ``applied``, ``duplicate`` or ``ignored``, or the error that refused it
+        (``NotHeld``, ``IllegalTransition``: raised before it wrote anything, so
+        the others still apply)."""
         now = utcnow()
-        new = State(report.state)
+        outcomes: list[str | ScireError] = []
         with self.db.tx() as session:
             _seen(session, client, now)
-            assignment = session.scalars(
-                self.db.for_update(
-                    select(Assignment).where(
-                        Assignment.job_id == report.job_id, Assignment.client_id == client.id
+            held = self._held(session, client, [report.job_id for report in reports])
+            for report in reports:
+                try:
+                    outcomes.append(
+                        self._apply(session, client, held.get(report.job_id), report, now)
                     )
+                except (NotHeld, IllegalTransition) as exc:
+                    outcomes.append(exc)
+        return outcomes
+
+    def _held(
+        self, session: Session, client: Caller, job_ids: Sequence[int]
+    ) -> dict[int, Assignment]:
+        """The client's assignments of these jobs, locked, by job id (one query)."""
+        if not job_ids:
+            return {}
+        rows = session.scalars(
+            self.db.for_update(
+                select(Assignment).where(
+                    Assignment.client_id == client.id, Assignment.job_id.in_(set(job_ids))
                 )
-            ).first()
-            if assignment is None or assignment.delivery_id is None:
-                raise NotHeld(
-                    f"client {client.name} holds no job {report.job_id}", job_id=report.job_id
-                )
-            old = State(assignment.state)
-            if old == new == State.RUNNING and report.output is not None:
-                return _live_output(assignment, report)
-            if old == State.CANCELLED and new != State.RUNNING and report.output is not None:
-                # Cancelled here first: the agent's last report still brings what
-                # the job wrote before it was stopped; the state stays cancelled.
-                _live_output(assignment, report)
-            if old == new:
-                return DUPLICATE
-            if old in (State.CANCELLED, State.EXPIRED, State.DENIED) or (
-                old in FINAL and new == State.RUNNING
-            ):
-                self.audit.write(
-                    session,
-                    client.actor,
-                    "late_report",
-                    job_id=report.job_id,
-                    client=client.name,
-                    old=old.value,
-                    new=new.value,
-                    detail=f"report of {new.value} after {old.value}; not applied",
-                )
-                log_after_commit(
-                    session,
-                    log,
-                    logging.INFO,
-                    "job %s on %s: late report %s ignored, stays %s",
-                    report.job_id,
-                    client.name,
-                    new.value,
-                    old.value,
-                )
-                return IGNORED
-            if not allowed(old, new):
-                raise IllegalTransition(
-                    f"job {report.job_id} on {client.name} is {old.value}; cannot become {new.value}",
-                    job_id=report.job_id,
-                )
-            self.audit.move(
-                session,
-                assignment,
-                new,
-                by=client.actor,
-                client=client.name,
-                action="report",
-                why=report.reason,
-                now=now,
             )
-            if new == State.RUNNING:
-                assignment.started_at = report.started or now
-                assignment.acknowledged_at = assignment.acknowledged_at or now
-                # What an earlier attempt left goes: this run's output starts here.
-                assignment.output = None
-                assignment.output_truncated = False
-                if report.output is not None:
-                    _live_output(assignment, report)
-            else:
-                assignment.started_at = report.started or assignment.started_at
-                assignment.finished_at = report.finished or now
-                assignment.exit_code = report.exit_code
-                assignment.output = report.output
-                assignment.output_truncated = report.truncated
-                assignment.reason = report.reason
-            return APPLIED
+        )
+        return {assignment.job_id: assignment for assignment in rows}
+
+    def _apply(
+        self,
+        session: Session,
+        client: Caller,
+        assignment: Assignment | None,
+        report: documents.StatusReport,
+        now: dt.datetime,
+    ) -> str:
+        new = State(report.state)
+        if assignment is None or assignment.delivery_id is None:
+            raise NotHeld(
+                f"client {client.name} holds no job {report.job_id}", job_id=report.job_id
+            )
+        old = State(assignment.state)
+        if old == new == State.RUNNING and report.output is not None:
+            return _live_output(assignment, report)
+        if old == State.CANCELLED and new != State.RUNNING and report.output is not None:
+            # Cancelled here first: the agent's last report still brings what
+            # the job wrote before it was stopped; the state stays cancelled.
+            _live_output(assignment, report)
+        if old == new:
+            return DUPLICATE
+        if old in (State.CANCELLED, State.EXPIRED, State.DENIED) or (
+            old in FINAL and new == State.RUNNING
+        ):
+            self.audit.write(
+                session,
+                client.actor,
+                "late_report",
+                job_id=report.job_id,
+                client=client.name,
+                old=old.value,
+                new=new.value,
+                detail=f"report of {new.value} after {old.value}; not applied",
+                at=now,
+            )
+            log_after_commit(
+                session,
+                log,
+                logging.INFO,
+                "job %s on %s: late report %s ignored, stays %s",
+                report.job_id,
+                client.name,
+                new.value,
+                old.value,
+            )
+            return IGNORED
+        if not allowed(old, new):
+            raise IllegalTransition(
+                f"job {report.job_id} on {client.name} is {old.value}; cannot become {new.value}",
+                job_id=report.job_id,
+            )
+        self.audit.move(
+            session,
+            assignment,
+            new,
+            by=client.actor,
+            client=client.name,
+            action="report",
+            why=report.reason,
+            now=now,
+        )
+        if new == State.RUNNING:
+            assignment.acknowledged_at = assignment.acknowledged_at or now
+            _clear_for_run(assignment, report.started or now)
+            if report.output is not None:
+                _live_output(assignment, report)
+        else:
+            assignment.started_at = report.started or assignment.started_at
+            assignment.finished_at = report.finished or now
+            assignment.exit_code = report.exit_code
+            assignment.output = report.output
+            assignment.output_truncated = report.truncated
+            assignment.reason = report.reason
+        return APPLIED
 
     def next_start(self, client: Caller) -> dt.datetime | None:
         """When the client's first pending job that may not start yet comes due
@@ -394,6 +448,13 @@ class Assignments:
                 .where(Assignment.client_id == client.id, Assignment.state == State.PENDING.value)
             )
             return first
+
+
+def _clear_for_run(assignment: Assignment, started: dt.datetime) -> None:
+    """A run begins: what an earlier attempt left goes, this run's output starts here."""
+    assignment.started_at = started
+    assignment.output = None
+    assignment.output_truncated = False
 
 
 def _live_output(assignment: Assignment, report: documents.StatusReport) -> str:

@@ -86,6 +86,15 @@ class PollResult:
     presence_changed: bool = False
 
 
+@dataclass
+class Acknowledged:
+    """What an acknowledgement did: the job ids the agent may keep, and of
+    those the ones it said it started (now ``running``)."""
+
+    kept: list[int] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class AgentPresence:
     """What an agent said of itself in a poll (already checked by the API).

@@ -391,3 +391,50 @@ def test_nothing_is_logged_as_done_when_the_commit_fails(
         "job_id"
     ]
     assert f"job {job_id} (job) submitted by admin" in caplog.text
+
+
+def test_report_many_answers_each_report_and_refuses_only_the_bad_ones(server: Api) -> None:
+    client = server.methods.identify(_enroll(server, "web-17"))
+    for _ in range(2):
+        server.methods.job_submit(server.admin, {"script": "true", "hosts": ["web-17"]})
+    jobs = [documents.parse_job(x) for x in server.methods.poll(client, [], [], 10)["jobs"]]
+    first, second = jobs
+    now = dt.datetime.now(dt.UTC).isoformat()
+    acked = server.methods.acknowledge(
+        client,
+        [
+            {"job_id": first.job_id, "delivery_id": first.delivery_id, "started": now},
+            {"job_id": second.job_id, "delivery_id": second.delivery_id},
+        ],
+    )
+    assert acked == {"acknowledged": [first.job_id, second.job_id], "started": [first.job_id]}
+
+    def final(job: documents.JobDocument, state: str) -> str:
+        return documents.render_status(
+            documents.StatusReport(job.job_id, job.delivery_id, state, exit_code=0, output="")
+        )
+
+    stranger = documents.StatusReport(999_999, uuid.uuid4().hex, "running")
+    answer = server.methods.report_many(
+        client,
+        [
+            final(first, "succeeded"),
+            "<status>not a report",
+            documents.render_status(stranger),
+            final(second, "succeeded"),
+        ],
+    )
+    results = answer["results"]
+    assert results[0] == {"job_id": first.job_id, "state": "succeeded", "result": "applied"}
+    assert results[1]["fault"] == 5 and "job_id" not in results[1]
+    assert (results[2]["job_id"], results[2]["fault"]) == (999_999, 6)
+    assert results[3] == {"job_id": second.job_id, "state": "succeeded", "result": "applied"}
+    # Each refusal is audited under the client, as a refused agent.report is.
+    refused = [
+        e for e in server.store.audit.events(client="web-17", limit=50) if e["action"] == "refused"
+    ]
+    assert len(refused) == 2
+    with pytest.raises(InvalidArgument, match="at most 100 reports"):
+        server.methods.report_many(client, [final(first, "succeeded")] * 101)
+    with pytest.raises(InvalidArgument):
+        server.methods.report_many(client, [])

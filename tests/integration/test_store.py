@@ -269,8 +269,8 @@ def test_acknowledge_is_idempotent(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
     pair = [(job, doc.delivery_id)]
-    assert world.store.assignments.acknowledge(world.web, pair) == [job]
-    assert world.store.assignments.acknowledge(world.web, pair) == [job]
+    assert world.store.assignments.acknowledge(world.web, pair).kept == [job]
+    assert world.store.assignments.acknowledge(world.web, pair).kept == [job]
     assert state(world, job) == "acknowledged"
     assert actions(world, job).count("acknowledge") == 1
 
@@ -278,9 +278,64 @@ def test_acknowledge_is_idempotent(world: World) -> None:
 def test_acknowledge_with_a_wrong_delivery_or_client_changes_nothing(world: World) -> None:
     job = submit(world)
     (doc,) = poll(world)
-    assert world.store.assignments.acknowledge(world.web, [(job, "0" * 32)]) == []
-    assert world.store.assignments.acknowledge(world.db, [(job, doc.delivery_id)]) == []
+    assert world.store.assignments.acknowledge(world.web, [(job, "0" * 32)]).kept == []
+    assert world.store.assignments.acknowledge(world.db, [(job, doc.delivery_id)]).kept == []
     assert state(world, job) == "sent"
+
+
+def test_acknowledge_as_started_moves_to_running_with_one_audit_row(world: World) -> None:
+    job = submit(world)
+    (doc,) = poll(world)
+    started = dt.datetime(2026, 1, 1, 12, 0, 0)
+    done = world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)], {job: started})
+    assert (done.kept, done.started) == ([job], [job])
+    assert state(world, job) == "running"
+    assert assignment(world, job)["started_at"].replace(tzinfo=None) == started
+    assert actions(world, job).count("acknowledge") == 1
+    # The running report the agent may still send (an older agent, a retry) is a duplicate.
+    assert report(world, doc, "running", started=started) == "duplicate"
+    # A repeated acknowledgement keeps the job and starts nothing again.
+    again = world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)], {job: started})
+    assert (again.kept, again.started) == ([job], [])
+    assert report(world, doc, "succeeded", exit_code=0, output="") == "applied"
+    assert state(world, job) == "succeeded"
+
+
+def test_report_many_applies_each_and_refuses_only_the_bad_one(world: World) -> None:
+    first, second = submit(world), submit(world)
+    docs = {d.job_id: d for d in poll(world)}
+    world.store.assignments.acknowledge(world.web, [(j, d.delivery_id) for j, d in docs.items()])
+
+    def status(job_id: int, new: str, **changes: Any) -> documents.StatusReport:
+        rendered = documents.render_status(
+            documents.StatusReport(
+                job_id=job_id, delivery_id=docs[job_id].delivery_id, state=new, **changes
+            )
+        )
+        return documents.parse_status(rendered)
+
+    stranger = documents.parse_status(
+        documents.render_status(
+            documents.StatusReport(job_id=999_999, delivery_id="a" * 32, state="running")
+        )
+    )
+    outcomes = world.store.assignments.report_many(
+        world.web,
+        [
+            status(first, "succeeded", exit_code=0, output="one"),
+            stranger,
+            status(second, "running"),
+            status(second, "failed", exit_code=3, output="two"),
+            status(first, "succeeded", exit_code=0, output="one"),
+        ],
+    )
+    assert outcomes[0] == "applied"
+    assert isinstance(outcomes[1], NotHeld)
+    assert outcomes[2:] == ["applied", "applied", "duplicate"]
+    assert (state(world, first), state(world, second)) == ("succeeded", "failed")
+    # One audit row per transition, the refused report wrote none.
+    assert actions(world, second).count("report") == 2
+    assert assignment(world, second)["exit_code"] == 3
 
 
 def test_report_transitions_and_duplicates(world: World) -> None:
@@ -415,7 +470,7 @@ def test_acknowledgement_after_the_lease_ran_out_still_counts(world: World) -> N
     job = submit(world)
     (doc,) = poll(world)
     world.store.sweeps.return_leases(now=later(ACK_TIMEOUT + 1))
-    assert world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)]) == [job]
+    assert world.store.assignments.acknowledge(world.web, [(job, doc.delivery_id)]).kept == [job]
     assert state(world, job) == "acknowledged"
 
 

@@ -57,7 +57,10 @@ class FakeServer:
         self.acks: list[dict[str, Any]] = []
         self.polls: list[tuple[list[int], list[int], int]] = []
         self.presences: list[Any] = []
-        self.old_server = False  # refuses agent.poll's presence, as servers before issue 8 do
+        # Refuses agent.poll's presence, as servers before issue 8 do, and has no
+        # agent.report_many nor acknowledgements that start a job (before issue 10).
+        self.old_server = False
+        self.report_calls: list[int] = []  # reports per report or report_many call
         self.registrations: list[tuple[str, str, dict[str, str], str]] = []
         self._rpc = SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False, allow_none=True)
         self._rpc.socket = context.wrap_socket(self._rpc.socket, server_side=True)
@@ -68,6 +71,7 @@ class FakeServer:
             "poll",
             "acknowledge",
             "report",
+            "report_many",
         )
         for method in methods:
             self._rpc.register_function(getattr(self, method), f"agent.{method}")
@@ -114,14 +118,43 @@ class FakeServer:
 
     def acknowledge(self, deliveries: list[dict[str, Any]]) -> dict[str, list[int]]:
         self.acks.extend(deliveries)
-        return {"acknowledged": [d["job_id"] for d in deliveries]}
+        acknowledged = [d["job_id"] for d in deliveries]
+        if self.old_server:
+            return {"acknowledged": acknowledged}
+        started = []
+        for d in deliveries:
+            if d.get("started"):
+                # The acknowledgement says the job runs: recorded as its running report.
+                when = protocol.parse_time(d["started"])
+                self.reports.append(
+                    StatusReport(d["job_id"], d["delivery_id"], "running", started=when)
+                )
+                started.append(d["job_id"])
+        return {"acknowledged": acknowledged, "started": started}
 
     def report(self, status_xml: str) -> dict[str, Any]:
         if self.report_fault is not None:
             raise xmlrpc.client.Fault(self.report_fault, self.report_fault_text)
+        self.report_calls.append(1)
+        return self._apply(status_xml)
+
+    def _apply(self, status_xml: str) -> dict[str, Any]:
         report = documents.parse_status(status_xml)
         self.reports.append(report)
         return {"job_id": report.job_id, "state": report.state, "result": "applied"}
+
+    def report_many(self, status_xmls: list[str]) -> dict[str, Any]:
+        if self.old_server:
+            raise xmlrpc.client.Fault(2, "no method agent.report_many")
+        fault = self.report_fault
+        if fault is not None and fault not in protocol.PERMANENT_FAULTS:
+            raise xmlrpc.client.Fault(fault, self.report_fault_text)  # the whole call
+        self.report_calls.append(len(status_xmls))
+        if fault is not None:  # a refusal of each report alone, as the server's NotHeld
+            return {
+                "results": [{"fault": fault, "message": self.report_fault_text}] * len(status_xmls)
+            }
+        return {"results": [self._apply(text) for text in status_xmls]}
 
     def final_reports(self) -> list[tuple[int, str]]:
         return [(r.job_id, r.state) for r in self.reports if r.state != "running"]
@@ -447,6 +480,40 @@ def test_presence_goes_with_each_poll_and_an_older_server_gets_none(
     assert run_cli(config) == cli.EXIT_OK
     assert server.final_reports() == [(12, "succeeded")]
     assert server.presences and all(p is None for p in server.presences)
+    # Without agent.report_many and started acknowledgements: one report per call.
+    assert [(r.job_id, r.state) for r in server.reports[-2:]] == [
+        (12, "running"),
+        (12, "succeeded"),
+    ]
+    assert server.report_calls[-2:] == [1, 1]
+
+
+def test_the_job_started_at_once_is_acknowledged_as_running_and_reports_go_together(
+    tmp_path: Path, server: FakeServer
+) -> None:
+    jobs = [make_job(n, f"exit {n % 2}\n") for n in (21, 22, 23)]
+    server.jobs = [documents.render_job(job) for job in jobs]
+    assert run_cli(write_config(tmp_path, server)) == cli.EXIT_OK
+    # The first job starts right after the poll: its acknowledgement says so.
+    assert [("started" in ack) for ack in server.acks] == [True, False, False]
+    assert server.final_reports() == [(21, "failed"), (22, "succeeded"), (23, "failed")]
+    assert [(r.job_id, r.state) for r in server.reports if r.state == "running"] == [
+        (21, "running"),
+        (22, "running"),
+        (23, "running"),
+    ]
+    # Reports that wait in the spool together go in one call.
+    server.jobs = [documents.render_job(make_job(n, "true\n")) for n in (24, 25)]
+    server.report_fault = 10  # a pause: the run goes on and its reports wait
+    server.report_fault_text = protocol.retry_after_text(600)
+    config = write_config(tmp_path, server)
+    assert run_cli(config) == cli.EXIT_OK
+    assert len(Spool(tmp_path / "state" / "spool").pending_reports()) == 2
+    server.report_fault = None
+    server.report_calls.clear()
+    assert run_cli(config) == cli.EXIT_OK
+    assert server.report_calls == [2]
+    assert server.final_reports()[-2:] == [(24, "succeeded"), (25, "succeeded")]
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -13,7 +13,10 @@ poll handling, reconciliation and reports, with these differences:
   once; hints that come while a poll runs, or within ``HINT_GAP`` of the last
   hinted poll, make one more poll at most;
 * it runs up to ``max_parallel`` spooled jobs at once, highest priority first,
-  then the oldest (``Spool.runnable``), and checks them without blocking;
+  then the oldest (``Spool.runnable``), and checks them without blocking; a
+  thread per job waits for its process and wakes the loop when it ends, so the
+  report goes out at once; the jobs it starts right after a poll are
+  acknowledged as started (no separate ``running`` report);
 * a poll no server answered is tried again after a jittered delay doubling
   from ``POLL_RETRY_FIRST`` to ``POLL_RETRY_MAX`` (or ``poll_interval``, if
   less), so a restarted server is polled again within seconds; undelivered
@@ -108,8 +111,11 @@ class Daemon(Agent):
     ) -> None:
         super().__init__(config, transport, spool, setup, clock=clock)
         self.presence["mode"] = AgentMode.DAEMON.value
-        #: Set by poll_now hints; the loop waits on it.
+        #: Set by poll_now hints (``hint``).
         self.wake = threading.Event()
+        #: What the loop sleeps on: set by a hint, and by the end of a job's process
+        #: (a thread waits for each), so a finished job is reported at once.
+        self._rouse = threading.Event()
         self.polls = 0  #: since start, for the log
         self._rng = rng or random.Random()
         self._stopping = False
@@ -129,6 +135,11 @@ class Daemon(Agent):
         self._listener: PollNowListener | None = None
         self._next_renewal_check = 0.0  # at start, then daily
 
+    def hint(self) -> None:
+        """A ``poll_now`` hint came (the listener's thread calls this)."""
+        self.wake.set()
+        self._rouse.set()
+
     def stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         """Ask the loop to stop (a signal handler: it only sets a flag)."""
         self._stopping = True
@@ -140,7 +151,7 @@ class Daemon(Agent):
             for run in self.recover():
                 self._running[run.job_id] = run
             if self.config.listen:
-                listener = PollNowListener(self.config, self.wake)
+                listener = PollNowListener(self.config, self.hint)
                 listener.start()
                 self._listener = listener
                 self.presence["callback"] = listener.callback
@@ -168,6 +179,9 @@ class Daemon(Agent):
     # The loop.
 
     def _step(self) -> None:
+        # Cleared before the work, not after the sleep: what happens during this
+        # step (a job ending) makes the next sleep end at once.
+        self._rouse.clear()
         if self._clock() >= self._next_renewal_check:
             self._renew_if_due()
         now = self._clock()
@@ -296,6 +310,7 @@ class Daemon(Agent):
             run = self._start(entry)
             if run is not None:
                 self._running[run.job_id] = run
+                run.on_end(self._rouse.set)
 
     def _try_reports(self) -> None:
         if self._clock() < self._next_report_try:
@@ -332,7 +347,7 @@ class Daemon(Agent):
             # A hint within HINT_GAP of the last hinted poll: it waits for the gap's end.
             time.sleep(min(timeout, max(0.0, self._last_hinted_poll + HINT_GAP - now)))
         else:
-            self.wake.wait(timeout)
+            self._rouse.wait(timeout)
 
     # Stopping.
 

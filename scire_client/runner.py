@@ -47,6 +47,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -494,6 +495,19 @@ class JobRun:
     def kill(self) -> None:
         """SIGKILL the job's group at once (the agent goes down, or its grace ran out)."""
         self._signal(signal.SIGKILL)
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on a thread of its own) once the job's wrapper, our
+        child, has exited; nothing for a re-attached run, which ``check`` finds."""
+        proc = self._proc
+        if proc is None:
+            return
+
+        def watch() -> None:
+            proc.wait()
+            callback()
+
+        threading.Thread(target=watch, name=f"job-{self.job_id}-end", daemon=True).start()
 
     def wait(self, timeout: float) -> None:
         """Sleep up to ``timeout`` seconds, less when the job ends first."""

@@ -4,16 +4,17 @@ It is the server's own hardened listener (``scire_schema.listener``) with the
 same XML-RPC framing (``scire_schema.rpcwire``), under the agent's certificate
 and with small limits: a client certificate from the CA is required in the
 handshake, and only one whose role (``certs.role``) is ``scire-server`` may
-call; anything else is ``Forbidden``. ``poll_now`` carries nothing: it sets
-the daemon's wake flag and answers ``True``, so a burst of hints is one flag
-and the daemon's loop coalesces it into one poll (see ``daemon.py``).
+call; anything else is ``Forbidden``. ``poll_now`` carries nothing: it calls
+the daemon's ``on_hint`` (which sets its wake flag) and answers ``True``, so a
+burst of hints is one flag and the daemon's loop coalesces it into one poll
+(see ``daemon.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import xmlrpc.client
+from collections.abc import Callable
 
 from scire_client.config import ClientConfig, parse_address
 from scire_client.exceptions import ConfigError
@@ -38,12 +39,12 @@ DRAIN_GRACE = 1.0  # seconds for a hint being answered when the daemon stops
 
 
 class PollNowListener:
-    """Serves ``poll_now`` on ``config.listen``; each accepted hint sets ``wake``."""
+    """Serves ``poll_now`` on ``config.listen``; each accepted hint calls ``on_hint``."""
 
-    def __init__(self, config: ClientConfig, wake: threading.Event) -> None:
+    def __init__(self, config: ClientConfig, on_hint: Callable[[], None]) -> None:
         self._host, port = parse_address(config.listen, "listen", allow_port_zero=True)
         self._advertise = config.advertise
-        self._wake = wake
+        self._on_hint = on_hint
         self.hints = 0  #: accepted since start
         try:
             context = tls.callback_server_context(config.cert_file, config.key_file, config.ca_path)
@@ -121,5 +122,5 @@ class PollNowListener:
             )
         self.hints += 1
         log.debug("poll_now from %s:%d", host, port)
-        self._wake.set()
+        self._on_hint()
         return True

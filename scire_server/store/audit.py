@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from scire_schema import logformat
@@ -22,6 +22,8 @@ from scire_server.states import State, allowed
 from scire_server.store.database import Database, log_after_commit, utcnow
 
 log = logging.getLogger(__name__)
+
+_PENDING_ROWS = "scire.audit_rows"  # session.info key: rows written, not yet inserted
 
 EVENT_FIELDS = (
     "id",
@@ -42,6 +44,7 @@ class AuditTrail:
 
     def __init__(self, database: Database) -> None:
         self.db = database
+        database.write_pending_with(self._insert_pending)
 
     def write(
         self,
@@ -56,20 +59,28 @@ class AuditTrail:
         detail: str | None = None,
         at: dt.datetime | None = None,
     ) -> None:
-        """Add one audit row to the caller's transaction."""
-        session.add(
-            Event(
-                at=at or utcnow(),
-                actor=actor,
-                action=action,
-                job_id=job_id,
-                client=client,
-                old_state=old,
-                new_state=new,
-                server=self.db.server_name,
-                detail=detail,
-            )
+        """Add one audit row to the caller's transaction. The rows of one
+        transaction are inserted together, in one executemany (the ORM inserts
+        them one statement each on SQLite, to read back each id)."""
+        session.info.setdefault(_PENDING_ROWS, []).append(
+            {
+                "at": at or utcnow(),
+                "actor": actor,
+                "action": action,
+                "job_id": job_id,
+                "client": client,
+                "old_state": old,
+                "new_state": new,
+                "server": self.db.server_name,
+                "detail": detail,
+            }
         )
+
+    @staticmethod
+    def _insert_pending(session: Session) -> None:
+        rows = session.info.pop(_PENDING_ROWS, None)
+        if rows:
+            session.execute(insert(Event), rows)
 
     def move(
         self,

@@ -44,7 +44,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.sql import Select
 
 from scire_server.exceptions import (
@@ -353,6 +353,18 @@ class Database:
         self._sqlite_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
+        self._pending_writers: list[Callable[[Session], None]] = []
+        event.listen(self._sessions, "do_orm_execute", self._write_pending_before)
+
+    def write_pending_with(self, writer: Callable[[Session], None]) -> None:
+        """Have ``writer`` write what it kept for a write transaction (rows it
+        gathers to insert in one batch) before each statement the transaction
+        runs, so it reads its own writes, and before the commit."""
+        self._pending_writers.append(writer)
+
+    def _write_pending_before(self, state: ORMExecuteState) -> None:
+        for writer in self._pending_writers:
+            writer(state.session)
 
     @contextlib.contextmanager
     def tx(self, write: bool = True) -> Iterator[Session]:
@@ -366,6 +378,8 @@ class Database:
             with self._sqlite_lock:
                 with self._sessions.begin() as session:
                     yield session
+                    for writer in self._pending_writers:
+                        writer(session)
                 # Committed: only now may the log say it happened.
                 for logger, level, message, args, extra in session.info.pop(_AFTER_COMMIT, ()):
                     logger.log(level, message, *args, extra=extra)

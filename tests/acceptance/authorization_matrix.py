@@ -62,6 +62,8 @@ MATRIX: dict[str, tuple[str, tuple[str, ...]]] = {
     "agent.poll": ("agent", AGENT),
     "agent.acknowledge": ("agent", AGENT),
     "agent.report": ("agent", _with(AGENT, "another accepted agent", "ok, fault 6")),
+    # The call is allowed; another agent's report is refused inside the answer (fault 6).
+    "agent.report_many": ("agent", AGENT),
     # The request names another client: every allowed caller gets InvalidArgument.
     "agent.renew_certificate": (
         "agent",

@@ -186,6 +186,7 @@ def _arguments(w: World) -> dict[str, Callable[[], tuple[Any, ...]]]:
         "agent.poll": lambda: ([w.job_id], [], 0),
         "agent.acknowledge": lambda: ([{"job_id": w.job_id, "delivery_id": w.delivery_id}],),
         "agent.report": lambda: (documents.render_status(status),),
+        "agent.report_many": lambda: ([documents.render_status(status)],),
         "agent.renew_certificate": lambda: (w.new_csr,),
         "admin.renew_certificate": lambda: (w.new_csr,),
         "admin.whoami": lambda: (),

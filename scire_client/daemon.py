@@ -58,7 +58,7 @@ from scire_schema.protocol import AgentMode, utc_now
 
 log = logging.getLogger(__name__)
 
-HINT_GAP = 0.5  # seconds between two polls that poll_now hints asked for
+HINT_GAP = 0.1  # seconds between two polls that poll_now hints asked for: at most 10 a second
 REPORT_RETRY_MAX = 60.0  # seconds; the longest wait between tries of undelivered reports
 POLL_RETRY_FIRST = 1.0  # seconds before the first poll after one no server answered
 POLL_RETRY_MAX = 60.0  # seconds; the retries double up to this (or poll_interval, if less)
@@ -203,8 +203,10 @@ class Daemon(Agent):
             why = "poll_now" if hinted else "heartbeat" if heartbeat else "interval"
             self._poll_once("backlog" if backlog and not hinted else why)
         self._check_runs()
-        self._start_runnable()
+        # Reports first: starting a job takes a while (its wrapper process), and
+        # the result of the one that just ended should not wait for that.
         self._try_reports()
+        self._start_runnable()
         self._wait()
 
     def _renew_if_due(self) -> None:

@@ -176,7 +176,7 @@ def test_a_burst_of_hints_makes_few_polls(rig: DaemonRig) -> None:
         answers = list(pool.map(lambda _: rig.as_server(), range(50)))
     assert answers == [True] * 50
     wait_for(lambda: rig.polls(HOST, "(poll_now)") >= 1, 10, "a hinted poll")
-    time.sleep(1.5)  # room for any poll the burst still owes (HINT_GAP is 0.5 s)
+    time.sleep(1.5)  # room for any poll the burst still owes (HINT_GAP is 0.1 s)
     hinted = rig.polls(HOST) - before
     print(f"\n50 poll_now hints -> {hinted} poll(s)")
     assert 1 <= hinted <= 10

@@ -480,6 +480,7 @@ class RemoteMethods:
             when = _time(item.get("started"), "started")
             if when is not None:
                 started[job_id] = when
+        self.last_seen.note(caller.name, utcnow())
         done = self.store.assignments.acknowledge(caller, pairs, started)
         # Kept ids include repeats of an acknowledgement already counted; close enough
         # for a rate, and the assignment counts (scire_assignments) are exact.
@@ -490,6 +491,7 @@ class RemoteMethods:
 
     def report(self, caller: Caller, status_xml: Any) -> dict[str, Any]:
         report = _status(status_xml)
+        self.last_seen.note(caller.name, utcnow())
         result = self.store.assignments.report(caller, report)
         if result == APPLIED:
             self.observer.reported(report.state)
@@ -510,6 +512,7 @@ class RemoteMethods:
             except ScireError as exc:
                 self.record_refusal("agent.report_many", caller, "", exc)
                 answers[index] = {"fault": exc.code, "message": exc.message}
+        self.last_seen.note(caller.name, utcnow())
         outcomes = self.store.assignments.report_many(caller, [report for _, report in parsed])
         for (index, report), outcome in zip(parsed, outcomes, strict=True):
             if isinstance(outcome, ScireError):

@@ -57,7 +57,8 @@ class Assignments:
         transaction, so a crash leaves each assignment either pending or sent
         with a lease that the sweeper will return. The agent's ``presence``
         (version, mode, callback) is written only where it differs from the
-        row; ``last_seen_at`` is not written here: the API batches it.
+        row; ``last_seen_at`` is not written here, nor by the acknowledgement and the
+        reports: the API notes it in memory and writes it in batches.
         """
         now = utcnow()
         result = PollResult()
@@ -281,7 +282,6 @@ class Assignments:
         started = started or {}
         result = Acknowledged()
         with self.db.tx() as session:
-            _seen(session, client, now)
             held = self._held(session, client, [job_id for job_id, _ in deliveries])
             for job_id, delivery_id in deliveries:
                 assignment = held.get(job_id)
@@ -335,7 +335,6 @@ class Assignments:
         now = utcnow()
         outcomes: list[str | ScireError] = []
         with self.db.tx() as session:
-            _seen(session, client, now)
             held = self._held(session, client, [report.job_id for report in reports])
             for report in reports:
                 try:
@@ -476,11 +475,6 @@ def _live_output(assignment: Assignment, report: documents.StatusReport) -> str:
     assignment.output = report.output
     assignment.output_truncated = report.truncated
     return APPLIED
-
-
-def _seen(session: Session, client: Caller, now: dt.datetime) -> None:
-    """Note that the client called (``last_seen_at``, read by ``mark_lost``)."""
-    session.execute(update(Client).where(Client.id == client.id).values(last_seen_at=now))
 
 
 def _note_presence(session: Session, client: Caller, presence: AgentPresence) -> bool:

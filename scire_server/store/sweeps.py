@@ -174,7 +174,7 @@ class Sweeps:
 
     def mark_lost(self, lost_after: int, now: dt.datetime | None = None) -> Repairs:
         """Mark running assignments ``lost`` whose agent has not called for
-        ``lost_after`` seconds; those whose job allows a rerun go back to pending
+        ``lost_after`` seconds and whose run has not changed for as long; those whose job allows a rerun go back to pending
         (``due`` names their clients)."""
         now = now or utcnow()
         bound = now - dt.timedelta(seconds=lost_after)
@@ -189,6 +189,10 @@ class Sweeps:
                     .where(
                         Assignment.state == State.RUNNING.value,
                         sa.or_(Client.last_seen_at.is_(None), Client.last_seen_at < bound),
+                        # Last-seen times reach the database in batches, the calls
+                        # that start a run do not write them: a run that began (or
+                        # changed) within lost_after is not lost.
+                        Assignment.updated_at < bound,
                     ),
                     skip_locked=True,
                 )

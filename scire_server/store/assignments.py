@@ -11,8 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import select, update
@@ -33,6 +33,68 @@ log = logging.getLogger(__name__)
 #: Report results: the report changed the assignment, changed nothing (the same
 #: state again), or came after the assignment was cancelled, expired or denied.
 APPLIED, DUPLICATE, IGNORED = "applied", "duplicate", "ignored"
+
+
+_ASSIGNMENTS = cast(sa.Table, Assignment.__table__)
+#: What the acknowledgement and the reports read and may change.
+_LIVE_COLUMNS = tuple(
+    _ASSIGNMENTS.c[name]
+    for name in (
+        "id",
+        "job_id",
+        "state",
+        "delivery_id",
+        "acknowledged_at",
+        "started_at",
+        "finished_at",
+        "exit_code",
+        "output",
+        "output_truncated",
+        "reason",
+        "updated_at",
+    )
+)
+
+
+class LiveRow:
+    """One assignment's columns read with Core: reads and writes attributes as an
+    ORM row would, and remembers what was set for :func:`write_back`. The
+    agent's acknowledgements and reports go through these, not the ORM, whose
+    loading and unit of work cost more than the statements themselves."""
+
+    __slots__ = ("_values", "changed")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "changed", {})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._values[name] = value
+        self.changed[name] = value
+
+
+def write_back(session: Session, rows: Iterable[LiveRow]) -> None:
+    """Store what was set on ``rows``: one executemany per set of changed columns."""
+    batches: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.changed:
+            names = tuple(sorted(row.changed))
+            batches.setdefault(names, []).append(
+                {"row_id": row.id} | {f"new_{name}": row.changed[name] for name in names}
+            )
+    for names, params in batches.items():
+        statement = (
+            update(_ASSIGNMENTS)
+            .where(_ASSIGNMENTS.c.id == sa.bindparam("row_id"))
+            .values({name: sa.bindparam(f"new_{name}") for name in names})
+        )
+        session.connection().execute(statement, params)
 
 
 class Assignments:
@@ -316,6 +378,7 @@ class Assignments:
                     result.kept.append(job_id)
                 elif state in (State.ACKNOWLEDGED, State.RUNNING, State.LOST) or state in FINAL:
                     result.kept.append(job_id)  # a repeated acknowledgement changes nothing
+            write_back(session, held.values())
         return result
 
     def report(self, client: Caller, report: documents.StatusReport) -> str:
@@ -343,28 +406,29 @@ class Assignments:
                     )
                 except (NotHeld, IllegalTransition) as exc:
                     outcomes.append(exc)
+            write_back(session, held.values())
         return outcomes
 
-    def _held(
-        self, session: Session, client: Caller, job_ids: Sequence[int]
-    ) -> dict[int, Assignment]:
-        """The client's assignments of these jobs, locked, by job id (one query)."""
+    def _held(self, session: Session, client: Caller, job_ids: Sequence[int]) -> dict[int, LiveRow]:
+        """The client's assignments of these jobs, locked, by job id: one Core
+        query, no ORM objects (the agent's hot path); ``write_back`` stores
+        what was set on them."""
         if not job_ids:
             return {}
-        rows = session.scalars(
+        rows = session.connection().execute(
             self.db.for_update(
-                select(Assignment).where(
-                    Assignment.client_id == client.id, Assignment.job_id.in_(set(job_ids))
+                select(*_LIVE_COLUMNS).where(
+                    _ASSIGNMENTS.c.client_id == client.id, _ASSIGNMENTS.c.job_id.in_(set(job_ids))
                 )
             )
         )
-        return {assignment.job_id: assignment for assignment in rows}
+        return {row.job_id: LiveRow(dict(row._mapping)) for row in rows}
 
     def _apply(
         self,
         session: Session,
         client: Caller,
-        assignment: Assignment | None,
+        assignment: LiveRow | None,
         report: documents.StatusReport,
         now: dt.datetime,
     ) -> str:
@@ -449,14 +513,14 @@ class Assignments:
             return first
 
 
-def _clear_for_run(assignment: Assignment, started: dt.datetime) -> None:
+def _clear_for_run(assignment: LiveRow, started: dt.datetime) -> None:
     """A run begins: what an earlier attempt left goes, this run's output starts here."""
     assignment.started_at = started
     assignment.output = None
     assignment.output_truncated = False
 
 
-def _live_output(assignment: Assignment, report: documents.StatusReport) -> str:
+def _live_output(assignment: LiveRow, report: documents.StatusReport) -> str:
     """Keep a running job's output so far when it says more than what is stored.
 
     A live report carries the whole output from its start (up to the cap), not a

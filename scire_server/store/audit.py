@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
@@ -38,6 +38,15 @@ EVENT_FIELDS = (
     "server",
     "detail",
 )
+
+
+class Movable(Protocol):
+    """An assignment as ``move`` changes it: the ORM row, or the store's Core-read
+    :class:`~scire_server.store.assignments.LiveRow` of the agent's hot path."""
+
+    job_id: int
+    state: str
+    updated_at: dt.datetime
 
 
 class AuditTrail:
@@ -87,7 +96,7 @@ class AuditTrail:
     def move(
         self,
         session: Session,
-        assignment: Assignment,
+        assignment: Assignment | Movable,
         to: State,
         *,
         by: str,

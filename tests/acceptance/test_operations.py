@@ -141,7 +141,9 @@ def test_counters_move_after_a_known_workload(deployment: Deployment) -> None:
     def settled() -> str | None:
         text = scrape()
         done = sample(text, "scire_assignments", state="succeeded") == 1
-        return text if done and sample(text, "scire_assignments", state="failed") == 1 else None
+        done = done and sample(text, "scire_assignments", state="failed") == 1
+        # Last-seen times are written in batches (last_seen_flush_interval).
+        return text if done and sample(text, "scire_clients_online") == 1 else None
 
     after = wait_for(settled, 30, "the state gauges to show the two jobs")
     calls = "scire_rpc_calls_total"

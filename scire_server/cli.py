@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between the empty-poll cache's safety checks (default 30; 0: no cache)",
     )
+    p.add_argument(
+        "--job-retention-days",
+        type=int,
+        metavar="DAYS",
+        help="retention also deletes jobs whose every host finished more than DAYS days ago, "
+        "with their results and audit rows (default 0: keep jobs)",
+    )
     p.add_argument("--heartbeat-interval", type=int, help="seconds between heartbeats (default 5)")
     p.add_argument(
         "--instance-stale-after",
@@ -126,6 +133,7 @@ def load_config(args: argparse.Namespace) -> ServerConfig:
         sweep_interval=args.sweep_interval,
         poll_cache_check=args.poll_cache_check,
         heartbeat_interval=args.heartbeat_interval,
+        job_retention_days=args.job_retention_days,
         instance_stale_after=args.instance_stale_after,
         push=args.push,
         push_workers=args.push_workers,

@@ -30,6 +30,9 @@ SWEEP_INTERVAL = 5  # seconds between lease/expiry/lost sweeps
 POLL_CACHE_CHECK = 30
 RETENTION_DAYS = 30
 RETENTION_INTERVAL = 3600  # seconds between retention purges
+# Days after its last host finished that retention removes a finished job, with
+# its assignments and audit rows; 0 keeps jobs for ever.
+JOB_RETENTION_DAYS = 0
 SHUTDOWN_GRACE = 10  # seconds in-flight calls get on SIGTERM
 REQUEST_TIMEOUT = 30  # seconds one whole request (headers and body) may take to arrive
 HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
@@ -89,6 +92,7 @@ class ServerConfig:
     poll_cache_check: int = POLL_CACHE_CHECK
     retention_days: int = RETENTION_DAYS
     retention_interval: int = RETENTION_INTERVAL
+    job_retention_days: int = JOB_RETENTION_DAYS  # 0: finished jobs are kept
     shutdown_grace: int = SHUTDOWN_GRACE
     request_timeout: int = REQUEST_TIMEOUT
     handshake_timeout: int = HANDSHAKE_TIMEOUT
@@ -165,6 +169,10 @@ class ServerConfig:
         if not 0 <= self.database_wait <= 86400:
             raise ConfigError(
                 f"database_wait must be 0 to 86400 seconds, not {self.database_wait:g}"
+            )
+        if self.job_retention_days < 0:
+            raise ConfigError(
+                f"job_retention_days must be 0 (keep jobs) or more, not {self.job_retention_days}"
             )
         if self.max_queued_requests < 0:
             raise ConfigError("max_queued_requests must not be negative")

@@ -122,7 +122,9 @@ def heartbeat(store: Store, config: ServerConfig, work_due: WorkDue | None = Non
 
 
 def retention(store: Store, config: ServerConfig) -> dict[str, int]:
-    """Purge old output and audit rows (``retention_days``)."""
+    """Purge old output and audit rows (``retention_days``); with
+    ``job_retention_days`` also remove the jobs finished longer ago than that,
+    with their assignments and audit rows (``jobs``: how many)."""
     counts = store.sweeps.purge(config.retention_days)
     log.info(
         "retention: purged the output of %d assignment(s) and %d audit row(s) older than %d day(s)",
@@ -130,4 +132,16 @@ def retention(store: Store, config: ServerConfig) -> dict[str, int]:
         counts["events"],
         config.retention_days,
     )
+    if config.job_retention_days > 0:
+        removed = store.sweeps.purge_jobs(config.job_retention_days)
+        log.info(
+            "retention: removed %d finished jobs older than %d days "
+            "(%d assignments, %d audit rows, %d transactions)",
+            removed["jobs"],
+            config.job_retention_days,
+            removed["assignments"],
+            removed["events"],
+            removed["batches"],
+        )
+        counts = counts | {"jobs": removed["jobs"]}
     return counts

@@ -6,10 +6,11 @@ are skipped (it is handling them), and a takeover is a conditional update."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
 
 from scire_server.models import Assignment, Client, Event, Job, Server
@@ -17,6 +18,11 @@ from scire_server.states import FINAL, ClientStatus, ServerState, State
 from scire_server.store.audit import AuditTrail
 from scire_server.store.database import Database, utcnow
 from scire_server.store.records import SERVER, Repairs, Takeover
+
+#: Jobs ``purge_jobs`` removes per transaction: a large purge never holds
+#: SQLite's write lock (or PostgreSQL's row locks) for long.
+JOB_PURGE_BATCH = 500
+_FINAL_STATES = sorted(s.value for s in FINAL)
 
 
 class Sweeps:
@@ -264,3 +270,118 @@ class Sweeps:
                 sa.delete(Event).where(Event.at < bound)
             )
             return {"outputs": outputs.rowcount or 0, "events": events.rowcount or 0}
+
+    def purge_jobs(
+        self,
+        older_than_days: int,
+        batch: int = JOB_PURGE_BATCH,
+        now: dt.datetime | None = None,
+    ) -> dict[str, int]:
+        """Delete the jobs whose every assignment is final and whose last finish
+        (the newest ``finished_at`` of their assignments, ``created_at`` for a
+        job without any) is older than the bound, with their assignments and
+        their audit rows; ``batch`` jobs per transaction. A job with any
+        assignment that is not final is never removed, however old. Returns
+        the rows removed (``jobs``, ``assignments``, ``events``) and the
+        ``batches`` (transactions) that removed them.
+
+        The candidates are read first without the write lock; each batch's
+        transaction checks them again (on PostgreSQL after locking the job and
+        assignment rows, skipping a job any of whose rows another transaction
+        holds: it is changing it). A removed run of a schedule only leaves its
+        slot, which the schedule has passed; a removed job's request key may be
+        used again."""
+        now = now or utcnow()
+        bound = now - dt.timedelta(days=older_than_days)
+        counts = {"jobs": 0, "assignments": 0, "events": 0, "batches": 0}
+        after = 0
+        while True:
+            with self.db.tx(write=False) as session:
+                candidates = list(
+                    session.scalars(_finished_jobs(bound).where(Job.id > after).limit(batch))
+                )
+            if not candidates:
+                return counts
+            after = candidates[-1]
+            with self.db.tx() as session:
+                removed = self._remove_jobs(session, candidates, bound)
+            if removed["jobs"]:
+                counts["batches"] += 1
+                for key, value in removed.items():
+                    counts[key] += value
+            if len(candidates) < batch:
+                return counts
+
+    def _remove_jobs(
+        self, session: Session, candidates: list[int], bound: dt.datetime
+    ) -> dict[str, int]:
+        """Delete those of ``candidates`` that are still finished before the
+        bound (see ``purge_jobs``), in the caller's transaction."""
+        held = candidates
+        locked: Counter[int] | None = None
+        if self.db.postgres:
+            # Locking the job rows also holds off a new assignment of theirs
+            # (its foreign key check waits for the job row).
+            held = list(
+                session.scalars(
+                    select(Job.id)
+                    .where(Job.id.in_(candidates))
+                    .order_by(Job.id)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            locked = Counter(
+                session.scalars(
+                    select(Assignment.job_id)
+                    .where(Assignment.job_id.in_(held))
+                    .order_by(Assignment.id)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+        if not held:
+            return {"jobs": 0, "assignments": 0, "events": 0}
+        # Checked again now that nothing can change them: a new statement sees
+        # what committed meanwhile (an operator's retry of a failed host).
+        ids = [
+            job_id
+            for job_id, assignments in session.execute(
+                _finished_jobs(bound)
+                .add_columns(sa.func.count(Assignment.id))
+                .where(Job.id.in_(held))
+            )
+            if locked is None or locked[job_id] == assignments
+        ]
+        if not ids:
+            return {"jobs": 0, "assignments": 0, "events": 0}
+        removed = {}
+        for key, statement in (
+            ("events", sa.delete(Event).where(Event.job_id.in_(ids))),
+            ("assignments", sa.delete(Assignment).where(Assignment.job_id.in_(ids))),
+            ("jobs", sa.delete(Job).where(Job.id.in_(ids))),
+        ):
+            result: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                statement.execution_options(synchronize_session=False)
+            )
+            removed[key] = result.rowcount or 0
+        return removed
+
+
+def _finished_jobs(bound: dt.datetime) -> Select[int]:
+    """The ids of the jobs, oldest first, whose assignments are all final and
+    whose last finish is before ``bound``: the newest ``finished_at`` of their
+    assignments (``updated_at`` for one without: the change that made it
+    final), ``created_at`` for a job without any."""
+    not_final = sa.case((Assignment.state.not_in(_FINAL_STATES), 1), else_=0)
+    last_finish = sa.func.coalesce(
+        sa.func.max(sa.func.coalesce(Assignment.finished_at, Assignment.updated_at)),
+        Job.created_at,
+    )
+    return (
+        select(Job.id)
+        .outerjoin(Assignment, Assignment.job_id == Job.id)
+        # A job finishes after it was made: the bound leaves the new ones out early.
+        .where(Job.created_at < bound)
+        .group_by(Job.id, Job.created_at)
+        .having(sa.func.sum(not_final) == 0, last_finish < bound)
+        .order_by(Job.id)
+    )

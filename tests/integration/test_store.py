@@ -10,22 +10,27 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from scire_schema import documents
-from scire_server import migrations
+from scire_server import migrations, recovery
+from scire_server.config import ServerConfig
 from scire_server.exceptions import (
     Conflict,
     EnrollmentRefused,
     Forbidden,
     IllegalTransition,
+    NotFound,
     NotHeld,
 )
+from scire_server.models import Assignment, Event, Job
 from scire_server.store import (
     Caller,
     Certificate,
@@ -771,6 +776,117 @@ def test_retention_purges_old_output_and_audit_rows(world: World) -> None:
     assert (row["state"], row["output"], row["exit_code"]) == ("succeeded", None, 0)
     assert world.store.audit.events(job_id=job) == []
     assert state(world, pending, "db-1") == "pending"  # unfinished work is never purged
+
+
+def age(w: World, job_id: int, days: float) -> None:
+    """Make a job, and its assignments' last changes, ``days`` old."""
+    then = utcnow() - dt.timedelta(days=days)
+    with w.store.database.engine.begin() as conn:
+        conn.execute(sa.update(Job).where(Job.id == job_id).values(created_at=then))
+        conn.execute(
+            sa.update(Assignment)
+            .where(Assignment.job_id == job_id)
+            .values(job_created_at=then, updated_at=then)
+        )
+        conn.execute(
+            sa.update(Assignment)
+            .where(Assignment.job_id == job_id, Assignment.finished_at.is_not(None))
+            .values(finished_at=then)
+        )
+
+
+def rows(w: World, job_id: int) -> dict[str, int]:
+    """How many rows of each table name the job."""
+    with w.store.database.engine.connect() as conn:
+        return {
+            name: conn.scalar(sa.select(sa.func.count()).select_from(table).where(where)) or 0
+            for name, table, where in (
+                ("jobs", Job, Job.id == job_id),
+                ("assignments", Assignment, Assignment.job_id == job_id),
+                ("events", Event, Event.job_id == job_id),
+            )
+        }
+
+
+def finished_job(w: World, days_ago: float) -> int:
+    """A job that succeeded on web-17 and was cancelled on db-1, ``days_ago`` days ago."""
+    job = submit(w, hosts=("web-17", "db-1"))
+    (doc,) = poll(w)
+    report(w, doc, "succeeded", exit_code=0, output="done\n")
+    w.store.jobs.cancel(w.admin, job)
+    assert {a["state"] for a in w.store.jobs.detail(w.admin, job)["assignments"]} == {
+        "succeeded",
+        "cancelled",
+    }
+    age(w, job, days_ago)
+    return job
+
+
+def test_job_retention_is_off_by_default(world: World) -> None:
+    assert ServerConfig().job_retention_days == 0
+    job = finished_job(world, days_ago=400)
+    before = rows(world, job)
+    counts = recovery.retention(world.store, ServerConfig())
+    assert "jobs" not in counts
+    # The audit rows are recent (retention_days counts from each row's own time).
+    assert rows(world, job) == before and before["assignments"] == 2 and before["events"] > 0
+    assert world.store.jobs.detail(world.admin, job)["id"] == job
+
+
+def test_job_retention_removes_old_finished_jobs_with_their_assignments_and_audit_rows(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = finished_job(world, days_ago=40)
+    recent = finished_job(world, days_ago=20)
+    # Old, but one host has not finished: pending on db-1, then running on web-17.
+    waiting = submit(world, hosts=("web-17", "db-1"))
+    (doc,) = poll(world)
+    report(world, doc, "succeeded", exit_code=0)
+    age(world, waiting, 400)
+    running = submit(world)
+    (doc,) = poll(world)
+    report(world, doc, "running")
+    age(world, running, 400)
+    kept = {job: rows(world, job) for job in (recent, waiting, running)}
+    world.store.audit.record("user:admin", "note", detail="not about a job")
+
+    config = ServerConfig(job_retention_days=30)
+    with caplog.at_level(logging.INFO, logger="scire_server.recovery"):
+        counts = recovery.retention(world.store, config)
+
+    assert counts["jobs"] == 1
+    assert rows(world, old) == {"jobs": 0, "assignments": 0, "events": 0}
+    with pytest.raises(NotFound):
+        world.store.jobs.detail(world.admin, old)
+    assert world.store.audit.events(job_id=old) == []
+    assert {job: rows(world, job) for job in kept} == kept
+    assert (state(world, waiting, "db-1"), state(world, running)) == ("pending", "running")
+    assert "note" in [e["action"] for e in world.store.audit.events()]
+    assert any(
+        r.getMessage().startswith("retention: removed 1 finished jobs older than 30 days (2 ")
+        for r in caplog.records
+    ), caplog.text
+    # Once it has finished, the old job goes at the next sweep; nothing else does.
+    world.store.jobs.cancel(world.admin, waiting)
+    age(world, waiting, 31)
+    assert world.store.sweeps.purge_jobs(30)["jobs"] == 1
+    assert rows(world, waiting)["jobs"] == 0
+    assert world.store.sweeps.purge_jobs(30) == {
+        "jobs": 0,
+        "assignments": 0,
+        "events": 0,
+        "batches": 0,
+    }
+    assert rows(world, recent) == kept[recent]
+
+
+def test_job_retention_works_in_batches(world: World) -> None:
+    jobs = [finished_job(world, days_ago=10) for _ in range(5)]
+    recent = finished_job(world, days_ago=1)
+    counts = world.store.sweeps.purge_jobs(7, batch=2)
+    assert (counts["jobs"], counts["assignments"], counts["batches"]) == (5, 10, 3)
+    assert all(rows(world, job)["jobs"] == 0 for job in jobs)
+    assert rows(world, recent)["jobs"] == 1
 
 
 def test_no_target_error_names_user_privilege_and_targets() -> None:

@@ -297,3 +297,31 @@ def test_the_timed_task_announces_the_clients_that_got_work(world: World) -> Non
     assert heard == [frozenset({"web-17", "db-1"})]
     timed.make_due_runs(world.store, config, work_due)  # nothing new due: no announcement
     assert heard == [frozenset({"web-17", "db-1"})]
+
+
+# --- job retention --------------------------------------------------------------------
+
+
+def test_a_schedule_whose_old_runs_were_removed_keeps_making_runs(world: World) -> None:
+    """Retention removes a schedule's finished runs (an empty one too, by its
+    creation time) and keeps the one still pending; the schedule goes on."""
+    sid = schedule(world)
+    world.store.schedules.materialize(now=at(0))
+    world.store.schedules.materialize(now=at(1))  # web-17 busy with the first: an empty run
+    first, empty = (r["job_id"] for r in runs(world, sid))
+    finish(world, first)
+    world.store.schedules.materialize(now=at(2))
+    pending = runs(world, sid)[-1]["job_id"]
+    counts = world.store.sweeps.purge_jobs(0, now=utcnow() + dt.timedelta(minutes=1))
+    assert counts["jobs"] == 2
+    assert due_times(world, sid) == [at(2)]
+    for gone in (first, empty):
+        with pytest.raises(NotFound):
+            world.store.jobs.detail(world.admin, gone)
+        assert world.store.audit.events(job_id=gone) == []
+    assert world.store.jobs.detail(world.admin, pending)["state"] == "pending"
+    finish(world, pending)
+    assert world.store.schedules.materialize(now=at(3)) == {"web-17"}
+    assert due_times(world, sid) == [at(2), at(3)]
+    assert world.store.schedules.detail(world.admin, sid)["run_count"] == 2
+    assert [s["runs"] for s in world.store.schedules.listing(world.admin) if s["id"] == sid] == [2]

@@ -294,6 +294,8 @@ def _serve(config: ServerConfig) -> int:
     )
     if plain is not None:
         log.info("metrics and health on http://%s:%s/metrics", *plain.address)
+    for advice in config.advice():
+        log.warning("%s", advice)
     try:
         while not stop.wait(1.0):
             pass

@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import select
@@ -55,6 +55,20 @@ TOKEN = "token"
 PRESENCE_FIELDS = ("agent_version", "agent_mode", "callback_address")
 
 _ACTIVE_STATES = [State.PENDING, State.SENT, State.ACKNOWLEDGED, State.RUNNING]
+
+_CLIENTS = cast(sa.Table, Client.__table__)
+# Never moves a time back: another daemon, or a later call, may have written one.
+_RECORD_LAST_SEEN = (
+    sa.update(_CLIENTS)
+    .where(
+        _CLIENTS.c.name == sa.bindparam("seen_name"),
+        sa.or_(
+            _CLIENTS.c.last_seen_at.is_(None),
+            _CLIENTS.c.last_seen_at < sa.bindparam("seen_at"),
+        ),
+    )
+    .values(last_seen_at=sa.bindparam("seen_at"))
+)
 
 
 def token_refusal(token: EnrollmentToken | None, now: dt.datetime) -> str:
@@ -472,18 +486,13 @@ class Directory:
         if not seen:
             return 0
         with self.db.tx() as session:
-            changed = 0
-            for name, when in sorted(seen.items()):
-                result: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
-                    sa.update(Client)
-                    .where(
-                        Client.name == name,
-                        sa.or_(Client.last_seen_at.is_(None), Client.last_seen_at < when),
-                    )
-                    .values(last_seen_at=when)
-                )
-                changed += result.rowcount or 0
-            return changed
+            # One executemany on the connection: an ORM UPDATE per client cost a
+            # fleet of 10,000 at 60 s a tenth of a core in statement set-up alone.
+            result = session.connection().execute(
+                _RECORD_LAST_SEEN,
+                [{"seen_name": name, "seen_at": when} for name, when in sorted(seen.items())],
+            )
+            return result.rowcount or 0
 
     def push_targets(self, names: Iterable[str]) -> dict[str, PushTarget | None]:
         """For each named client, where to push ``poll_now``: an accepted client

@@ -919,3 +919,20 @@ def test_job_listing_pages_back_by_cursor_whatever_the_filter(world: World) -> N
     assert [j["id"] for j in older] == jobs[:1]
     # A user sees only their own jobs, paged the same way.
     assert listing(world.alice, 10) == []
+
+
+# --- last seen -------------------------------------------------------------------------
+
+
+def test_last_seen_batch_writes_each_client_and_never_moves_a_time_back(world: World) -> None:
+    directory = world.store.directory
+    first = utcnow().replace(microsecond=0)
+    newest = first + dt.timedelta(seconds=60)
+    assert directory.record_last_seen({"web-17": first, "db-1": first}) == 2
+    assert directory.record_last_seen({"db-1": newest}) == 1
+    # An older note (another daemon's, flushed late) changes nothing.
+    assert (
+        directory.record_last_seen({"web-17": first + dt.timedelta(seconds=30), "db-1": first}) == 1
+    )
+    assert directory.record_last_seen({"no-such-host": first}) == 0
+    assert directory.client_detail("db-1")["last_seen_at"] == newest

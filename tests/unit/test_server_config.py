@@ -1,5 +1,5 @@
 """``ServerConfig`` from the ``[server]`` section and ``scire-server``'s flags:
-job retention (``job_retention_days``)."""
+job retention (``job_retention_days``) and the advice on kept-alive connections."""
 
 from __future__ import annotations
 
@@ -37,3 +37,17 @@ def test_job_retention_days_from_the_ini_file_and_the_flag(tmp_path: Path) -> No
 def test_a_bad_job_retention_days_is_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match="job_retention_days"):
         ServerConfig.load(ini(tmp_path, f"job_retention_days = {value}"))
+
+
+def test_kept_alive_connections_outlast_the_poll_interval_by_default(tmp_path: Path) -> None:
+    config = ServerConfig.load(ini(tmp_path))
+    assert config.idle_timeout > config.poll_interval * 1.1
+    assert config.advice() == []
+
+
+def test_an_idle_timeout_shorter_than_the_poll_interval_is_named_at_start(
+    tmp_path: Path,
+) -> None:
+    config = ServerConfig.load(ini(tmp_path, "poll_interval = 300"))
+    (line,) = config.advice()
+    assert "idle_timeout 90 s" in line and "300 s" in line and "raise idle_timeout" in line

@@ -56,6 +56,32 @@ _LIVE_COLUMNS = tuple(
 )
 
 
+_JOBS = cast(sa.Table, Job.__table__)
+_USERS = cast(sa.Table, User.__table__)
+#: What the claim reads: the assignment as a :class:`LiveRow` (the ``a_`` columns)
+#: and the job file's values (the ``j_`` columns).
+_CLAIM_COLUMNS = tuple(
+    _ASSIGNMENTS.c[name].label(f"a_{name}")
+    for name in ("id", "job_id", "state", "attempt", "retry_base", "updated_at")
+) + tuple(
+    _JOBS.c[name].label(f"j_{name}")
+    for name in (
+        "name",
+        "owner_id",
+        "privilege",
+        "priority",
+        "timeout",
+        "output_limit",
+        "interpreter",
+        "created_at",
+        "script",
+        "not_before",
+        "expires_at",
+        "rerun_on_agent_crash",
+    )
+)
+
+
 class LiveRow:
     """One assignment's columns read with Core: reads and writes attributes as an
     ORM row would, and remembers what was set for :func:`write_back`. The
@@ -130,27 +156,43 @@ class Assignments:
             self._reconcile(session, client, set(held), set(running), now, result)
             if limit <= 0:
                 return result
+            if session.dirty:
+                # A reconcile that put a job back to pending: claim it in this poll.
+                session.flush()
             claim = (
-                select(Assignment, Job)
-                .join(Job, Job.id == Assignment.job_id)
+                select(*_CLAIM_COLUMNS)
+                .join(_JOBS, _JOBS.c.id == _ASSIGNMENTS.c.job_id)
                 .where(
-                    Assignment.client_id == client.id,
-                    Assignment.state == State.PENDING.value,
-                    sa.or_(Job.not_before.is_(None), Job.not_before <= now),
+                    _ASSIGNMENTS.c.client_id == client.id,
+                    _ASSIGNMENTS.c.state == State.PENDING.value,
+                    sa.or_(_JOBS.c.not_before.is_(None), _JOBS.c.not_before <= now),
                 )
-                .order_by(Assignment.priority.desc(), Assignment.job_created_at, Assignment.id)
+                .order_by(
+                    _ASSIGNMENTS.c.priority.desc(),
+                    _ASSIGNMENTS.c.job_created_at,
+                    _ASSIGNMENTS.c.id,
+                )
                 .limit(limit)
             )
-            rows = session.execute(self.db.for_update(claim, skip_locked=True)).all()
-            if not rows:
+            found = (
+                session.connection()
+                .execute(self.db.for_update(claim, skip_locked=True))
+                .mappings()
+                .all()
+            )
+            if not found:
                 return result
             target = directory.acl_targets(session, [client.id])[client.id]
             grants = directory.acl_grants(session, [target])
             subjects: dict[int, acl.Subject] = {}
             owners: dict[int, str] = {}
             deadline = now + dt.timedelta(seconds=ack_timeout)
-            for assignment, job in rows:
-                if job.expires_at is not None and job.expires_at <= now:
+            claimed: list[LiveRow] = []
+            for row in found:
+                assignment = LiveRow({k[2:]: v for k, v in row.items() if k[:2] == "a_"})
+                job = {k[2:]: v for k, v in row.items() if k[:2] == "j_"}
+                claimed.append(assignment)
+                if job["expires_at"] is not None and job["expires_at"] <= now:
                     self.audit.move(
                         session,
                         assignment,
@@ -162,12 +204,17 @@ class Assignments:
                         now=now,
                     )
                     continue
-                if job.owner_id not in subjects:
-                    subjects[job.owner_id] = directory.acl_subject(session, job.owner_id)
-                    owners[job.owner_id] = session.get(User, job.owner_id).name  # type: ignore[union-attr]
-                if not acl.permitted(subjects[job.owner_id], job.privilege, target, grants):
+                owner_id = job["owner_id"]
+                if owner_id not in subjects:
+                    subjects[owner_id] = directory.acl_subject(session, owner_id)
+                    owners[owner_id] = (
+                        session.connection()
+                        .execute(select(_USERS.c.name).where(_USERS.c.id == owner_id))
+                        .scalar_one()
+                    )
+                if not acl.permitted(subjects[owner_id], job["privilege"], target, grants):
                     why = (
-                        f"{owners[job.owner_id]} may not {job.privilege} on {client.name}"
+                        f"{owners[owner_id]} may not {job['privilege']} on {client.name}"
                         " at dispatch"
                     )
                     self.audit.move(
@@ -185,8 +232,8 @@ class Assignments:
                         log,
                         logging.WARNING,
                         "job %s (%s) on %s: denied: %s",
-                        job.id,
-                        job.name,
+                        assignment.job_id,
+                        job["name"],
                         client.name,
                         why,
                     )
@@ -211,25 +258,26 @@ class Assignments:
                 )
                 result.deliveries.append(
                     documents.JobDocument(
-                        job_id=job.id,
+                        job_id=assignment.job_id,
                         delivery_id=assignment.delivery_id,
                         attempt=assignment.attempt,
-                        name=job.name,
-                        owner=owners[job.owner_id],
+                        name=job["name"],
+                        owner=owners[owner_id],
                         client=client.name,
-                        privilege=job.privilege,
-                        priority=job.priority,
-                        timeout=job.timeout,
-                        output_limit=job.output_limit,
-                        interpreter=job.interpreter,
-                        created=job.created_at,
-                        script=job.script,
-                        not_before=job.not_before,
-                        expires=job.expires_at,
-                        rerun_on_agent_crash=job.rerun_on_agent_crash,
+                        privilege=job["privilege"],
+                        priority=job["priority"],
+                        timeout=job["timeout"],
+                        output_limit=job["output_limit"],
+                        interpreter=job["interpreter"],
+                        created=job["created_at"],
+                        script=job["script"],
+                        not_before=job["not_before"],
+                        expires=job["expires_at"],
+                        rerun_on_agent_crash=job["rerun_on_agent_crash"],
                         retry_base=assignment.retry_base,
                     )
                 )
+            write_back(session, claimed)
         return result
 
     def _reconcile(

@@ -937,6 +937,32 @@ class Report:
         return "\n".join(lines)
 
 
+def bench_daemons(label: str, deployment: Deployment, sizes: Sizes, report: Report) -> None:
+    """The rows of real ``scire-client daemon`` processes: one job on all, then a burst."""
+    print(f"== {label}: {sizes.daemons} daemon-mode agents", flush=True)
+    fleet = DaemonFleet(deployment, sizes.daemons)
+    try:
+        fleet.start()
+        single = fleet.single(sizes.single_rounds)
+        burst = fleet.burst(sizes.daemon_burst)
+    finally:
+        fleet.stop()
+    report.add(
+        f"{label}: burst of {sizes.daemon_burst} jobs on each of {sizes.daemons} daemons",
+        f"{burst['results_per_s']:.0f} results/s ({burst['results']:.0f} in "
+        f"{burst['seconds']:.1f} s); agent CPU {burst['agent_cpu_ms_per_job']:.0f} ms per job, "
+        f"whole machine {burst['machine_cpu_ms_per_job']:.0f} ms of CPU per job",
+        ">= 300 results/s (50 daemons)",
+        burst["results_per_s"] >= 300 if sizes.daemons >= 50 else None,
+    )
+    report.add(
+        f"{label}: one job on all {sizes.daemons} daemons, submit to last report",
+        f"p50 {single['p50']:.2f} s, max {single['max']:.2f} s over {single['rounds']:.0f} rounds",
+        "< 0.35 s p50 (50 daemons)",
+        single["p50"] < 0.35 if sizes.daemons >= 50 else None,
+    )
+
+
 def bench_database(label: str, database_url: str, sizes: Sizes, report: Report, full: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix=f"scire-bench-{label}-"))
     deployment = Deployment(root, database_url)
@@ -999,28 +1025,7 @@ def bench_database(label: str, database_url: str, sizes: Sizes, report: Report, 
         )
 
         if full or label == "SQLite":
-            print(f"== {label}: {sizes.daemons} daemon-mode agents", flush=True)
-            fleet = DaemonFleet(deployment, sizes.daemons)
-            try:
-                fleet.start()
-                single = fleet.single(sizes.single_rounds)
-                burst = fleet.burst(sizes.daemon_burst)
-            finally:
-                fleet.stop()
-            report.add(
-                f"{label}: burst of {sizes.daemon_burst} jobs on each of {sizes.daemons} daemons",
-                f"{burst['results_per_s']:.0f} results/s ({burst['results']:.0f} in "
-                f"{burst['seconds']:.1f} s); agent CPU {burst['agent_cpu_ms_per_job']:.0f} ms per job, "
-                f"whole machine {burst['machine_cpu_ms_per_job']:.0f} ms of CPU per job",
-                ">= 300 results/s (50 daemons)",
-                burst["results_per_s"] >= 300 if sizes.daemons >= 50 else None,
-            )
-            report.add(
-                f"{label}: one job on all {sizes.daemons} daemons, submit to last report",
-                f"p50 {single['p50']:.2f} s, max {single['max']:.2f} s over {single['rounds']:.0f} rounds",
-                "< 0.35 s p50 (50 daemons)",
-                single["p50"] < 0.35 if sizes.daemons >= 50 else None,
-            )
+            bench_daemons(label, deployment, sizes, report)
 
         print(f"== {label}: overload, {4 * MAX_THREADS} agents polling back to back", flush=True)
         for cache in ("off",):
@@ -1284,6 +1289,24 @@ def write_docs(report: Report, command: str, facts: str, seconds: float) -> None
     print(f"wrote {doc} and {plot}")
 
 
+def daemons_only() -> int:
+    """The daemon rows alone, as in the full run: to compare an agent-side change."""
+    root = Path(tempfile.mkdtemp(prefix="scire-bench-daemons-"))
+    deployment = Deployment(root, "")
+    report = Report()
+    print(f"scripts/bench --daemons-only on {machine()}", flush=True)
+    try:
+        deployment.enroll(FULL.daemons)
+        deployment.start_server()
+        bench_daemons("SQLite", deployment, FULL, report)
+    finally:
+        deployment.stop_server()
+        deployment.engine.dispose()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{report.table()}")
+    return 0
+
+
 def main() -> int:
     # The soak holds one connection per agent: 10,000 descriptors on each side.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1296,7 +1319,14 @@ def main() -> int:
     parser.add_argument(
         "--write", action="store_true", help="the table and plot into docs/BENCHMARKS.md"
     )
+    parser.add_argument(
+        "--daemons-only",
+        action="store_true",
+        help="only the daemon-mode agents' rows (full sizes, SQLite); nothing written",
+    )
     args = parser.parse_args()
+    if args.daemons_only:
+        return daemons_only()
     sizes = QUICK if args.quick else FULL
     databases = (args.database or ("sqlite" if args.quick else "sqlite,postgresql")).split(",")
     report = Report()

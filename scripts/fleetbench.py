@@ -32,7 +32,9 @@ reason. What is measured:
   while they stay open.
 
 ``--quick`` (SQLite, small counts) takes under two minutes; the full run
-writes a table and a plot into docs/BENCHMARKS.md with ``--write``.
+writes a table and a plot into docs/BENCHMARKS.md with ``--write``;
+``--daemons-only`` runs the two rows of the 50 daemon-mode agents alone (to
+compare a change on the agent's side).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ import datetime as dt
 import enum
 import re
 
+#: An agent's default jitter: each wait between polls is the poll interval times a
+#: random factor in [1 - j, 1 + j]. The server keeps idle connections open longer
+#: than the interval it suggests times (1 + j).
+POLL_JITTER = 0.1
+
 
 class FaultCode(enum.IntEnum):
     """The XML-RPC fault codes a server answers with."""

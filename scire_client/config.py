@@ -18,7 +18,7 @@ from typing import Any
 
 from scire_client import runner
 from scire_client.exceptions import ConfigError
-from scire_schema import inifile, logformat
+from scire_schema import inifile, logformat, protocol
 
 SECTION = "client"
 POLL_BATCH = 10  # jobs asked for per poll
@@ -33,7 +33,7 @@ SPOOL_RETENTION = 7 * 24 * 3600.0  # seconds reported entries stay as dedupe tom
 POLL_INTERVAL = 60.0  # seconds between a daemon's polls, until the server suggests another
 POLL_INTERVAL_MIN = 1.0  # seconds; the bounds of poll_interval, and of what a server suggests
 POLL_INTERVAL_MAX = 86400.0
-POLL_JITTER = 0.1  # each wait is poll_interval times a random factor in [1 - j, 1 + j]
+POLL_JITTER = protocol.POLL_JITTER  # each wait: poll_interval times a factor in [1 - j, 1 + j]
 POLL_JITTER_MAX = 0.5
 MAX_PARALLEL = 1  # jobs a daemon runs at once
 MAX_PARALLEL_LIMIT = 256

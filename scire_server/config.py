@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scire_schema import inifile, logformat
+from scire_schema import inifile, logformat, protocol
 from scire_server.exceptions import ConfigError
 
 LISTEN_HOST = "127.0.0.1"
@@ -41,7 +41,6 @@ HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
 # daemon's next poll finds its connection open instead of paying a new TLS
 # handshake (about 1.4 ms of server CPU with a client certificate, OpenSSL 3.0).
 IDLE_TIMEOUT = 90
-AGENT_WAIT_STRETCH = 1.1  # an agent's wait is at most poll_interval times this (its jitter)
 MAX_CONNECTIONS = 4000  # open connections in all; the oldest idle one is closed to make room
 MAX_CONNECTIONS_PER_PEER = 256  # from one address (agents behind one NAT share an address)
 MAX_QUEUED_REQUESTS = 64  # complete requests waiting for a thread; then 503 with Retry-After
@@ -205,7 +204,7 @@ class ServerConfig:
         """Settings that work but cost the operator something: one line each,
         logged as warnings at start."""
         lines = []
-        longest_wait = self.poll_interval * AGENT_WAIT_STRETCH
+        longest_wait = self.poll_interval * (1 + protocol.POLL_JITTER)
         if self.idle_timeout <= longest_wait:
             lines.append(
                 f"idle_timeout {self.idle_timeout} s is not longer than the agents' poll "

@@ -80,6 +80,18 @@ _CLAIM_COLUMNS = tuple(
         "rerun_on_agent_crash",
     )
 )
+#: The claim: a client's pending assignments that may start now, best first.
+_CLAIM = (
+    select(*_CLAIM_COLUMNS)
+    .join(_JOBS, _JOBS.c.id == _ASSIGNMENTS.c.job_id)
+    .where(
+        _ASSIGNMENTS.c.client_id == sa.bindparam("claim_client"),
+        _ASSIGNMENTS.c.state == State.PENDING.value,
+        sa.or_(_JOBS.c.not_before.is_(None), _JOBS.c.not_before <= sa.bindparam("claim_now")),
+    )
+    .order_by(_ASSIGNMENTS.c.priority.desc(), _ASSIGNMENTS.c.job_created_at, _ASSIGNMENTS.c.id)
+    .limit(sa.bindparam("claim_limit", type_=sa.Integer))
+)
 
 
 class LiveRow:
@@ -159,24 +171,12 @@ class Assignments:
             if session.dirty:
                 # A reconcile that put a job back to pending: claim it in this poll.
                 session.flush()
-            claim = (
-                select(*_CLAIM_COLUMNS)
-                .join(_JOBS, _JOBS.c.id == _ASSIGNMENTS.c.job_id)
-                .where(
-                    _ASSIGNMENTS.c.client_id == client.id,
-                    _ASSIGNMENTS.c.state == State.PENDING.value,
-                    sa.or_(_JOBS.c.not_before.is_(None), _JOBS.c.not_before <= now),
-                )
-                .order_by(
-                    _ASSIGNMENTS.c.priority.desc(),
-                    _ASSIGNMENTS.c.job_created_at,
-                    _ASSIGNMENTS.c.id,
-                )
-                .limit(limit)
-            )
             found = (
                 session.connection()
-                .execute(self.db.for_update(claim, skip_locked=True))
+                .execute(
+                    self.db.for_update(_CLAIM, skip_locked=True),
+                    {"claim_client": client.id, "claim_now": now, "claim_limit": limit},
+                )
                 .mappings()
                 .all()
             )
